@@ -1,0 +1,45 @@
+"""BASQ supernets: ``build_supernet`` is the one entry point."""
+from collections.abc import Sequence
+
+from .mobilenet_v2 import MobileNetV2Supernet
+from .supernet import Supernet
+
+ARCHS = ("mobilenet_v2",)
+
+
+def build_supernet(arch: str, num_classes: int, bits: int, l2_vals: Sequence[float],
+                   width_multiplier: float = 1.0, width_divisor: int = 1,
+                   depth_multiplier: float = 1.0, resolution_multiplier: float = 1.0,
+                   base_resolution: int = 224) -> Supernet:
+    """Build a supernet with one branch per candidate L2 decay in ``l2_vals``.
+
+    ``resolution_multiplier`` and ``base_resolution`` fix the input size the data pipeline uses;
+    they are kept in ``config`` so that checkpoints say what they were trained at.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"arch {arch!r} is unknown; choose one of {', '.join(ARCHS)}")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an integer from 2 to 8, got {bits!r}")
+    l2_vals = [float(v) for v in l2_vals]
+    if not l2_vals:
+        raise ValueError("l2_vals is empty: give at least one candidate L2 decay")
+    if any(not v > 0 for v in l2_vals):
+        raise ValueError(f"l2_vals must all be positive decays, got {l2_vals}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
+    for name, value in (("width_multiplier", width_multiplier), ("depth_multiplier", depth_multiplier),
+                        ("resolution_multiplier", resolution_multiplier),
+                        ("width_divisor", width_divisor), ("base_resolution", base_resolution)):
+        if not value > 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    config = dict(arch=arch, num_classes=num_classes, bits=bits, l2_vals=l2_vals,
+                  width_multiplier=width_multiplier, width_divisor=width_divisor,
+                  depth_multiplier=depth_multiplier, resolution_multiplier=resolution_multiplier,
+                  base_resolution=base_resolution)
+    model = MobileNetV2Supernet(num_classes, bits, l2_vals, width_multiplier, width_divisor,
+                                depth_multiplier)
+    model.config = config
+    return model
+
+
+__all__ = ["ARCHS", "Supernet", "build_supernet"]

@@ -1,0 +1,62 @@
+"""What every BASQ supernet shares: selections, precision switches and quantizer initialisation."""
+import contextlib
+from collections.abc import Iterator, Sequence
+
+from torch import nn
+
+from quant import ClipActivation, LsqActivation, QConv
+
+
+class Supernet(nn.Module):
+    """Base of the supernets: ``forward(x, selection)`` with one branch index per searchable layer.
+
+    Subclasses set ``num_searchable_layers``, ``num_branches`` and ``config`` (the
+    ``build_supernet`` arguments, saved in checkpoints).
+    """
+
+    num_searchable_layers: int
+    num_branches: int
+    config: dict
+
+    def check_selection(self, selection: Sequence[int]) -> list[int]:
+        selection = [int(b) for b in selection]
+        if len(selection) != self.num_searchable_layers:
+            raise ValueError(f"selection has {len(selection)} entries, the supernet has "
+                             f"{self.num_searchable_layers} searchable layers")
+        if any(b < 0 or b >= self.num_branches for b in selection):
+            raise ValueError(f"selection {selection} has a branch outside 0..{self.num_branches - 1}")
+        return selection
+
+    def change_precision(self, a_bin: bool, w_bin: bool) -> None:
+        """Switch the clip quantizers (``a_bin``) and the weight quantizers (``w_bin``).
+
+        The LSQ activation quantizers are always on.
+        """
+        for m in self.modules():
+            if isinstance(m, ClipActivation):
+                m.quantize = a_bin
+            elif isinstance(m, QConv):
+                m.quantize_weights = w_bin
+
+    def init_weight_steps(self) -> None:
+        """Re-initialise every LSQ weight step from the current weights (start of phase 2)."""
+        for m in self.modules():
+            if isinstance(m, QConv):
+                m.init_weight_steps()
+
+    @contextlib.contextmanager
+    def init_activation_steps(self) -> Iterator[None]:
+        """Inside this context, each LSQ activation quantizer sets its steps from its first input.
+
+        Used around stage 1's first forward pass, so the steps come from the first training batch.
+        """
+        def init_hook(module: LsqActivation, args: tuple) -> None:
+            module.init_from(args[0])
+
+        handles = [m.register_forward_pre_hook(init_hook)
+                   for m in self.modules() if isinstance(m, LsqActivation)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()

@@ -1,0 +1,50 @@
+"""Straight-through helpers and the clip quantizer's autograd function (SPEC section 1)."""
+import torch
+
+
+def grad_scale(x: torch.Tensor, k: float) -> torch.Tensor:
+    """Forward ``x``, backward ``k * grad`` (LSQ's step-size gradient scale)."""
+    return (x - x * k).detach() + x * k
+
+
+def round_pass(x: torch.Tensor) -> torch.Tensor:
+    """Round half to even in the forward pass, identity in the backward pass."""
+    return (x.round() - x).detach() + x
+
+
+def clip_delta(clip: torch.Tensor, bin_: torch.Tensor) -> torch.Tensor:
+    """Quantization step of the clip quantizer from the clip ``c`` and the stored ``bin`` ``b``.
+
+    Kept as tensor arithmetic (no ``.item()``) so a GPU never waits on the host.
+    """
+    r = 1 - bin_
+    return torch.where(r >= 1, clip, torch.where(r <= 1 / 255, clip / 255, clip * r))
+
+
+class ClipQuantize(torch.autograd.Function):
+    """PACT-style clip-and-round with the reference's straight-through backward.
+
+    ``dx = g`` where ``0 < x < c``; ``dc = sum(g)`` over ``x > c``; ``bin`` receives nothing.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, clip: torch.Tensor, bin_: torch.Tensor) -> torch.Tensor:
+        delta = clip_delta(clip, bin_)
+        x_c = torch.clamp(x, min=torch.zeros_like(clip), max=clip)
+        y = torch.round(x_c / delta) * delta
+        ctx.save_for_backward(x, clip)
+        # clamp(x, 0, c) with c <= 0 is the constant c, and c / delta is nan: the reference gives 0.
+        return torch.where(clip > 0, y, torch.zeros_like(y))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, clip = ctx.saved_tensors
+        grad_x = grad * ((x > 0) & (x < clip)) if ctx.needs_input_grad[0] else None
+        grad_clip = None
+        if ctx.needs_input_grad[1]:
+            grad_clip = torch.where(x > clip, grad, torch.zeros_like(grad)).sum().reshape(clip.shape)
+        return grad_x, grad_clip, None
+
+
+def clip_quantize(x: torch.Tensor, clip: torch.Tensor, bin_: torch.Tensor) -> torch.Tensor:
+    return ClipQuantize.apply(x, clip, bin_)

@@ -1,0 +1,55 @@
+"""LSQ quantizers (Esser et al. 2020): learned per-channel step sizes."""
+import math
+
+import torch
+from torch import nn
+
+from .functional import grad_scale, round_pass
+
+
+class LsqActivation(nn.Module):
+    """Unsigned LSQ activation quantizer with one step per input channel (reference ``ActLsqQuan``).
+
+    Always on. The steps are set from data by ``init_from`` (stage 1 does it on its first batch).
+    """
+
+    def __init__(self, bits: int, channels: int):
+        super().__init__()
+        self.bits = bits
+        self.qp = 2**bits - 1
+        self.s = nn.Parameter(torch.ones(channels))
+
+    @torch.no_grad()
+    def init_from(self, x: torch.Tensor) -> None:
+        self.s.copy_(2 * x.abs().mean(dim=(0, 2, 3)) / math.sqrt(self.qp))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = grad_scale(self.s, 1 / math.sqrt(x.numel() * self.qp)).view(1, -1, 1, 1)
+        return round_pass(torch.clamp(x / a, 0, self.qp)) * a
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, channels={self.s.numel()}"
+
+
+class LsqWeight(nn.Module):
+    """Symmetric LSQ weight quantizer, one step per output channel (reference ``WLsqQuan``).
+
+    Levels ``-Qp .. Qp`` with ``Qp = 2**(bits-1) - 1``: 2-bit weights are ternary.
+    """
+
+    def __init__(self, bits: int, out_channels: int):
+        super().__init__()
+        self.bits = bits
+        self.qp = 2 ** (bits - 1) - 1
+        self.s = nn.Parameter(torch.ones(out_channels))
+
+    @torch.no_grad()
+    def init_from(self, w: torch.Tensor) -> None:
+        self.s.copy_(2 * w.abs().flatten(1).mean(dim=1) / math.sqrt(self.qp))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        a = grad_scale(self.s, 1 / math.sqrt(w.numel() * self.qp)).view(-1, *([1] * (w.dim() - 1)))
+        return round_pass(torch.clamp(w / a, -self.qp, self.qp)) * a
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, channels={self.s.numel()}"

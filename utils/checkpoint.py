@@ -1,0 +1,118 @@
+"""Reading and writing checkpoints: safe loading, atomic saving, readable mismatch errors."""
+import os
+import pickle
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+PLAIN_REFUSED = ("not a plain checkpoint (it contains Python objects that would have to be "
+                 "executed to load it)")
+
+
+class CheckpointError(Exception):
+    """A checkpoint file that cannot be used; the message names the file and the cause."""
+
+
+def load_file(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
+    """The one way the project reads a ``.pth`` file: ``torch.load(weights_only=True)``.
+
+    Safe loading accepts tensors, numbers, strings and plain containers and executes nothing.
+    ``trust_pickle`` (the stages' ``--trust-pickled-checkpoint-DANGEROUS``) falls back to full
+    unpickling, which runs whatever code the file holds.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            raise CheckpointError(f"{path}: {PLAIN_REFUSED}") from None
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({_first_line(e)})") from None
+    except Exception as e:  # torch.load reports a damaged file in many exception types
+        raise CheckpointError(
+            f"{path}: not a PyTorch checkpoint, or a damaged one ({_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def save_file(obj: Any, path: str | os.PathLike) -> None:
+    """Write ``obj`` to a temporary file beside ``path``, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def state_dict_of(checkpoint: Any, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The model state of a released-format checkpoint or a bare state dict, without ``module.``."""
+    if isinstance(checkpoint, Mapping) and "model_state_dict" in checkpoint:
+        checkpoint = checkpoint["model_state_dict"]
+    if not isinstance(checkpoint, Mapping) or not checkpoint or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in checkpoint.items()):
+        raise CheckpointError(f"{path}: not a model checkpoint (no 'model_state_dict' of tensors)")
+    return {k.removeprefix("module."): v for k, v in checkpoint.items()}
+
+
+def _branch_count(keys: set[str]) -> int:
+    branches = {int(m.group(1)) for k in keys if (m := re.search(r"\.branch_bn_q_\d+\.(\d+)\.", k))}
+    return max(branches) + 1 if branches else 0
+
+
+def _layer_count(keys: set[str]) -> int:
+    layers = {int(m.group(1)) for k in keys if (m := re.match(r"feature\.(\d+)\.", k))}
+    return max(layers) - 1 if layers else 0
+
+
+def describe_mismatch(state: Mapping[str, torch.Tensor], model: nn.Module) -> str | None:
+    """Why ``state`` does not fit ``model``, in words, or ``None`` when it fits exactly."""
+    expected = model.state_dict()
+    have, want = set(state), set(expected)
+    if (a := _branch_count(have)) != (b := _branch_count(want)):
+        return f"checkpoint has {a} branches per layer, the model {b}"
+    if (a := _layer_count(have)) != (b := _layer_count(want)):
+        return f"checkpoint has {a} searchable layers, the model {b} (depth or arch differs)"
+    missing, unexpected = sorted(want - have), sorted(have - want)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} model entries missing from the checkpoint (first: {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} checkpoint entries the model lacks (first: {unexpected[0]})")
+        return "layout differs (another arch?): " + "; ".join(parts)
+    for k, v in expected.items():
+        if state[k].shape != v.shape:
+            what = "number of classes" if k.startswith("classifier") else "width"
+            return (f"{what} differs: {k} is {list(state[k].shape)}, "
+                    f"the model expects {list(v.shape)}")
+    return None
+
+
+def load_model_state(model: nn.Module, source: str | os.PathLike | Mapping,
+                     path: str | os.PathLike | None = None) -> Any:
+    """Load a checkpoint (a path, or an already loaded object) into ``model`` strictly.
+
+    Returns the loaded checkpoint object. Raises ``CheckpointError`` naming the file and the cause.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = source
+        source = load_file(source)
+    state = state_dict_of(source, path)
+    if (why := describe_mismatch(state, model)) is not None:
+        raise CheckpointError(f"{path}: does not fit the model: {why}")
+    model.load_state_dict(state, strict=True)
+    return source
