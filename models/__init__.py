@@ -2,9 +2,10 @@
 from collections.abc import Sequence
 
 from .mobilenet_v2 import MobileNetV2Supernet
+from .resnet import STAGE_BLOCKS, ResNetSupernet
 from .supernet import Supernet
 
-ARCHS = ("mobilenet_v2",)
+ARCHS = ("mobilenet_v2", "resnet18", "resnet34")
 
 
 def build_supernet(arch: str, num_classes: int, bits: int, l2_vals: Sequence[float],
@@ -36,8 +37,12 @@ def build_supernet(arch: str, num_classes: int, bits: int, l2_vals: Sequence[flo
                   width_multiplier=width_multiplier, width_divisor=width_divisor,
                   depth_multiplier=depth_multiplier, resolution_multiplier=resolution_multiplier,
                   base_resolution=base_resolution)
-    model = MobileNetV2Supernet(num_classes, bits, l2_vals, width_multiplier, width_divisor,
-                                depth_multiplier)
+    if arch == "mobilenet_v2":
+        model = MobileNetV2Supernet(num_classes, bits, l2_vals, width_multiplier, width_divisor,
+                                    depth_multiplier)
+    else:
+        model = ResNetSupernet(STAGE_BLOCKS[arch], num_classes, bits, l2_vals, width_multiplier,
+                               width_divisor, depth_multiplier)
     model.config = config
     return model
 

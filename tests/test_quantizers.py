@@ -1,0 +1,124 @@
+"""The quantizers against the vectors recorded from the reference (fixtures/quantizers.pt)."""
+import math
+
+import pytest
+import torch
+
+from quant import ClipActivation, LsqActivation, LsqWeight, QConv
+from quant.functional import clip_quantize
+from utils.losses import kd_loss
+
+BITS = [2, 3, 4]
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_clip_activation_matches_reference(load_fixture, bits):
+    f = load_fixture("quantizers.pt")[f"clip_act_{bits}bit"]
+    assert f["n_lv"] == 2**bits
+    q = ClipActivation(bits)
+    q.quantize = True
+    with torch.no_grad():
+        q.upper_bound.fill_(f["clip"])
+    x = f["x"].clone().requires_grad_()
+    y = q(x)
+    y.backward(f["upstream"])
+    torch.testing.assert_close(y, f["y"], rtol=1e-4, atol=0)
+    torch.testing.assert_close(x.grad, f["grad_x"], rtol=1e-3, atol=0)
+    torch.testing.assert_close(q.upper_bound.grad, f["grad_clip"].reshape(()), rtol=1e-3, atol=1e-6)
+    assert q.bin.grad is None
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_lsq_activation_matches_reference(load_fixture, bits):
+    f = load_fixture("quantizers.pt")[f"lsq_act_{bits}bit"]
+    q = LsqActivation(bits, f["s"].numel())
+    with torch.no_grad():
+        q.s.copy_(f["s"])
+    x = f["x"].clone().requires_grad_()
+    y = q(x)
+    y.backward(f["upstream"])
+    torch.testing.assert_close(y, f["y"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(x.grad, f["grad_x"], rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(q.s.grad, f["grad_s"], rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_lsq_weight_matches_reference(load_fixture, bits):
+    f = load_fixture("quantizers.pt")[f"lsq_weight_{bits}bit"]
+    q = LsqWeight(bits, f["s"].numel())
+    with torch.no_grad():
+        q.s.copy_(f["s"])
+    w = f["w"].clone().requires_grad_()
+    y = q(w)
+    y.backward(f["upstream"])
+    torch.testing.assert_close(y, f["y"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w.grad, f["grad_w"], rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(q.s.grad, f["grad_s"], rtol=1e-3, atol=1e-6)
+
+
+def test_kd_loss_matches_reference(load_fixture):
+    f = load_fixture("quantizers.pt")["kd_loss"]
+    loss = kd_loss(f["student_logits"], f["teacher_logits"])
+    assert loss.item() == pytest.approx(f["loss"], rel=1e-5)
+
+
+def test_clip_quantizer_by_hand():
+    # 2 bits, c = 3: r = 1 - (1 - 1/3) = 1/3, step 1, levels 0..3.
+    x = torch.tensor([-1.0, 0.4, 1.6, 2.4, 3.0, 7.0], requires_grad=True)
+    c = torch.tensor(3.0, requires_grad=True)
+    y = clip_quantize(x, c, torch.tensor([1 - 1 / 3]))
+    assert y.tolist() == pytest.approx([0.0, 0.0, 2.0, 2.0, 3.0, 3.0], abs=1e-6)
+    y.backward(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]))
+    assert x.grad.tolist() == [0.0, 2.0, 3.0, 4.0, 0.0, 0.0]  # x == c passes nothing
+    assert c.grad.item() == 6.0  # only x > c
+
+
+def test_clip_quantizer_step_limits_and_nonpositive_clip():
+    x = torch.linspace(-1, 4, 50)
+    c = torch.tensor(2.0)
+    # r >= 1 (bin <= 0): one step of c.
+    assert set(clip_quantize(x, c, torch.tensor([0.0])).tolist()) == {0.0, 2.0}
+    # r <= 1/255: 255 steps of c / 255.
+    y = clip_quantize(x, c, torch.tensor([1.0]))
+    assert torch.allclose(y, torch.round(x.clamp(0, 2) / (2 / 255)) * (2 / 255))
+    for bad in (0.0, -1.0):
+        assert clip_quantize(x, torch.tensor(bad), torch.tensor([2 / 3])).abs().sum() == 0
+
+
+def test_clip_quantizer_off_is_identity():
+    q = ClipActivation(2)
+    x = torch.randn(2, 3, 4, 4)
+    assert torch.equal(q(x), x)
+
+
+def test_lsq_initialisation_from_data():
+    x = torch.rand(4, 3, 5, 5) * torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1)
+    q = LsqActivation(2, 3)
+    q.init_from(x)
+    expected = 2 * x.abs().mean((0, 2, 3)) / math.sqrt(3)
+    torch.testing.assert_close(q.s.data, expected)
+    w = torch.randn(6, 3, 3, 3)
+    qw = LsqWeight(2, 6)
+    qw.init_from(w)
+    torch.testing.assert_close(qw.s.data, 2 * w.abs().flatten(1).mean(1) / math.sqrt(1))
+
+
+def test_two_bit_weights_are_ternary():
+    q = LsqWeight(2, 4)
+    w = torch.randn(4, 2, 3, 3)
+    q.init_from(w)
+    levels = (q(w) / q.s.view(-1, 1, 1, 1)).round().unique().tolist()
+    assert set(levels) <= {-1.0, 0.0, 1.0}
+
+
+def test_qconv_flat_weights_and_switch():
+    conv = QConv(4, 6, 3, bits=2, stride=2)
+    assert conv.weights.shape == (6 * 4 * 9, 1)
+    assert conv.weights.abs().max() <= 0.01
+    x = torch.randn(1, 4, 9, 9)
+    plain = torch.nn.functional.conv2d(x, conv.weights.view(6, 4, 3, 3), stride=2, padding=1)
+    torch.testing.assert_close(conv(x), plain)
+    conv.quantize_weights = True
+    quantized = torch.nn.functional.conv2d(x, conv.w_quantize(conv.weight), stride=2, padding=1)
+    torch.testing.assert_close(conv(x), quantized)
+    assert not torch.allclose(conv(x), plain)

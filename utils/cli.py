@@ -1,0 +1,119 @@
+"""Flags the three stage scripts share, and how they fail: a message, a non-zero exit, no traceback."""
+import argparse
+import random
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from models import ARCHS
+
+REFERENCE_L2_BOUNDS = [0.01, 0.005, 0.001, 0.0005, 0.0001, 0.00005, 0.00001]
+TRUST_FLAG = "--trust-pickled-checkpoint-DANGEROUS"
+
+
+class UsageError(Exception):
+    """A flag or file given by the user that cannot be used; the message says which and why."""
+
+
+def l2_bounds(text: str) -> list[float]:
+    """``--l2_bounds 0.01,0.001`` (the reference parsed it as a list of characters)."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of numbers, e.g. 0.01,0.001,0.0001") from None
+    if not values or any(not v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more positive decays")
+    return values
+
+
+def boolean(text: str) -> bool:
+    """``--train_clip False`` means false (the reference's ``type=bool`` made every string true)."""
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (true/false)")
+
+
+def bits(text: str) -> int:
+    value = int(text)
+    if not 2 <= value <= 8:
+        raise argparse.ArgumentTypeError(f"{value}: bits must be from 2 to 8")
+    return value
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The supernet's flags, under the reference's spellings and defaults."""
+    parser.add_argument("--arch", default="mobilenet_v2", choices=ARCHS)
+    parser.add_argument("--bits", type=bits, default=2, help="weight and activation bits (2-8)")
+    parser.add_argument("--l2_bounds", type=l2_bounds, default=REFERENCE_L2_BOUNDS,
+                        help="candidate L2 decays of the clips, one branch each (comma-separated)")
+    parser.add_argument("--depth_multiplier", type=float, default=1.0)
+    parser.add_argument("--width_multiplier", type=float, default=1.0)
+    parser.add_argument("--width_divisor", type=int, default=1)
+    parser.add_argument("--resolution_multiplier", type=float, default=1.0)
+    parser.add_argument("--base_resolution", type=int, default=224)
+
+
+def add_run_args(parser: argparse.ArgumentParser, save: str) -> None:
+    """Data, output, device and reproducibility flags."""
+    parser.add_argument("--data", default="fashion-mnist",
+                        help="an ImageNet-layout folder (train/, val/) or 'fashion-mnist'")
+    parser.add_argument("--data-root", default="data", help="where built-in datasets are unpacked")
+    parser.add_argument("-j", "--workers", type=int, default=4, help="data loading workers")
+    parser.add_argument("--save", default=save, help="output folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument(TRUST_FLAG, dest="trust_pickle", action="store_true",
+                        help="DANGEROUS: load legacy checkpoints with full unpickling, which runs "
+                             "any code the file contains; only for files you made yourself")
+
+
+def model_config(args: argparse.Namespace, num_classes: int) -> dict[str, Any]:
+    """The ``build_supernet`` arguments the flags describe."""
+    return dict(arch=args.arch, num_classes=num_classes, bits=args.bits, l2_vals=list(args.l2_bounds),
+                width_multiplier=args.width_multiplier, width_divisor=args.width_divisor,
+                depth_multiplier=args.depth_multiplier,
+                resolution_multiplier=args.resolution_multiplier,
+                base_resolution=args.base_resolution)
+
+
+def check_config(saved: dict[str, Any], wanted: dict[str, Any], what: str) -> None:
+    """Refuse a file made for another configuration, naming the first setting that differs."""
+    for key, value in wanted.items():
+        if key in saved and saved[key] != value:
+            raise UsageError(f"{what} was made with {key}={saved[key]}, the flags say {value}")
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def fail_cleanly(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> Any:
+    """Run a stage; a user error prints ``error: ...`` and exits with status 2, without a traceback."""
+    from .checkpoint import CheckpointError
+    from .data import DataError
+
+    try:
+        return main(args)
+    except (UsageError, CheckpointError, DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint written is intact", file=sys.stderr)
+        raise SystemExit(130) from None

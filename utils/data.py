@@ -1,0 +1,130 @@
+"""Data: an ImageNet-layout folder, or the built-in Fashion-MNIST, with the reference transforms.
+
+Run as ``python -m utils.data --prepare fashion-mnist --root data`` to unpack Fashion-MNIST once.
+"""
+import argparse
+import gzip
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FASHION_MNIST = "fashion-mnist"
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                       "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+class DataError(Exception):
+    """Data that cannot be used; the message says what is wrong and where."""
+
+
+@dataclass
+class Datasets:
+    train: Dataset
+    val: Dataset
+    num_classes: int
+
+
+def resolution(base_resolution: int, resolution_multiplier: float) -> int:
+    return int(base_resolution * resolution_multiplier)
+
+
+def train_transform(size: int, grayscale: bool = False) -> transforms.Compose:
+    """RandomResizedCrop + horizontal flip + ImageNet normalisation, as the reference's stage 1."""
+    steps = [transforms.Grayscale(3)] if grayscale else []
+    steps += [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
+              transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return transforms.Compose(steps)
+
+
+def val_transform(size: int, grayscale: bool = False) -> transforms.Compose:
+    """Resize to ``size / 0.875`` and centre-crop ``size`` (256 / 224 at the defaults)."""
+    steps = [transforms.Grayscale(3)] if grayscale else []
+    steps += [transforms.Resize(int(size / 0.875)), transforms.CenterCrop(size),
+              transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return transforms.Compose(steps)
+
+
+def prepare_fashion_mnist(root: str | Path) -> Path:
+    """Make ``root/FashionMNIST/raw`` hold the four files; returns ``root``.
+
+    Debian's package ships them recompressed (torchvision's checksums fail), so they are
+    decompressed into place; without the package, torchvision's downloader fetches them.
+    """
+    root = Path(root)
+    raw = root / "FashionMNIST" / "raw"
+    if all((raw / name).is_file() for name in FASHION_MNIST_FILES):
+        return root
+    if all((DEBIAN_FASHION_MNIST / f"{name}.gz").is_file() for name in FASHION_MNIST_FILES):
+        raw.mkdir(parents=True, exist_ok=True)
+        for name in FASHION_MNIST_FILES:
+            tmp = raw / f".{name}.tmp"
+            with gzip.open(DEBIAN_FASHION_MNIST / f"{name}.gz") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            tmp.replace(raw / name)
+        return root
+    try:
+        torchvision.datasets.FashionMNIST(root, train=True, download=True)
+        torchvision.datasets.FashionMNIST(root, train=False, download=True)
+    except Exception as e:  # the downloader raises URLError, HTTPError, RuntimeError...
+        raise DataError(
+            f"Fashion-MNIST is not in {raw} and could not be downloaded ({e}); install the Debian "
+            "package dataset-fashion-mnist or copy the four *-ubyte files there") from None
+    return root
+
+
+def _image_folder(path: Path, transform: transforms.Compose) -> torchvision.datasets.ImageFolder:
+    if not path.is_dir():
+        raise DataError(f"{path}: missing; --data must hold train/ and val/ with one folder per class")
+    try:
+        return torchvision.datasets.ImageFolder(path, transform)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DataError(f"{path}: {e}") from None
+
+
+def build_datasets(data: str, size: int, root: str | Path = "data") -> Datasets:
+    """``data`` is ``fashion-mnist`` or an ImageNet-layout folder with ``train/`` and ``val/``."""
+    if data == FASHION_MNIST:
+        root = prepare_fashion_mnist(root)
+        train = torchvision.datasets.FashionMNIST(root, train=True, transform=train_transform(size, True))
+        val = torchvision.datasets.FashionMNIST(root, train=False, transform=val_transform(size, True))
+        return Datasets(train, val, len(train.classes))
+    folder = Path(data)
+    if not folder.is_dir():
+        raise DataError(f"--data {data}: no such folder (give an ImageNet-layout folder or "
+                        f"'{FASHION_MNIST}')")
+    train = _image_folder(folder / "train", train_transform(size))
+    val = _image_folder(folder / "val", val_transform(size))
+    if train.classes != val.classes:
+        raise DataError(f"{folder}: train/ and val/ have different class folders "
+                        f"({len(train.classes)} and {len(val.classes)})")
+    return Datasets(train, val, len(train.classes))
+
+
+def val_loader(dataset: Dataset, batch_size: int, workers: int) -> DataLoader:
+    """The validation set in its fixed order (folds are defined by batch index)."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      pin_memory=torch.cuda.is_available())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--prepare", choices=[FASHION_MNIST], required=True)
+    parser.add_argument("--root", default="data")
+    args = parser.parse_args()
+    try:
+        root = prepare_fashion_mnist(args.root)
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"Fashion-MNIST ready in {root / 'FashionMNIST' / 'raw'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""The frozen full-precision teacher of stage 1, and a command that trains one for small data.
+
+``--teacher`` takes a torchvision classification model name (ImageNet weights through the weights
+API), a path to a full-precision checkpoint written by this module, or ``none``.
+
+Train a teacher for the built-in data (the demo does this)::
+
+    python -m utils.teacher --data fashion-mnist --arch resnet18 --epochs 2 \
+        --out teacher/fashion-mnist-resnet18.pth
+"""
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .checkpoint import CheckpointError, load_file, save_file
+from .cli import UsageError, fail_cleanly, pick_device
+from .data import build_datasets, resolution, val_loader
+
+
+def _torchvision_model(name: str, num_classes: int | None = None, pretrained: bool = False) -> nn.Module:
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise UsageError(f"--teacher {name}: neither a file nor a torchvision classification model; "
+                         "give a model name such as resnet50, a checkpoint path, or 'none'")
+    if pretrained:
+        return torchvision.models.get_model(name, weights="DEFAULT")
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+
+
+def load_teacher(spec: str, num_classes: int, device: torch.device,
+                 trust_pickle: bool = False) -> nn.Module | None:
+    """The teacher for ``--teacher spec``, frozen and in eval mode; ``None`` for ``none``."""
+    if spec.lower() == "none":
+        return None
+    if Path(spec).exists():
+        ckpt = load_file(spec, trust_pickle)
+        if not isinstance(ckpt, dict) or not {"arch", "num_classes", "model_state_dict"} <= set(ckpt):
+            raise CheckpointError(f"{spec}: not a teacher checkpoint (needs arch, num_classes and "
+                                  "model_state_dict, as python -m utils.teacher writes)")
+        model = _torchvision_model(ckpt["arch"], ckpt["num_classes"])
+        try:
+            model.load_state_dict(ckpt["model_state_dict"])
+        except RuntimeError as e:
+            raise CheckpointError(f"{spec}: does not fit {ckpt['arch']}: {str(e).splitlines()[0]}") from None
+    else:
+        try:
+            model = _torchvision_model(spec, pretrained=True)
+        except UsageError:
+            raise
+        except Exception as e:  # no network and nothing cached, most often
+            raise UsageError(
+                f"--teacher {spec}: its ImageNet weights cannot be had ({type(e).__name__}: {e}); "
+                "give a path to a teacher checkpoint, or --teacher none") from None
+    out = model.fc.out_features if hasattr(model, "fc") else None
+    if out is None:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros(1, 3, 64, 64)).shape[1]
+    if out != num_classes:
+        raise UsageError(f"--teacher {spec} predicts {out} classes, the data has {num_classes}: "
+                         "train a teacher on this data (python -m utils.teacher) or use --teacher none")
+    model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def train_teacher(args: argparse.Namespace) -> None:
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    data = build_datasets(args.data, resolution(args.base_resolution, 1.0), args.data_root)
+    model = _torchvision_model(args.arch, data.num_classes).to(device)
+    loader = DataLoader(data.train, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                        drop_last=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
+                                weight_decay=5e-4)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.epochs * len(loader))
+    start = time.time()
+    for epoch in range(args.epochs):
+        model.train()
+        bar = tqdm(loader, desc=f"teacher epoch {epoch + 1}/{args.epochs}", leave=False)
+        for images, labels in bar:
+            images, labels = images.to(device), labels.to(device)
+            loss = F.cross_entropy(model(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for images, labels in val_loader(data.val, 500, args.workers):
+            correct += (model(images.to(device)).argmax(1).cpu() == labels).sum().item()
+            total += labels.numel()
+    top1 = 100.0 * correct / total
+    save_file({"arch": args.arch, "num_classes": data.num_classes, "top1": top1,
+               "model_state_dict": {k: v.cpu() for k, v in model.state_dict().items()}}, args.out)
+    print(f"teacher {args.arch}: val top-1 {top1:.2f}% after {args.epochs} epochs "
+          f"({time.time() - start:.0f} s); saved to {args.out}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Train a full-precision teacher for stage 1.")
+    parser.add_argument("--data", default="fashion-mnist")
+    parser.add_argument("--data-root", default="data", help="where built-in datasets are unpacked")
+    parser.add_argument("--arch", default="resnet18", help="torchvision classification model")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--base_resolution", type=int, default=32)
+    parser.add_argument("-j", "--workers", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--out", default="teacher/teacher.pth")
+    fail_cleanly(train_teacher, parser.parse_args())
+
+
+if __name__ == "__main__":
+    main()
