@@ -93,7 +93,7 @@ class MobileNetV2Supernet(Supernet):
     def forward(self, x: torch.Tensor, selection: Sequence[int]) -> torch.Tensor:
         selection = self.check_selection(selection)
         x = self.feature[0](x)
-        for block, branch in zip(self.feature[1:-1], selection, strict=False):
+        for block, branch in zip(self.feature[1:-1], selection, strict=True):
             x = block(x, branch)
         x = self.feature[-1](x)
         return self.classifier(x.mean((2, 3)))

@@ -32,3 +32,44 @@ def load_fixture(fixtures_dir):
         return cache[name]
 
     return load
+
+
+def make_image_folder(root: Path, classes: int = 3, train_per_class: int = 12, val_per_class: int = 8,
+                      size: int = 36) -> Path:
+    """An ImageNet-layout folder of small PNGs whose class is visible in the colour."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = torch.rand(size, size, 3, generator=gen) * 96
+                pixels[..., c % 3] += 128
+                Image.fromarray(pixels.byte().numpy()).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("imagenet-layout"))
+
+
+def load_script(name: str):
+    """Import a numbered stage script (``01train_supernet.py``) as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name.replace(".py", "").lstrip("0123456789"), ROOT / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(*args: str, cwd: Path | None = None):
+    """Run a stage script as a user would; returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, *args], cwd=cwd or ROOT, capture_output=True, text=True,
+                          timeout=600)

@@ -31,7 +31,7 @@ def load_file(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):
+        if "GLOBAL" in str(e):  # safe loading met a class or function it would have to call
             raise CheckpointError(f"{path}: {PLAIN_REFUSED}") from None
         raise CheckpointError(f"{path}: not a PyTorch checkpoint ({_first_line(e)})") from None
     except Exception as e:  # torch.load reports a damaged file in many exception types
@@ -74,8 +74,8 @@ def _branch_count(keys: set[str]) -> int:
 
 
 def _layer_count(keys: set[str]) -> int:
-    layers = {int(m.group(1)) for k in keys if (m := re.match(r"feature\.(\d+)\.", k))}
-    return max(layers) - 1 if layers else 0
+    """Searchable layers: each has exactly one ``branch_bn_q_{i}`` list, whatever the arch."""
+    return len({m.group(0) for k in keys if (m := re.match(r".*\.branch_bn_q_\d+\.", k))})
 
 
 def describe_mismatch(state: Mapping[str, torch.Tensor], model: nn.Module) -> str | None:

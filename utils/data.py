@@ -5,12 +5,13 @@ Run as ``python -m utils.data --prepare fashion-mnist --root data`` to unpack Fa
 import argparse
 import gzip
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torchvision
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -112,6 +113,49 @@ def val_loader(dataset: Dataset, batch_size: int, workers: int) -> DataLoader:
     """The validation set in its fixed order (folds are defined by batch index)."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                       pin_memory=torch.cuda.is_available())
+
+
+class EpochSampler(Sampler[int]):
+    """A fresh permutation per epoch, drawn from ``(seed, epoch)`` alone, that can start mid-epoch.
+
+    Because the order depends on nothing else, a resumed run reads exactly the batches the
+    interrupted one would have read. With ``num_replicas > 1`` each rank takes every
+    ``num_replicas``-th index of the same permutation, as ``DistributedSampler`` does.
+    """
+
+    def __init__(self, size: int, seed: int, epoch: int, start: int = 0,
+                 num_replicas: int = 1, rank: int = 0):
+        self.size, self.seed, self.epoch, self.start = size, seed, epoch, start
+        self.num_replicas, self.rank = num_replicas, rank
+
+    def _indices(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        order = torch.randperm(self.size, generator=g).tolist()
+        return order[self.start:][self.rank::self.num_replicas]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices())
+
+    def __len__(self) -> int:
+        return len(range(self.start + self.rank, self.size, self.num_replicas))
+
+
+def batch_stream(dataset: Dataset, batch_size: int, workers: int, seed: int, epoch: int = 0,
+                 batch: int = 0, num_replicas: int = 1, rank: int = 0
+                 ) -> Iterator[tuple[int, int, tuple[torch.Tensor, torch.Tensor]]]:
+    """Endless training batches as ``(epoch, batch index, (images, labels))``, from any position.
+
+    ``batch_size`` is per process; incomplete last batches are dropped.
+    """
+    while True:
+        sampler = EpochSampler(len(dataset), seed, epoch, batch * batch_size * num_replicas,
+                               num_replicas, rank)
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+                            num_workers=workers, pin_memory=torch.cuda.is_available(),
+                            generator=torch.Generator().manual_seed(seed + epoch))
+        for index, item in enumerate(loader, batch):
+            yield epoch, index, item
+        epoch, batch = epoch + 1, 0
 
 
 def main() -> None:

@@ -1,0 +1,224 @@
+"""Stage 1: train the BASQ supernet (SPEC section 3).
+
+Phase 1 quantizes activations only, phase 2 activations and weights. Every iteration draws a new
+branch per searchable layer; Adam trains each branch's clips under that branch's L2 decay; the loss
+distils a frozen full-precision teacher.
+
+    python 01train_supernet.py --data {your_imagenet_dataset_folder}
+"""
+import argparse
+import contextlib
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models import build_supernet
+from quant import ClipActivation
+from utils.checkpoint import load_file, load_model_state, save_file
+from utils.cli import (
+    UsageError,
+    add_model_args,
+    add_run_args,
+    check_config,
+    fail_cleanly,
+    model_config,
+    pick_device,
+    seed_everything,
+)
+from utils.data import batch_stream, build_datasets, resolution
+from utils.logs import RunLog
+from utils.losses import kd_loss
+from utils.param_groups import stage1_param_groups
+from utils.teacher import load_teacher
+
+PHASES = {1: "actbin", 2: "actwbin"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    add_run_args(parser, save="train-supernet")
+    parser.add_argument("--batch_size", type=int, default=768, help="global batch size")
+    parser.add_argument("--abin_total_iters", type=int, default=466000, help="phase 1 iterations")
+    parser.add_argument("--awbin_total_iters", type=int, default=466000, help="phase 2 iterations")
+    parser.add_argument("--save_interval", type=int, default=2000)
+    parser.add_argument("--learning_rate_abin", type=float, default=3.75e-4)
+    parser.add_argument("--learning_rate_wbin", type=float, default=3.75e-4)
+    parser.add_argument("--weight_decay_abin", type=float, default=5e-6)
+    parser.add_argument("--weight_decay_wbin", type=float, default=5e-6)
+    parser.add_argument("--teacher", default="resnet50",
+                        help="torchvision model name (ImageNet weights), teacher checkpoint path, or none")
+    parser.add_argument("--report_freq", type=int, default=100)
+    parser.add_argument("--resume", default=None, help="a checkpoint of this stage to continue from")
+    args = parser.parse_args(argv)
+    for flag in ("batch_size", "save_interval", "report_freq"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1")
+    if args.abin_total_iters < 0 or args.awbin_total_iters < 0:
+        parser.error("--abin_total_iters and --awbin_total_iters cannot be negative")
+    return args
+
+
+def checkpoint_name(phase: int, iteration: int) -> str:
+    return f"model_{PHASES[phase]}_best_{iteration:05d}it.pth"
+
+
+def phase_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, total_iters: int
+                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """A phase's Adam (per-branch clip decays, coupled L2) and its per-iteration cosine schedule."""
+    optimizer = torch.optim.Adam(stage1_param_groups(model, weight_decay), lr=lr)
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_iters, 1))
+
+
+def rng_state(selection_rng: random.Random) -> dict:
+    """Every random state the run depends on, in types that load with ``weights_only=True``."""
+    version, internal, gauss = selection_rng.getstate()
+    state = {"torch": torch.get_rng_state(), "selection": [version, list(internal), gauss]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict, selection_rng: random.Random) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["selection"]
+    selection_rng.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def clip_values(model: torch.nn.Module) -> dict[str, float]:
+    """Every clip value, tagged by searchable layer and branch, for TensorBoard."""
+    values, layer = {}, -1
+    for m in model.modules():
+        if isinstance(m, ClipActivation):
+            layer += m.branch == 0
+            values[f"clip/layer{layer:02d}/branch{m.branch}"] = m.upper_bound.item()
+    return values
+
+
+def train(args: argparse.Namespace) -> None:
+    seed_everything(args.seed)
+    device = pick_device(args.device)
+    save = Path(args.save)
+    data = build_datasets(args.data, resolution(args.base_resolution, args.resolution_multiplier),
+                          args.data_root)
+    config = model_config(args, data.num_classes)
+    model = build_supernet(**config).to(device)
+    selection_rng = random.Random(args.seed)
+    start_phase, iteration, epoch, batch = 1, 0, 0, 0
+    meters = {"correct": 0.0, "seen": 0.0}
+    resumed = None
+    if args.resume:
+        resumed = load_file(args.resume, args.trust_pickle)
+        if not isinstance(resumed, dict) or "phase" not in resumed:
+            raise UsageError(f"--resume {args.resume}: not a stage-1 checkpoint with resume state "
+                             "(a released checkpoint holds weights only: use it in stage 2)")
+        check_config(resumed["config"], config, f"--resume {args.resume}")
+        check_config(resumed["args"], {k: getattr(args, k) for k in
+                     ("batch_size", "abin_total_iters", "awbin_total_iters")}, f"--resume {args.resume}")
+        load_model_state(model, resumed, args.resume)
+        start_phase, iteration = resumed["phase"], resumed["iter"]
+        epoch, batch = resumed["epoch"], resumed["batch"]
+        meters = dict(resumed["meters"])
+    teacher = load_teacher(args.teacher, data.num_classes, device, args.trust_pickle)
+    if resumed is not None:  # after everything that draws random numbers while setting up
+        restore_rng(resumed["rng"], selection_rng)
+    log = RunLog(save)
+    log.info(f"stage 1: {config['arch']} supernet, {model.num_searchable_layers} searchable layers x "
+             f"{model.num_branches} branches, {config['bits']}-bit, {data.num_classes} classes, "
+             f"teacher {args.teacher}, device {device}"
+             + (f", resumed from {args.resume} (phase {start_phase}, iteration {iteration})"
+                if resumed else ""))
+    stream = batch_stream(data.train, args.batch_size, args.workers, args.seed, epoch, batch)
+    totals = {1: args.abin_total_iters, 2: args.awbin_total_iters}
+    lrs = {1: args.learning_rate_abin, 2: args.learning_rate_wbin}
+    decays = {1: args.weight_decay_abin, 2: args.weight_decay_wbin}
+    last_saved = Path(args.resume) if args.resume else None
+    for phase in range(start_phase, 3):
+        total = totals[phase]
+        model.change_precision(True, phase == 2)
+        if phase == 2 and iteration == 0:
+            model.init_weight_steps()
+        optimizer, scheduler = phase_optimizer(model, lrs[phase], decays[phase], total)
+        if resumed is not None and resumed["phase"] == phase:
+            optimizer.load_state_dict(resumed["optimizer"])
+            scheduler.load_state_dict(resumed["scheduler"])
+        model.train()
+        bar = tqdm(total=total, initial=iteration, desc=f"phase {phase} ({PHASES[phase]})",
+                   dynamic_ncols=True)
+        tick, tick_iter = time.time(), iteration
+        while iteration < total:
+            epoch, batch, (images, labels) = next(stream)
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            selection = [selection_rng.randrange(model.num_branches)
+                         for _ in range(model.num_searchable_layers)]
+            fresh_start = phase == 1 and iteration == 0
+            with model.init_activation_steps() if fresh_start else contextlib.nullcontext():
+                logits = model(images, selection)
+            if teacher is None:
+                loss = F.cross_entropy(logits, labels)
+            else:
+                with torch.no_grad():
+                    teacher_logits = teacher(images)
+                loss = kd_loss(logits, teacher_logits)
+            if not math.isfinite(loss.item()):
+                raise UsageError(
+                    f"the loss is {loss.item()} at phase {phase} iteration {iteration + 1}; stopping. "
+                    + (f"The last checkpoint, {last_saved}, is intact." if last_saved else
+                       "No checkpoint was written yet."))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            optimizer.step()
+            scheduler.step()
+            iteration += 1
+            meters["correct"] += (logits.argmax(1) == labels).sum().item()
+            meters["seen"] += labels.numel()
+            top1 = 100.0 * meters["correct"] / meters["seen"]
+            lr = optimizer.param_groups[-1]["lr"]
+            bar.update(1)
+            if iteration % args.report_freq == 0 or iteration == total:
+                speed = (iteration - tick_iter) * args.batch_size / (time.time() - tick)
+                tick, tick_iter = time.time(), iteration
+                bar.set_postfix(loss=f"{loss.item():.3f}", top1=f"{top1:.2f}", lr=f"{lr:.2e}",
+                                img_s=f"{speed:.0f}")
+                log.info(f"phase {phase} iter {iteration}/{total} loss {loss.item():.4f} "
+                         f"top1 {top1:.2f} lr {lr:.3e} {speed:.0f} img/s")
+                step = iteration + (totals[1] if phase == 2 else 0)
+                log.scalars(step, {f"{PHASES[phase]}/loss": loss.item(), f"{PHASES[phase]}/top1": top1,
+                                   f"{PHASES[phase]}/lr": lr, **clip_values(model)})
+            if iteration == 1 or iteration % args.save_interval == 0 or iteration == total:
+                last_saved = save / checkpoint_name(phase, iteration)
+                save_file({
+                    "iter": iteration,
+                    "model_state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    "best_top1_acc": top1,
+                    "config": config,
+                    "phase": phase,
+                    "epoch": epoch,
+                    "batch": batch + 1,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "meters": meters,
+                    "rng": rng_state(selection_rng),
+                    "args": {k: v for k, v in vars(args).items()},
+                }, last_saved)
+        bar.close()
+        if phase == 1:
+            iteration = 0
+            meters = {"correct": 0.0, "seen": 0.0}
+    log.info(f"stage 1 done; checkpoints, log.txt and TensorBoard events are in {save.resolve()}"
+             + (f"; last checkpoint {last_saved}" if last_saved else ""))
+    log.close()
+
+
+if __name__ == "__main__":
+    fail_cleanly(train, parse_args())

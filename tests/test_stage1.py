@@ -1,0 +1,185 @@
+"""Stage 1: optimizer groups and decays, schedule, phases, resume, checkpoints and bad input."""
+import math
+import shutil
+
+import pytest
+import torch
+
+from models import build_supernet
+from utils.checkpoint import load_file
+from utils.losses import kd_loss
+
+from .conftest import load_script, make_image_folder, run_script
+
+stage1 = load_script("01train_supernet.py")
+
+TINY = ["--width_multiplier", "0.25", "--width_divisor", "8", "--base_resolution", "32",
+        "--l2_bounds", "0.01,0.001,0.0001", "--batch_size", "8", "-j", "0", "--report_freq", "1"]
+
+
+def tiny_args(tmp_path, data, *extra):
+    return stage1.parse_args(["--data", str(data), "--teacher", "none", "--save", str(tmp_path / "out"),
+                              *TINY, *extra])
+
+
+def test_reference_defaults():
+    args = stage1.parse_args([])
+    assert (args.batch_size, args.abin_total_iters, args.awbin_total_iters) == (768, 466000, 466000)
+    assert args.learning_rate_abin == args.learning_rate_wbin == 3.75e-4
+    assert args.weight_decay_abin == args.weight_decay_wbin == 5e-6
+    assert args.l2_bounds == [0.01, 0.005, 0.001, 0.0005, 0.0001, 0.00005, 0.00001]
+    assert (args.bits, args.base_resolution, args.width_multiplier, args.width_divisor) == (2, 224, 1.0, 1)
+    assert (args.arch, args.save, args.teacher) == ("mobilenet_v2", "train-supernet", "resnet50")
+    assert stage1.parse_args(["--l2_bounds", "0.1, 0.02"]).l2_bounds == [0.1, 0.02]
+
+
+def test_one_iteration_matches_hand_computed_adam_with_branch_decays():
+    torch.manual_seed(0)
+    l2 = [0.5, 0.05, 0.005]
+    model = build_supernet("mobilenet_v2", 10, 2, l2, width_multiplier=0.25, width_divisor=8)
+    model.change_precision(True, False)
+    lr, wd = 1e-3, 0.01
+    optimizer, _ = stage1.phase_optimizer(model, lr, wd, total_iters=10)
+    x = torch.randn(4, 3, 32, 32)
+    selection = [i % 3 for i in range(model.num_searchable_layers)]
+    loss = kd_loss(model(x, selection), torch.randn(4, 10))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    optimizer.step()
+    checked = set()
+    for name, p in model.named_parameters():
+        if name.endswith("upper_bound"):
+            decay = l2[int(name.split(".")[3])]
+        elif p.dim() == 4 or name.endswith(".weights"):
+            decay = wd
+        else:
+            decay = 0.0
+        if name not in grads:
+            assert torch.equal(p, before[name]), name  # unselected branches and bin stay
+            continue
+        # Adam's first step with coupled L2: g' = g + decay * p; p -= lr * g' / (|g'| + eps).
+        g = grads[name] + decay * before[name]
+        expected = before[name] - lr * g / (g.abs() + 1e-8)
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-7, msg=name)
+        checked.add(decay)
+    assert {*l2, wd, 0.0} == checked
+
+
+def test_cosine_schedule_per_iteration():
+    model = build_supernet("mobilenet_v2", 10, 2, [0.01], width_multiplier=0.25, width_divisor=8)
+    optimizer, scheduler = stage1.phase_optimizer(model, 0.1, 0.0, total_iters=8)
+    for step in range(8):
+        expected = 0.1 * (1 + math.cos(math.pi * step / 8)) / 2
+        assert all(g["lr"] == pytest.approx(expected) for g in optimizer.param_groups)
+        optimizer.step()
+        scheduler.step()
+
+
+def test_short_run_phases_checkpoints_and_logs(tmp_path, image_folder):
+    # A large phase-1 and a tiny phase-2 learning rate make the weight-step re-initialisation visible.
+    args = tiny_args(tmp_path, image_folder, "--abin_total_iters", "3", "--awbin_total_iters", "3",
+                     "--save_interval", "2", "--learning_rate_abin", "0.01", "--learning_rate_wbin", "1e-7")
+    stage1.train(args)
+    out = tmp_path / "out"
+    names = sorted(p.name for p in out.glob("*.pth"))
+    assert names == [f"model_{kind}_best_{i:05d}it.pth" for kind in ("actbin", "actwbin") for i in (1, 2, 3)]
+    ckpt = load_file(out / "model_actwbin_best_00003it.pth")  # safe loading, resume state included
+    assert {"iter", "model_state_dict", "best_top1_acc", "config", "optimizer", "rng"} <= set(ckpt)
+    assert ckpt["iter"] == 3 and ckpt["phase"] == 2 and 0 <= ckpt["best_top1_acc"] <= 100
+    assert ckpt["config"]["num_classes"] == 3
+    model = build_supernet(**ckpt["config"])
+    model.load_state_dict(ckpt["model_state_dict"], strict=True)
+    # Phase 2 starts from weight steps re-initialised from the phase-1 weights.
+    end1 = load_file(out / "model_actbin_best_00003it.pth")["model_state_dict"]
+    start2 = load_file(out / "model_actwbin_best_00001it.pth")["model_state_dict"]
+    key = "feature.2.conv1.weights"
+    s = start2[key.replace("weights", "w_quantize.s")]
+    expected = 2 * end1[key].view(s.numel(), -1).abs().mean(1) / 1.0
+    torch.testing.assert_close(s, expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(end1[key.replace("weights", "w_quantize.s")], expected, atol=1e-3)
+    log = (out / "log.txt").read_text()
+    assert "phase 1 iter 3/3" in log and "phase 2 iter 3/3" in log
+    assert list(out.glob("events.out.tfevents.*"))
+    stage1.train(args)  # a second run into the same folder works
+
+
+def test_resume_gives_the_uninterrupted_weights(tmp_path, image_folder):
+    full = tiny_args(tmp_path / "a", image_folder, "--abin_total_iters", "3", "--awbin_total_iters", "3",
+                     "--save_interval", "2")
+    stage1.train(full)
+    final = load_file(tmp_path / "a/out/model_actwbin_best_00003it.pth")["model_state_dict"]
+    for start in ("model_actbin_best_00002it.pth", "model_actbin_best_00003it.pth",
+                  "model_actwbin_best_00001it.pth"):
+        resumed = tiny_args(tmp_path / start, image_folder, "--abin_total_iters", "3",
+                            "--awbin_total_iters", "3", "--save_interval", "2",
+                            "--resume", str(tmp_path / "a/out" / start))
+        stage1.train(resumed)
+        again = load_file(tmp_path / start / "out/model_actwbin_best_00003it.pth")["model_state_dict"]
+        for k, v in final.items():
+            torch.testing.assert_close(again[k], v, rtol=0, atol=1e-5, msg=f"{start}: {k}")
+
+
+def test_fashion_mnist_short_run(tmp_path):
+    from utils.data import DEBIAN_FASHION_MNIST, FASHION_MNIST_FILES
+    if not (DEBIAN_FASHION_MNIST / f"{FASHION_MNIST_FILES[0]}.gz").is_file() and \
+            not (stage1.Path("data/FashionMNIST/raw") / FASHION_MNIST_FILES[0]).is_file():
+        pytest.skip("Fashion-MNIST is not on this machine (make data installs it)")
+    args = stage1.parse_args(["--teacher", "none", "--save", str(tmp_path), *TINY,
+                              "--abin_total_iters", "2", "--awbin_total_iters", "2"])
+    stage1.train(args)
+    assert load_file(tmp_path / "model_actwbin_best_00002it.pth")["config"]["num_classes"] == 10
+
+
+def assert_clean_failure(result, *words):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    for word in words:
+        assert word in result.stderr, result.stderr
+
+
+@pytest.fixture(scope="module")
+def earlier_run(tmp_path_factory, image_folder):
+    """A finished run whose checkpoints the failing runs below must leave untouched."""
+    out = tmp_path_factory.mktemp("earlier")
+    run = run_script("01train_supernet.py", "--data", str(image_folder), "--teacher", "none",
+                     "--save", str(out), *TINY, "--abin_total_iters", "1", "--awbin_total_iters", "1")
+    assert run.returncode == 0, run.stderr
+    return out
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--data", "/nonexistent/imagenet"], ["/nonexistent/imagenet", "no such folder"]),
+    (["--data", "EMPTY"], ["train", "missing"]),
+    (["--data", "NOVAL"], ["val", "missing"]),
+    (["--bits", "1"], ["--bits", "2 to 8"]),
+    (["--l2_bounds", "0.01,abc"], ["--l2_bounds", "comma-separated"]),
+    (["--teacher", "no_such_model"], ["--teacher no_such_model"]),
+    (["--resume", "NOTCKPT"], ["not a PyTorch checkpoint"]),
+    (["--resume", "OTHERCONFIG"], ["--resume", "bits=2", "the flags say 3"]),
+    (["--learning_rate_abin", "1e30", "--abin_total_iters", "20"], ["the loss is", "iteration"]),
+])
+def test_bad_input(tmp_path, image_folder, earlier_run, flags, words):
+    (tmp_path / "EMPTY").mkdir()
+    make_image_folder(tmp_path / "NOVAL", classes=2, train_per_class=2, val_per_class=0)
+    shutil.rmtree(tmp_path / "NOVAL" / "val")
+    (tmp_path / "NOTCKPT").write_text("not a checkpoint")
+    replace = {"EMPTY": str(tmp_path / "EMPTY"), "NOVAL": str(tmp_path / "NOVAL"),
+               "NOTCKPT": str(tmp_path / "NOTCKPT"),
+               "OTHERCONFIG": str(earlier_run / "model_actwbin_best_00001it.pth")}
+    flags = [replace.get(f, f) for f in flags]
+    if "OTHERCONFIG" in replace and flags[-1] == replace["OTHERCONFIG"]:
+        flags += ["--bits", "3"]
+    before = {p.name: p.read_bytes() for p in earlier_run.glob("*.pth")}
+    result = run_script("01train_supernet.py", "--data", str(image_folder), "--teacher", "none",
+                        "--save", str(earlier_run), *TINY, "--abin_total_iters", "1",
+                        "--awbin_total_iters", "1", *flags)
+    assert_clean_failure(result, *words)
+    after = {p.name: p.read_bytes() for p in earlier_run.glob("*.pth")}
+    if "--learning_rate_abin" in flags:
+        # The diverging run wrote its own good iteration-1 checkpoint before the loss blew up.
+        rewritten = "model_actbin_best_00001it.pth"
+        load_file(earlier_run / rewritten)
+        before.pop(rewritten), after.pop(rewritten)
+    assert after == before
