@@ -116,3 +116,21 @@ def load_model_state(model: nn.Module, source: str | os.PathLike | Mapping,
         raise CheckpointError(f"{path}: does not fit the model: {why}")
     model.load_state_dict(state, strict=True)
     return source
+
+
+def load_supernet(path: str | os.PathLike, config: dict, trust_pickle: bool = False) -> tuple[nn.Module, Any]:
+    """Build the supernet ``config`` describes and load ``path`` into it (stages 2 and 3).
+
+    Our own checkpoints carry their ``config``: a different one is named setting by setting
+    before any shape is compared. Released checkpoints are checked by their layout.
+    """
+    from models import build_supernet
+
+    from .cli import check_config
+
+    checkpoint = load_file(path, trust_pickle)
+    if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("config"), Mapping):
+        check_config(dict(checkpoint["config"]), config, f"{path}")
+    model = build_supernet(**config)
+    load_model_state(model, checkpoint, path)
+    return model, checkpoint

@@ -158,6 +158,27 @@ def batch_stream(dataset: Dataset, batch_size: int, workers: int, seed: int, epo
         epoch, batch = epoch + 1, 0
 
 
+def cache_batches(loader: DataLoader, max_batches: int = 0, limit_bytes: float = 4e9
+                  ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]] | DataLoader, int]:
+    """The loader's batches in memory when they fit in ``limit_bytes``, else the loader itself;
+    and the number of batches to use.
+
+    Scoring hundreds of candidates on the same batches then costs no decoding; an ImageNet-sized
+    validation set is streamed instead. ``max_batches`` > 0 keeps only the first ones.
+    """
+    count = len(loader) if max_batches <= 0 else min(max_batches, len(loader))
+    first_images, _ = next(iter(loader))
+    per_batch = first_images.element_size() * first_images.numel()
+    if count * per_batch > limit_bytes:
+        return loader, count
+    batches = []
+    for i, batch in enumerate(loader):
+        if i == count:
+            break
+        batches.append(batch)
+    return batches, count
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--prepare", choices=[FASHION_MNIST], required=True)

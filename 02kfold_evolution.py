@@ -1,0 +1,133 @@
+"""Stage 2: k-fold evolutionary search of one branch per layer (SPEC section 4).
+
+The validation set, in a fixed order, is split by batch index into k folds. On each fold an
+evolutionary search finds the branch choice with the best fold accuracy; the winner is then
+scored on every other batch ("full accuracy"). Finished folds are saved, so a rerun continues.
+
+    python 02kfold_evolution.py --data {your_imagenet_dataset_folder}
+"""
+import argparse
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from utils.bn_recalibration import recalibrate_bn
+from utils.checkpoint import load_supernet
+from utils.cli import add_model_args, add_run_args, fail_cleanly, model_config, pick_device
+from utils.data import batch_stream, build_datasets, cache_batches, resolution, val_loader
+from utils.evolution import EvolutionSearch
+from utils.folds import accuracy_on, fold_batches
+from utils.logs import RunLog
+from utils.results import format_block, write_json
+
+RELEASED = "train-supernet/model_actwbin_best_466000it.pth"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    add_run_args(parser, save="eval-kfold-evolution")
+    parser.add_argument("--supernet", default=RELEASED, help="stage-1 (or released) checkpoint")
+    parser.add_argument("--k", type=int, default=10, help="number of folds")
+    parser.add_argument("--max-epochs", type=int, default=20)
+    parser.add_argument("--select-num", type=int, default=10)
+    parser.add_argument("--population-num", type=int, default=45)
+    parser.add_argument("--m_prob", type=float, default=0.1)
+    parser.add_argument("--crossover-num", type=int, default=15)
+    parser.add_argument("--mutation-num", type=int, default=15)
+    parser.add_argument("--max_val_iters", type=int, default=0,
+                        help="use only the first N validation batches (0: all)")
+    parser.add_argument("--val_batch_size", type=int, default=200)
+    parser.add_argument("--bn_recalibration_batches", type=int, default=0,
+                        help="re-estimate BN statistics on N training batches before scoring each "
+                             "candidate (0: off, as the reference; see README)")
+    parser.add_argument("--recalibration_batch_size", type=int, default=128)
+    return parser.parse_args(argv)
+
+
+def search(args: argparse.Namespace) -> dict:
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    save = Path(args.save)
+    data = build_datasets(args.data, resolution(args.base_resolution, args.resolution_multiplier),
+                          args.data_root)
+    config = model_config(args, data.num_classes)
+    model, _ = load_supernet(args.supernet, config, args.trust_pickle)
+    model.to(device).eval()
+    model.change_precision(True, True)
+    batches, num_batches = cache_batches(val_loader(data.val, args.val_batch_size, args.workers),
+                                         args.max_val_iters)
+    fold_batches(num_batches, args.k, 0)  # refuses a --k larger than the number of batches
+    calibration = []
+    if args.bn_recalibration_batches > 0:
+        stream = batch_stream(data.train, args.recalibration_batch_size, args.workers, args.seed)
+        calibration = [next(stream)[2] for _ in range(args.bn_recalibration_batches)]
+
+    def accuracy(selection: tuple[int, ...], indices) -> float:
+        if calibration:
+            recalibrate_bn(model, selection, calibration, device)
+        return accuracy_on(lambda x: model(x.to(device), selection), batches, indices)
+
+    log = RunLog(save, tensorboard=False)
+    log.info(f"stage 2: {args.supernet} ({config['arch']}, {config['bits']}-bit, "
+             f"{model.num_branches} branches), {num_batches} validation batches in {args.k} folds")
+    settings = {"config": config, "supernet": str(args.supernet), "k": args.k,
+                "num_batches": num_batches, "seed": args.seed,
+                "bn_recalibration_batches": args.bn_recalibration_batches,
+                **{k: getattr(args, k) for k in ("max_epochs", "select_num", "population_num", "m_prob",
+                                                 "crossover_num", "mutation_num", "val_batch_size")}}
+    folds = []
+    bar = tqdm(total=args.k, desc="folds", position=0, dynamic_ncols=True)
+    for fold in range(args.k):
+        fold_file = save / "folds" / f"fold{fold}.json"
+        done = _read_json(fold_file)
+        if done is not None and done.get("settings") == settings:
+            log.info(f"fold {fold}: finished earlier, kept ({fold_file})")
+            folds.append(done)
+            bar.update(1)
+            continue
+        fold_range, full = fold_batches(num_batches, args.k, fold)
+        candidates = tqdm(desc=f"fold {fold} candidates", position=1, leave=False, dynamic_ncols=True)
+        searcher = EvolutionSearch(
+            model.num_searchable_layers, model.num_branches, lambda c: accuracy(c, fold_range),
+            population_num=args.population_num, select_num=args.select_num,
+            mutation_num=args.mutation_num, crossover_num=args.crossover_num, m_prob=args.m_prob,
+            max_epochs=args.max_epochs, rng=random.Random(args.seed + fold), progress=candidates)
+        result = searcher.run()
+        candidates.close()
+        full_acc = accuracy(result.best, full)
+        done = {"fold": fold, "fold_acc": result.best_acc, "full_acc": full_acc,
+                "arch": list(result.best), "evaluated": result.num_evaluated, "settings": settings}
+        write_json(done, fold_file)
+        log.info(f"fold {fold}: fold_acc {result.best_acc:.2f} full_acc {full_acc:.2f} "
+                 f"arch {tuple(result.best)} ({result.num_evaluated} candidates)")
+        folds.append(done)
+        bar.update(1)
+    bar.close()
+    summary = {"fold_accs": [f["fold_acc"] for f in folds], "full_accs": [f["full_acc"] for f in folds],
+               "archs": [f["arch"] for f in folds]}
+    result = {**summary, **settings}
+    write_json(result, save / "search_result.json")
+    print(format_block("total-result", {"folds": list(range(args.k)), **summary}))
+    log.info(f"search result: {save / 'search_result.json'}; log: {save / 'log.txt'}")
+    log.close()
+    return result
+
+
+def _read_json(path: Path) -> dict | None:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+if __name__ == "__main__":
+    fail_cleanly(search, parse_args())

@@ -1,0 +1,32 @@
+"""Re-estimating BatchNorm statistics for one selection (an option of stages 2 and 3).
+
+After a short supernet training the running statistics lag the quantized activations, and in
+eval mode 2-bit quantizers turn the mismatch into constant outputs (see the README). Resetting the
+statistics and averaging them over a few training batches of the chosen selection, without
+gradients, is the usual one-shot NAS remedy. The reference does not do it: it is off by default.
+"""
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .folds import Batch
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, selection: Sequence[int], batches: Sequence[Batch],
+                   device: torch.device) -> None:
+    """Reset every BN's running statistics and re-estimate them as a cumulative average."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over the batches
+    model.train()
+    try:
+        for images, _ in batches:
+            model(images.to(device), selection)
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        model.eval()
