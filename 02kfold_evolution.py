@@ -7,6 +7,7 @@ scored on every other batch ("full accuracy"). Finished folds are saved, so a re
     python 02kfold_evolution.py --data {your_imagenet_dataset_folder}
 """
 import argparse
+import json
 import random
 from pathlib import Path
 
@@ -95,7 +96,7 @@ def search(args: argparse.Namespace) -> dict:
         fold_range, full = fold_batches(num_batches, args.k, fold)
         candidates = tqdm(desc=f"fold {fold} candidates", position=1, leave=False, dynamic_ncols=True)
         searcher = EvolutionSearch(
-            model.num_searchable_layers, model.num_branches, lambda c: accuracy(c, fold_range),
+            model.num_searchable_layers, model.num_branches, lambda c, on=fold_range: accuracy(c, on),
             population_num=args.population_num, select_num=args.select_num,
             mutation_num=args.mutation_num, crossover_num=args.crossover_num, m_prob=args.m_prob,
             max_epochs=args.max_epochs, rng=random.Random(args.seed + fold), progress=candidates)
@@ -121,8 +122,6 @@ def search(args: argparse.Namespace) -> dict:
 
 
 def _read_json(path: Path) -> dict | None:
-    import json
-
     try:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):

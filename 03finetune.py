@@ -1,0 +1,129 @@
+"""Stage 3: BN-stabilize fine-tuning of each fold's branch choice (SPEC section 5).
+
+For fold i's arch: load the stage-1 supernet, fix the selection, and fine-tune only the biases
+and the clips (SGD, cross-entropy) in train mode, so the BN statistics settle on that selection.
+Accuracy is measured on the validation batches outside fold i.
+
+    python 03finetune.py --data {your_imagenet_dataset_folder} \
+        --search-result eval-kfold-evolution/search_result.json
+"""
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from utils.bn_recalibration import recalibrate_bn
+from utils.checkpoint import load_supernet, save_file
+from utils.cli import add_model_args, add_run_args, boolean, fail_cleanly, model_config, pick_device
+from utils.data import batch_stream, build_datasets, cache_batches, resolution, val_loader
+from utils.folds import accuracy_on, fold_batches
+from utils.logs import RunLog
+from utils.param_groups import stage3_trainable
+from utils.results import format_block, read_search_result, write_json
+
+RELEASED = "train-supernet/model_actwbin_best_466000it.pth"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    add_run_args(parser, save="eval-blast")
+    parser.add_argument("--supernet", default=RELEASED, help="stage-1 (or released) checkpoint")
+    parser.add_argument("--search-result", default="eval-kfold-evolution/search_result.json",
+                        help="search_result.json written by 02kfold_evolution.py")
+    parser.add_argument("--k", type=int, default=10, help="number of folds (as in stage 2)")
+    parser.add_argument("--bn_epochs", type=int, default=3)
+    parser.add_argument("--learning_rate_bnstabilize", type=float, default=7.5e-6)
+    parser.add_argument("--train_clip", type=boolean, default=True, help="train the clips too")
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--val_batch_size", type=int, default=200)
+    parser.add_argument("--max_val_iters", type=int, default=0,
+                        help="use only the first N validation batches (0: all), as in stage 2")
+    parser.add_argument("--iters_per_epoch", type=int, default=0,
+                        help="training iterations per epoch (0: one pass over the training set)")
+    parser.add_argument("--bn_recalibration_batches", type=int, default=0,
+                        help="re-estimate BN statistics on N training batches before the first "
+                             "evaluation (0: off, as the reference)")
+    return parser.parse_args(argv)
+
+
+def finetune(args: argparse.Namespace) -> dict:
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    save = Path(args.save)
+    data = build_datasets(args.data, resolution(args.base_resolution, args.resolution_multiplier),
+                          args.data_root)
+    config = model_config(args, data.num_classes)
+    model, _ = load_supernet(args.supernet, config, args.trust_pickle)
+    model.to(device)
+    supernet_state = {k: v.clone() for k, v in model.state_dict().items()}
+    batches, num_batches = cache_batches(val_loader(data.val, args.val_batch_size, args.workers),
+                                         args.max_val_iters)
+    fold_batches(num_batches, args.k, 0)  # refuses a --k larger than the number of batches
+    found = read_search_result(args.search_result, config, model.num_searchable_layers)
+    if len(found["archs"]) != args.k:
+        raise ValueError(f"--search-result {args.search_result} has {len(found['archs'])} folds, "
+                         f"--k is {args.k}")
+    iters = args.iters_per_epoch or len(data.train) // args.batch_size
+    log = RunLog(save)
+    log.info(f"stage 3: {len(found['archs'])} archs from {args.search_result}, supernet {args.supernet}, "
+             f"{args.bn_epochs} epochs of {iters} iterations, lr {args.learning_rate_bnstabilize}")
+    bnfull_accs = []
+    for fold, arch in enumerate(tqdm(found["archs"], desc="archs", position=0, dynamic_ncols=True)):
+        model.load_state_dict(supernet_state)  # every arch starts from the stage-1 supernet
+        model.change_precision(True, True)
+        _, full = fold_batches(num_batches, args.k, fold)
+
+        def evaluate(arch=arch, full=full) -> float:
+            model.eval()
+            return accuracy_on(lambda x: model(x.to(device), arch), batches, full)
+
+        stream = batch_stream(data.train, args.batch_size, args.workers, args.seed + fold)
+        if args.bn_recalibration_batches > 0:
+            recalibrate_bn(model, arch, [next(stream)[2] for _ in range(args.bn_recalibration_batches)],
+                           device)
+        accs = [found["full_accs"][fold], evaluate()]
+        log.info(f"arch {fold}: stage-2 full_acc {accs[0]:.2f}, loaded {accs[1]:.2f}")
+        groups = stage3_trainable(model, args.train_clip)
+        optimizer = torch.optim.SGD(groups, lr=args.learning_rate_bnstabilize, momentum=0.9, nesterov=True)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(args.bn_epochs, 1))
+        for epoch in range(1, args.bn_epochs + 1):
+            model.train()
+            start = time.time()
+            bar = tqdm(range(iters), desc=f"arch {fold} epoch {epoch}", position=1, leave=False,
+                       dynamic_ncols=True)
+            for _ in bar:
+                _, _, (images, labels) = next(stream)
+                loss = F.cross_entropy(model(images.to(device), arch), labels.to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+                optimizer.step()
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            scheduler.step()
+            acc = evaluate()
+            accs.append(acc)
+            path = save / f"arch{fold}_model_actwbin_{args.bits}_{args.bits}_bn_{epoch}ep.pth"
+            save_file({"iter": epoch, "model_state_dict": {k: v.detach().cpu()
+                                                           for k, v in model.state_dict().items()},
+                       "best_top1_acc": acc, "config": config, "selection": list(arch), "fold": fold}, path)
+            log.info(f"arch {fold} epoch {epoch}: full_acc {acc:.2f} ({time.time() - start:.0f} s) -> {path}")
+        bnfull_accs.append(max(accs[:1] + accs[2:]) if args.bn_epochs else accs[0])
+    summary = {"fold_accs": found["fold_accs"], "full_accs": found["full_accs"],
+               "**bnfull_accs": bnfull_accs, "archs": found["archs"]}
+    write_json({"fold_accs": found["fold_accs"], "full_accs": found["full_accs"],
+                "bnfull_accs": bnfull_accs, "archs": found["archs"], "config": config,
+                "supernet": str(args.supernet), "search_result": str(args.search_result)},
+               save / "final_result.json")
+    print(format_block("final-result", summary))
+    log.info(f"final result: {save / 'final_result.json'}; fine-tuned checkpoints and log.txt in {save}")
+    log.close()
+    return summary
+
+
+if __name__ == "__main__":
+    fail_cleanly(finetune, parse_args())
