@@ -78,7 +78,9 @@ def search(args: argparse.Namespace) -> dict:
     log = RunLog(save, tensorboard=False)
     log.info(f"stage 2: {args.supernet} ({config['arch']}, {config['bits']}-bit, "
              f"{model.num_branches} branches), {num_batches} validation batches in {args.k} folds")
+    stat = Path(args.supernet).stat()  # a retrained supernet invalidates the finished folds
     settings = {"config": config, "supernet": str(args.supernet), "k": args.k,
+                "supernet_size_mtime": [stat.st_size, stat.st_mtime_ns],
                 "num_batches": num_batches, "seed": args.seed,
                 "bn_recalibration_batches": args.bn_recalibration_batches,
                 **{k: getattr(args, k) for k in ("max_epochs", "select_num", "population_num", "m_prob",

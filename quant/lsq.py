@@ -4,7 +4,7 @@ import math
 import torch
 from torch import nn
 
-from .functional import grad_scale, round_pass
+from .functional import lsq_quantize
 
 
 class LsqActivation(nn.Module):
@@ -24,8 +24,7 @@ class LsqActivation(nn.Module):
         self.s.copy_(2 * x.abs().mean(dim=(0, 2, 3)) / math.sqrt(self.qp))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = grad_scale(self.s, 1 / math.sqrt(x.numel() * self.qp)).view(1, -1, 1, 1)
-        return round_pass(torch.clamp(x / a, 0, self.qp)) * a
+        return lsq_quantize(x, self.s, 0, self.qp, dim=1)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, channels={self.s.numel()}"
@@ -48,8 +47,7 @@ class LsqWeight(nn.Module):
         self.s.copy_(2 * w.abs().flatten(1).mean(dim=1) / math.sqrt(self.qp))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        a = grad_scale(self.s, 1 / math.sqrt(w.numel() * self.qp)).view(-1, *([1] * (w.dim() - 1)))
-        return round_pass(torch.clamp(w / a, -self.qp, self.qp)) * a
+        return lsq_quantize(w, self.s, -self.qp, self.qp, dim=0)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, channels={self.s.numel()}"

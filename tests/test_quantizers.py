@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from quant import ClipActivation, LsqActivation, LsqWeight, QConv
-from quant.functional import clip_quantize
+from quant.functional import clip_quantize, grad_scale, lsq_quantize, round_pass
 from utils.losses import kd_loss
 
 BITS = [2, 3, 4]
@@ -122,3 +122,23 @@ def test_qconv_flat_weights_and_switch():
     quantized = torch.nn.functional.conv2d(x, conv.w_quantize(conv.weight), stride=2, padding=1)
     torch.testing.assert_close(conv(x), quantized)
     assert not torch.allclose(conv(x), plain)
+
+
+@pytest.mark.parametrize("lo, hi, dim", [(0, 3, 1), (0, 15, 1), (-1, 1, 0), (-7, 7, 0)])
+def test_fused_lsq_equals_the_reference_composite(lo, hi, dim):
+    # SPEC: a = grad_scale(s, k), y = round_pass(clamp(x / a, lo, hi)) * a, gradients by autograd.
+    torch.manual_seed(0)
+    x = (torch.randn(4, 6, 5, 5) * 2).requires_grad_()
+    s = (torch.rand(x.shape[dim]) + 0.2).requires_grad_()
+    g = torch.randn_like(x)
+    lsq_quantize(x, s, lo, hi, dim).backward(g)
+    fused = x.grad.clone(), s.grad.clone()
+    x.grad = s.grad = None
+    shape = [1] * 4
+    shape[dim] = -1
+    a = grad_scale(s, 1 / math.sqrt(x.numel() * hi)).view(shape)
+    y = round_pass(torch.clamp(x / a, lo, hi)) * a
+    y.backward(g)
+    torch.testing.assert_close(lsq_quantize(x, s, lo, hi, dim), y, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fused[0], x.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fused[1], s.grad, rtol=1e-5, atol=1e-6)
