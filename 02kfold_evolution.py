@@ -124,10 +124,12 @@ def search(args: argparse.Namespace) -> dict:
 
 
 def _read_json(path: Path) -> dict | None:
+    """A finished fold's record, or ``None`` when there is none (or only an unreadable one)."""
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        record = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
+    return record if isinstance(record, dict) else None
 
 
 if __name__ == "__main__":

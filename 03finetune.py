@@ -68,6 +68,11 @@ def finetune(args: argparse.Namespace) -> dict:
     if len(found["archs"]) != args.k:
         raise ValueError(f"--search-result {args.search_result} has {len(found['archs'])} folds, "
                          f"--k is {args.k}")
+    # The folds are batch indices: stage 3 must split the validation set as stage 2 did.
+    for key, ours in (("val_batch_size", args.val_batch_size), ("num_batches", num_batches)):
+        if key in found and found[key] != ours:
+            raise ValueError(f"--search-result {args.search_result} was searched with {key}={found[key]}, "
+                             f"here it is {ours} (use the same --val_batch_size and --max_val_iters)")
     iters = args.iters_per_epoch or len(data.train) // args.batch_size
     log = RunLog(save)
     log.info(f"stage 3: {len(found['archs'])} archs from {args.search_result}, supernet {args.supernet}, "

@@ -33,7 +33,8 @@ def load_file(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
     except pickle.UnpicklingError as e:
         if "GLOBAL" in str(e):  # safe loading met a class or function it would have to call
             raise CheckpointError(f"{path}: {PLAIN_REFUSED}") from None
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({_first_line(e)})") from None
+        # torch's message advises loading unsafely: not advice to pass on for a damaged file.
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint, or a damaged one") from None
     except Exception as e:  # torch.load reports a damaged file in many exception types
         raise CheckpointError(
             f"{path}: not a PyTorch checkpoint, or a damaged one ({_first_line(e)})") from None

@@ -56,6 +56,14 @@ def read_search_result(path: str | os.PathLike, config: dict[str, Any], num_laye
     keys = ("fold_accs", "full_accs", "archs", "config")
     if not isinstance(result, dict) or any(k not in result for k in keys):
         raise UsageError(f"--search-result {path}: not a search result (needs {', '.join(keys)})")
+    if not isinstance(result["config"], dict):
+        raise UsageError(f"--search-result {path}: its config is not an object")
+    for key in ("fold_accs", "full_accs", "archs"):
+        if not isinstance(result[key], list):
+            raise UsageError(f"--search-result {path}: {key} is not a list")
+    for key in ("fold_accs", "full_accs"):
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in result[key]):
+            raise UsageError(f"--search-result {path}: {key} holds something other than accuracies")
     for key in ("arch", "bits", "l2_vals"):
         if result["config"].get(key) != config[key]:
             raise UsageError(f"--search-result {path} belongs to {key}={result['config'].get(key)}, "
@@ -66,7 +74,8 @@ def read_search_result(path: str | os.PathLike, config: dict[str, Any], num_laye
     branches = len(config["l2_vals"])
     for i, arch in enumerate(archs):
         if (not isinstance(arch, list) or len(arch) != num_layers
-                or not all(isinstance(b, int) and 0 <= b < branches for b in arch)):
+                or not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b < branches
+                           for b in arch)):
             raise UsageError(f"--search-result {path}: arch {i} is not {num_layers} branch indices "
                              f"in 0..{branches - 1}")
     return result

@@ -1,0 +1,314 @@
+"""Stage 2 on a briefly trained supernet: the JSON and printed results, resumable folds, the fold
+accuracy against an independent computation, and bad input.
+
+The fold split, mutation, crossover and the memo are tested in test_folds.py and test_evolution.py.
+One stage-1 and one stage-2 run serve this module and test_stage3.py.
+"""
+import contextlib
+import io
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from utils.checkpoint import load_file, load_supernet
+from utils.data import build_datasets, val_loader
+from utils.folds import fold_batches
+from utils.results import parse_block
+
+from .conftest import load_script, run_script
+
+stage1 = load_script("01train_supernet.py")
+stage2 = load_script("02kfold_evolution.py")
+
+MODEL = ["--width_multiplier", "0.25", "--width_divisor", "8", "--base_resolution", "32",
+         "--l2_bounds", "0.01,0.001,0.0001"]
+K = 2
+VAL_BATCH = 4  # 3 classes x 8 validation images: 6 batches, 3 per fold
+SEARCH = ["--k", str(K), "--val_batch_size", str(VAL_BATCH), "--max-epochs", "2", "--population-num", "4",
+          "--select-num", "2", "--mutation-num", "1", "--crossover-num", "1"]
+SUPERNET = "model_actwbin_best_00002it.pth"
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Torch on one thread: the tiny models run as fast, and a machine busy with other work
+    (2 cores here) no longer slows every operator down by waiting for a descheduled thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def captured(fn, *args):
+    """``fn(*args)`` and what it printed (the log lines and the result block go to stdout)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), one_thread():
+        result = fn(*args)
+    return result, out.getvalue()
+
+
+def block(text: str, title: str) -> dict[str, list]:
+    marker = f"==={title}==="
+    assert text.count(marker) == 1, text
+    return parse_block(text[text.index(marker):])
+
+
+def stage2_args(data, supernet, save, *extra):
+    return stage2.parse_args(["--data", str(data), "--supernet", str(supernet), "--save", str(save),
+                              "-j", "0", *MODEL, *SEARCH, *extra])
+
+
+_SHARED: dict[tuple[str, str], object] = {}
+
+
+def _once(key: tuple[str, str], make):
+    """One stage-1 and one stage-2 run per session, whichever test module asks first."""
+    if key not in _SHARED:
+        _SHARED[key] = make()
+    return _SHARED[key]
+
+
+def shared_supernet(tmp_path_factory, image_folder) -> Path:
+    """A stage-1 phase-2 checkpoint after 2 + 2 iterations."""
+
+    def make():
+        out = tmp_path_factory.mktemp("stage1")
+        args = stage1.parse_args(["--data", str(image_folder), "--teacher", "none", "--save", str(out),
+                                  *MODEL, "--batch_size", "8", "-j", "0", "--abin_total_iters", "2",
+                                  "--awbin_total_iters", "2"])
+        captured(stage1.train, args)
+        assert (out / SUPERNET).is_file()
+        return out / SUPERNET
+
+    return _once(("supernet", str(image_folder)), make)
+
+
+def shared_search_run(tmp_path_factory, image_folder) -> tuple[Path, dict, str]:
+    """A finished stage-2 run on that supernet: ``(save folder, returned result, printed text)``."""
+    supernet = shared_supernet(tmp_path_factory, image_folder)
+
+    def make():
+        save = tmp_path_factory.mktemp("stage2")
+        result, text = captured(stage2.search, stage2_args(image_folder, supernet, save))
+        return save, result, text
+
+    return _once(("search", str(image_folder)), make)
+
+
+@pytest.fixture(scope="module")
+def supernet(tmp_path_factory, image_folder) -> Path:
+    return shared_supernet(tmp_path_factory, image_folder)
+
+
+@pytest.fixture(scope="module")
+def search_run(tmp_path_factory, image_folder):
+    return shared_search_run(tmp_path_factory, image_folder)
+
+
+def test_reference_defaults():
+    args = stage2.parse_args([])
+    assert (args.k, args.max_epochs, args.select_num, args.population_num) == (10, 20, 10, 45)
+    assert (args.mutation_num, args.crossover_num, args.m_prob) == (15, 15, 0.1)
+    assert (args.val_batch_size, args.max_val_iters, args.seed) == (200, 0, 0)
+    assert args.save == "eval-kfold-evolution"
+
+
+def test_search_result_json(search_run, supernet):
+    save, result, _ = search_run
+    found = json.loads((save / "search_result.json").read_text())
+    assert found == result
+    config = load_file(supernet)["config"]
+    assert found["config"] == config
+    assert (found["k"], found["num_batches"], found["val_batch_size"]) == (K, 6, VAL_BATCH)
+    assert (found["population_num"], found["select_num"], found["max_epochs"]) == (4, 2, 2)
+    assert len(found["fold_accs"]) == len(found["full_accs"]) == len(found["archs"]) == K
+    for acc in found["fold_accs"] + found["full_accs"]:
+        assert isinstance(acc, float) and 0 <= acc <= 100
+    for arch in found["archs"]:
+        assert len(arch) == 17  # MobileNet-v2's searchable layers
+        assert all(type(b) is int and 0 <= b < 3 for b in arch)
+    for fold in range(K):
+        per_fold = json.loads((save / "folds" / f"fold{fold}.json").read_text())
+        assert per_fold["fold"] == fold
+        assert per_fold["fold_acc"] == found["fold_accs"][fold]
+        assert per_fold["full_acc"] == found["full_accs"][fold]
+        assert per_fold["arch"] == found["archs"][fold]
+        assert 1 <= per_fold["evaluated"] <= 3 ** 17
+    assert (save / "log.txt").is_file()
+
+
+def test_printed_block_round_trips(search_run):
+    save, _, text = search_run
+    found = json.loads((save / "search_result.json").read_text())
+    assert "archs: [(" in text  # tuples, as the reference prints them
+    assert block(text, "total-result") == {
+        "folds": list(range(K)), "fold_accs": found["fold_accs"], "full_accs": found["full_accs"],
+        "archs": found["archs"]}
+
+
+def test_accuracies_match_an_independent_computation(search_run, image_folder, supernet):
+    save, found, _ = search_run
+    model, _ = load_supernet(supernet, found["config"])
+    model.eval()
+    model.change_precision(True, True)
+    data = build_datasets(str(image_folder), 32)
+    batches = list(val_loader(data.val, VAL_BATCH, 0))
+    assert len(batches) == 6
+
+    def top1(arch, indices):
+        correct = total = 0
+        with torch.no_grad(), one_thread():
+            for i in indices:
+                images, labels = batches[i]
+                correct += int((model(images, tuple(arch)).argmax(1) == labels).sum())
+                total += len(labels)
+        return 100.0 * correct / total
+
+    for fold, arch in enumerate(found["archs"]):
+        fold_range, full = fold_batches(len(batches), K, fold)
+        assert list(fold_range) == [3 * fold, 3 * fold + 1, 3 * fold + 2]
+        assert found["fold_accs"][fold] == top1(arch, fold_range)
+        assert found["full_accs"][fold] == top1(arch, full)
+
+
+class SearchSpy:
+    """Counts the searches ``stage2.search`` starts (one per fold it does not keep)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        real = stage2.EvolutionSearch
+
+        def spy(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(stage2, "EvolutionSearch", spy)
+
+
+def test_rerun_keeps_finished_folds(search_run, image_folder, supernet, tmp_path, monkeypatch):
+    save, first, _ = search_run
+    copy = tmp_path / "save"
+    shutil.copytree(save, copy)
+    spy = SearchSpy(monkeypatch)
+    again, text = captured(stage2.search, stage2_args(image_folder, supernet, copy))
+    assert spy.calls == 0
+    assert again == first
+    assert "fold 0: finished earlier" in text and "fold 1: finished earlier" in text
+    assert block(text, "total-result")["archs"] == first["archs"]
+
+    # A lost fold file: only that fold is searched again, with the same outcome.
+    fold0 = (copy / "folds" / "fold0.json").read_bytes()
+    fold1 = (copy / "folds" / "fold1.json").read_bytes()
+    (copy / "folds" / "fold1.json").unlink()
+    again, text = captured(stage2.search, stage2_args(image_folder, supernet, copy))
+    assert spy.calls == 1
+    assert "fold 0: finished earlier" in text and "fold 1: finished earlier" not in text
+    assert (copy / "folds" / "fold0.json").read_bytes() == fold0
+    assert json.loads((copy / "folds" / "fold1.json").read_bytes()) == json.loads(fold1)
+    assert again == first
+
+    # A half-written fold file counts as missing.
+    (copy / "folds" / "fold1.json").write_text('{"fold": 1, "fold_acc"')
+    captured(stage2.search, stage2_args(image_folder, supernet, copy))
+    assert spy.calls == 2
+
+
+def test_rerun_with_other_settings_searches_again(search_run, image_folder, supernet, tmp_path,
+                                                  monkeypatch):
+    save, first, _ = search_run
+    copy = tmp_path / "save"
+    shutil.copytree(save, copy)
+    spy = SearchSpy(monkeypatch)
+    again, text = captured(stage2.search, stage2_args(image_folder, supernet, copy, "--max-epochs", "1"))
+    assert spy.calls == K
+    assert "finished earlier" not in text
+    assert again["max_epochs"] == 1
+    for fold in range(K):
+        assert json.loads((copy / "folds" / f"fold{fold}.json").read_text())["settings"]["max_epochs"] == 1
+    assert json.loads((copy / "search_result.json").read_text()) == again
+    # Another seed is another setting as well.
+    captured(stage2.search, stage2_args(image_folder, supernet, copy, "--max-epochs", "1", "--seed", "1"))
+    assert spy.calls == 2 * K
+    assert first["seed"] == 0
+
+
+@pytest.mark.parametrize("content", [b"[]", b"\x80\x81"])
+def test_unreadable_fold_file_is_searched_again(search_run, image_folder, supernet, tmp_path, monkeypatch,
+                                               content):
+    copy = tmp_path / "save"
+    shutil.copytree(search_run[0], copy)
+    (copy / "folds" / "fold0.json").write_bytes(content)
+    spy = SearchSpy(monkeypatch)
+    again, _ = captured(stage2.search, stage2_args(image_folder, supernet, copy))
+    assert spy.calls == 1
+    assert again == search_run[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a message naming the flag or file, a non-zero exit, no traceback, nothing overwritten.
+
+
+def assert_clean_failure(result, *words):
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    for word in words:
+        assert word in result.stderr, result.stderr
+
+
+def run_many(commands: dict[str, list[str]]) -> dict:
+    """Run the scripts side by side (each is mostly interpreter start-up), torch on one thread each."""
+    with pytest.MonkeyPatch.context() as patch, ThreadPoolExecutor(max_workers=2) as pool:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        futures = {name: pool.submit(run_script, *command) for name, command in commands.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+BAD_STAGE2 = {
+    "missing": (["--supernet", "MISSING"], ["MISSING", "no such file"]),
+    "corrupt": (["--supernet", "CORRUPT"], ["corrupt.pth", "not a PyTorch checkpoint"]),
+    "bits": (["--bits", "3"], [SUPERNET, "bits=2", "the flags say 3"]),
+    "branches": (["--l2_bounds", "0.01,0.001"], [SUPERNET, "l2_vals=[0.01, 0.001, 0.0001]"]),
+    "width": (["--width_multiplier", "0.5"], [SUPERNET, "width_multiplier=0.25", "the flags say 0.5"]),
+    "arch": (["--arch", "resnet18"], [SUPERNET, "arch=mobilenet_v2", "the flags say resnet18"]),
+    # A checkpoint without its config (as the released one) is checked by its layout.
+    "bare arch": (["--supernet", "BARE", "--arch", "resnet18"],
+                  ["bare.pth", "17 searchable layers, the model 16"]),
+    "k": (["--k", "7"], ["--k 7", "6 validation batches"]),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_stage2_runs(search_run, image_folder, supernet, tmp_path_factory):
+    """Every bad stage-2 run, into the folder of the finished run: ``(results, bytes before, after)``."""
+    save = search_run[0]
+    tmp = tmp_path_factory.mktemp("bad-stage2")
+    noise = torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    (tmp / "corrupt.pth").write_bytes(noise.numpy().tobytes())
+    torch.save({"model_state_dict": load_file(supernet)["model_state_dict"]}, tmp / "bare.pth")
+    replace = {"MISSING": str(tmp / "MISSING.pth"), "CORRUPT": str(tmp / "corrupt.pth"),
+               "BARE": str(tmp / "bare.pth")}
+    before = folder_bytes(save)
+    commands = {}
+    for name, (flags, _) in BAD_STAGE2.items():
+        commands[name] = ["02kfold_evolution.py", "--data", str(image_folder), "--supernet", str(supernet),
+                          "--save", str(save), "-j", "0", *MODEL, *SEARCH,
+                          *[replace.get(f, f) for f in flags]]
+    results = run_many(commands)
+    return results, before, folder_bytes(save)
+
+
+@pytest.mark.parametrize("name", BAD_STAGE2)
+def test_bad_input(bad_stage2_runs, name):
+    results, before, after = bad_stage2_runs
+    assert_clean_failure(results[name], *BAD_STAGE2[name][1])
+    assert after == before

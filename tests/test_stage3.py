@@ -1,0 +1,244 @@
+"""Stage 3 from a stage-2 result: checkpoints, the JSON and printed results, what fine-tuning may
+change, bad input, and the three scripts in a row as the README runs them.
+
+The trainable set against the reference fixture is tested in test_mobilenet_v2.py.
+"""
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from utils.checkpoint import load_file, load_supernet
+from utils.data import build_datasets, val_loader
+from utils.folds import fold_batches
+
+from .conftest import ROOT, load_script, run_script
+from .test_stage2 import (
+    MODEL,
+    assert_clean_failure,
+    block,
+    captured,
+    folder_bytes,
+    one_thread,
+    run_many,
+    shared_search_run,
+    shared_supernet,
+)
+
+stage3 = load_script("03finetune.py")
+
+K = 2
+EPOCHS = 2
+VAL_BATCH = 4
+# A learning rate well above the reference's 7.5e-6, so that two iterations visibly move what is trained.
+FINETUNE = ["--k", str(K), "--bn_epochs", str(EPOCHS), "--iters_per_epoch", "2", "--batch_size", "4",
+            "--val_batch_size", str(VAL_BATCH), "--learning_rate_bnstabilize", "1e-3"]
+RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@pytest.fixture(scope="module")
+def supernet(tmp_path_factory, image_folder) -> Path:
+    return shared_supernet(tmp_path_factory, image_folder)
+
+
+@pytest.fixture(scope="module")
+def found(tmp_path_factory, image_folder) -> dict:
+    """The stage-2 result, from its JSON file (with ``path`` added)."""
+    save = shared_search_run(tmp_path_factory, image_folder)[0]
+    path = save / "search_result.json"
+    return {**json.loads(path.read_text()), "path": path}
+
+
+def stage3_args(data, supernet, found, save, *extra):
+    return stage3.parse_args(["--data", str(data), "--supernet", str(supernet), "--search-result",
+                              str(found["path"]), "--save", str(save), "-j", "0", *MODEL, *FINETUNE, *extra])
+
+
+@pytest.fixture(scope="module")
+def finetune_run(tmp_path_factory, image_folder, supernet, found):
+    """A finished stage-3 run: ``(save folder, returned summary, printed text)``."""
+    save = tmp_path_factory.mktemp("stage3")
+    summary, text = captured(stage3.finetune, stage3_args(image_folder, supernet, found, save))
+    return save, summary, text
+
+
+def checkpoint_path(save: Path, fold: int, epoch: int) -> Path:
+    return save / f"arch{fold}_model_actwbin_2_2_bn_{epoch}ep.pth"
+
+
+def test_reference_defaults():
+    args = stage3.parse_args([])
+    assert (args.k, args.bn_epochs, args.learning_rate_bnstabilize) == (10, 3, 7.5e-6)
+    assert (args.train_clip, args.val_batch_size, args.save) == (True, 200, "eval-blast")
+    assert args.search_result == "eval-kfold-evolution/search_result.json"
+    assert stage3.parse_args(["--train_clip", "False"]).train_clip is False
+
+
+def test_checkpoints_per_fold_and_epoch(finetune_run, found, image_folder):
+    save = finetune_run[0]
+    expected = {checkpoint_path(save, f, e).name for f in range(K) for e in range(1, EPOCHS + 1)}
+    assert {p.name for p in save.glob("*.pth")} == expected
+    data = build_datasets(str(image_folder), 32)
+    batches = list(val_loader(data.val, VAL_BATCH, 0))
+    for fold, arch in enumerate(found["archs"]):
+        for epoch in range(1, EPOCHS + 1):
+            ckpt = load_file(checkpoint_path(save, fold, epoch))  # safe loading
+            assert ckpt["config"] == found["config"]
+            assert ckpt["selection"] == arch
+            assert (ckpt["fold"], ckpt["iter"]) == (fold, epoch)
+            # The accuracy stored is the checkpoint's own on the batches outside the fold.
+            model, _ = load_supernet(checkpoint_path(save, fold, epoch), found["config"])
+            model.eval()
+            model.change_precision(True, True)
+            correct = total = 0
+            with torch.no_grad(), one_thread():
+                for i in fold_batches(len(batches), K, fold)[1]:
+                    images, labels = batches[i]
+                    correct += int((model(images, tuple(arch)).argmax(1) == labels).sum())
+                    total += len(labels)
+            assert ckpt["best_top1_acc"] == 100.0 * correct / total
+
+
+def test_final_result_json_and_block(finetune_run, found):
+    save, summary, text = finetune_run
+    final = json.loads((save / "final_result.json").read_text())
+    assert final["config"] == found["config"]
+    assert (final["fold_accs"], final["full_accs"], final["archs"]) == (
+        found["fold_accs"], found["full_accs"], found["archs"])
+    printed = block(text, "final-result")
+    assert list(printed) == ["fold_accs", "full_accs", "**bnfull_accs", "archs"]
+    assert printed == {"fold_accs": final["fold_accs"], "full_accs": final["full_accs"],
+                       "**bnfull_accs": final["bnfull_accs"], "archs": final["archs"]}
+    assert printed == summary
+    assert "archs: [(" in text
+
+
+def test_bnfull_acc_is_the_best_of_stage2_and_every_epoch(finetune_run, found):
+    save, summary, text = finetune_run
+    for fold in range(K):
+        epochs = [load_file(checkpoint_path(save, fold, e))["best_top1_acc"] for e in range(1, EPOCHS + 1)]
+        assert summary["**bnfull_accs"][fold] == max([found["full_accs"][fold], *epochs])
+        # Before fine-tuning, stage 3 measures what stage 2 measured on the same batches.
+        stage2_acc, loaded = re.search(rf"arch {fold}: stage-2 full_acc (\S+), loaded (\S+)", text).groups()
+        assert stage2_acc == loaded
+
+
+def changed(supernet_state, state) -> set[str]:
+    return {k for k, v in supernet_state.items() if not torch.equal(v, state[k])}
+
+
+def test_only_biases_and_clips_change(finetune_run, supernet):
+    save = finetune_run[0]
+    before = load_file(supernet)["model_state_dict"]
+    for path in save.glob("*.pth"):
+        moved = changed(before, load_file(path)["model_state_dict"])
+        trained = {k for k in moved if not k.endswith(RUNNING_STATS)}
+        assert all("bias" in k or k.endswith("upper_bound") for k in trained), sorted(trained)
+        assert any("bias" in k for k in trained) and any(k.endswith("upper_bound") for k in trained)
+        assert any(k.endswith("running_mean") for k in moved)  # trained in train mode
+
+
+def test_train_clip_false_keeps_the_clips(tmp_path, image_folder, supernet, found):
+    captured(stage3.finetune, stage3_args(image_folder, supernet, found, tmp_path, "--train_clip", "false",
+                                          "--bn_epochs", "1"))
+    before = load_file(supernet)["model_state_dict"]
+    for fold in range(K):
+        moved = changed(before, load_file(checkpoint_path(tmp_path, fold, 1))["model_state_dict"])
+        trained = {k for k in moved if not k.endswith(RUNNING_STATS)}
+        assert trained and all("bias" in k for k in trained), sorted(trained)
+
+
+def test_no_epochs_reports_the_stage2_accuracy(tmp_path, image_folder, supernet, found):
+    summary, _ = captured(stage3.finetune, stage3_args(image_folder, supernet, found, tmp_path,
+                                                       "--bn_epochs", "0"))
+    assert summary["**bnfull_accs"] == found["full_accs"]
+    assert not list(tmp_path.glob("*.pth"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a message naming the flag or file, a non-zero exit, no traceback, and nothing in the
+# folder of the earlier successful run overwritten. The search-result checks one by one are in
+# test_results.py; --k against the batches and the supernet checks in test_stage2.py.
+
+
+def edited(found: dict, **changes) -> dict:
+    result = {k: v for k, v in found.items() if k != "path"}
+    result["config"] = {**result["config"], **changes.pop("config", {})}
+    return {**result, **changes}
+
+
+BAD_STAGE3 = {
+    "missing": (["--search-result", "MISSING"], ["--search-result", "missing.json", "no such file"]),
+    "malformed": (["--search-result", "malformed.json"], ["malformed.json", "not a JSON search result"]),
+    "bits": (["--search-result", "bits.json"], ["bits.json", "bits=3", "the flags say 2"]),
+    "branches": (["--search-result", "branches.json"], ["branches.json", "l2_vals=[0.01, 0.001]"]),
+    "arch length": (["--search-result", "short.json"], ["short.json", "arch 0 is not 17 branch indices"]),
+    "k": (["--k", "3"], ["search_result.json", "2 folds", "--k is 3"]),
+    "val split": (["--val_batch_size", "5"], ["search_result.json", "val_batch_size=4", "here it is 5"]),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_stage3_runs(finetune_run, image_folder, supernet, found, tmp_path_factory):
+    save = finetune_run[0]
+    tmp = tmp_path_factory.mktemp("bad-stage3")
+    (tmp / "malformed.json").write_text('{"fold_accs": [1.0, 2.0], "archs": [[0, 1')
+    (tmp / "bits.json").write_text(json.dumps(edited(found, config={"bits": 3})))
+    (tmp / "branches.json").write_text(json.dumps(edited(found, config={"l2_vals": [0.01, 0.001]})))
+    archs = [list(a) for a in found["archs"]]
+    (tmp / "short.json").write_text(json.dumps(edited(found, archs=[archs[0][:-1], archs[1]])))
+    replace = {"MISSING": str(tmp / "missing.json")}
+    replace.update({f"{n}.json": str(tmp / f"{n}.json")
+                    for n in ("malformed", "bits", "branches", "short")})
+    before = folder_bytes(save)
+    commands = {name: ["03finetune.py", "--data", str(image_folder), "--supernet", str(supernet),
+                       "--search-result", str(found["path"]), "--save", str(save), "-j", "0", *MODEL,
+                       *FINETUNE, *[replace.get(f, f) for f in flags]]
+                for name, (flags, _) in BAD_STAGE3.items()}
+    results = run_many(commands)
+    return results, before, folder_bytes(save)
+
+
+@pytest.mark.parametrize("name", BAD_STAGE3)
+def test_bad_input(bad_stage3_runs, name):
+    results, before, after = bad_stage3_runs
+    assert_clean_failure(results[name], *BAD_STAGE3[name][1])
+    assert after == before
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_three_stages_in_a_row(tmp_path, image_folder, monkeypatch):
+    """The README's commands, run from a fresh folder so that every default path is exercised."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # see test_stage2.one_thread
+    data = str(image_folder)
+    stage1 = run_script(str(ROOT / "01train_supernet.py"), "--data", data, "--teacher", "none", *MODEL,
+                        "--batch_size", "8", "-j", "0", "--abin_total_iters", "1", "--awbin_total_iters", "1",
+                        cwd=tmp_path)
+    assert stage1.returncode == 0, stage1.stderr
+    supernet = "train-supernet/model_actwbin_best_00001it.pth"
+    assert (tmp_path / supernet).is_file()
+    stage2 = run_script(str(ROOT / "02kfold_evolution.py"), "--data", data, "--supernet", supernet, *MODEL,
+                        "-j", "0", "--k", "2", "--val_batch_size", "4", "--max-epochs", "1",
+                        "--population-num", "3", "--select-num", "2", "--mutation-num", "1",
+                        "--crossover-num", "1", cwd=tmp_path)
+    assert stage2.returncode == 0, stage2.stderr
+    total = block(stage2.stdout, "total-result")
+    found = json.loads((tmp_path / "eval-kfold-evolution" / "search_result.json").read_text())
+    assert total["archs"] == found["archs"] and total["folds"] == [0, 1]
+    stage3 = run_script(str(ROOT / "03finetune.py"), "--data", data, "--supernet", supernet,
+                        "--search-result", "eval-kfold-evolution/search_result.json", *MODEL, "-j", "0",
+                        "--k", "2", "--val_batch_size", "4", "--bn_epochs", "1", "--iters_per_epoch", "1",
+                        "--batch_size", "4", cwd=tmp_path)
+    assert stage3.returncode == 0, stage3.stderr
+    final = block(stage3.stdout, "final-result")
+    assert final["archs"] == found["archs"] and final["full_accs"] == found["full_accs"]
+    assert final["**bnfull_accs"] == json.loads(
+        (tmp_path / "eval-blast" / "final_result.json").read_text())["bnfull_accs"]
+    assert sorted(p.name for p in (tmp_path / "eval-blast").glob("*.pth")) == [
+        "arch0_model_actwbin_2_2_bn_1ep.pth", "arch1_model_actwbin_2_2_bn_1ep.pth"]
+    for result in (stage1, stage2, stage3):
+        assert "Traceback" not in result.stderr
