@@ -108,7 +108,7 @@ def train(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     save = Path(args.save)
     data = build_datasets(args.data, resolution(args.base_resolution, args.resolution_multiplier),
-                          args.data_root)
+                          args.data_root, args.min_crop_scale)
     config = model_config(args, data.num_classes)
     model = build_supernet(**config).to(device)
     selection_rng = random.Random(args.seed)

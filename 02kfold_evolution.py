@@ -34,6 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_run_args(parser, save="eval-kfold-evolution")
     parser.add_argument("--supernet", default=RELEASED, help="stage-1 (or released) checkpoint")
     parser.add_argument("--k", type=int, default=10, help="number of folds")
+    parser.add_argument("--folds", type=fold_list, default=None,
+                        help="search only these folds, e.g. 0,1 (default: all k)")
     parser.add_argument("--max-epochs", type=int, default=20)
     parser.add_argument("--select-num", type=int, default=10)
     parser.add_argument("--population-num", type=int, default=45)
@@ -57,14 +59,16 @@ def search(args: argparse.Namespace) -> dict:
     device = pick_device(args.device)
     save = Path(args.save)
     data = build_datasets(args.data, resolution(args.base_resolution, args.resolution_multiplier),
-                          args.data_root)
+                          args.data_root, args.min_crop_scale)
     config = model_config(args, data.num_classes)
     model, _ = load_supernet(args.supernet, config, args.trust_pickle)
     model.to(device).eval()
     model.change_precision(True, True)
     batches, num_batches = cache_batches(val_loader(data.val, args.val_batch_size, args.workers),
                                          args.max_val_iters)
-    fold_batches(num_batches, args.k, 0)  # refuses a --k larger than the number of batches
+    folds_to_search = args.folds if args.folds is not None else list(range(args.k))
+    for fold in folds_to_search:  # refuses a --k larger than the number of batches, or a bad fold
+        fold_batches(num_batches, args.k, fold)
     calibration = []
     if args.bn_recalibration_batches > 0:
         stream = batch_stream(data.train, args.recalibration_batch_size, args.workers, args.seed)
@@ -86,8 +90,8 @@ def search(args: argparse.Namespace) -> dict:
                 **{k: getattr(args, k) for k in ("max_epochs", "select_num", "population_num", "m_prob",
                                                  "crossover_num", "mutation_num", "val_batch_size")}}
     folds = []
-    bar = tqdm(total=args.k, desc="folds", position=0, dynamic_ncols=True)
-    for fold in range(args.k):
+    bar = tqdm(total=len(folds_to_search), desc="folds", position=0, dynamic_ncols=True)
+    for fold in folds_to_search:
         fold_file = save / "folds" / f"fold{fold}.json"
         done = _read_json(fold_file)
         if done is not None and done.get("settings") == settings:
@@ -113,14 +117,24 @@ def search(args: argparse.Namespace) -> dict:
         folds.append(done)
         bar.update(1)
     bar.close()
-    summary = {"fold_accs": [f["fold_acc"] for f in folds], "full_accs": [f["full_acc"] for f in folds],
-               "archs": [f["arch"] for f in folds]}
+    summary = {"folds": folds_to_search, "fold_accs": [f["fold_acc"] for f in folds],
+               "full_accs": [f["full_acc"] for f in folds], "archs": [f["arch"] for f in folds]}
     result = {**summary, **settings}
     write_json(result, save / "search_result.json")
-    print(format_block("total-result", {"folds": list(range(args.k)), **summary}))
+    print(format_block("total-result", summary))
     log.info(f"search result: {save / 'search_result.json'}; log: {save / 'log.txt'}")
     log.close()
     return result
+
+
+def fold_list(text: str) -> list[int]:
+    try:
+        folds = sorted({int(f) for f in text.split(",") if f.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of fold numbers") from None
+    if not folds:
+        raise argparse.ArgumentTypeError("give at least one fold")
+    return folds
 
 
 def _read_json(path: Path) -> dict | None:

@@ -56,29 +56,31 @@ def finetune(args: argparse.Namespace) -> dict:
     device = pick_device(args.device)
     save = Path(args.save)
     data = build_datasets(args.data, resolution(args.base_resolution, args.resolution_multiplier),
-                          args.data_root)
+                          args.data_root, args.min_crop_scale)
     config = model_config(args, data.num_classes)
     model, _ = load_supernet(args.supernet, config, args.trust_pickle)
     model.to(device)
     supernet_state = {k: v.clone() for k, v in model.state_dict().items()}
     batches, num_batches = cache_batches(val_loader(data.val, args.val_batch_size, args.workers),
                                          args.max_val_iters)
-    fold_batches(num_batches, args.k, 0)  # refuses a --k larger than the number of batches
     found = read_search_result(args.search_result, config, model.num_searchable_layers)
-    if len(found["archs"]) != args.k:
+    if "k" not in found and len(found["archs"]) != args.k:
         raise ValueError(f"--search-result {args.search_result} has {len(found['archs'])} folds, "
                          f"--k is {args.k}")
+    for fold in found["folds"]:  # refuses a --k larger than the number of batches, or a bad fold
+        fold_batches(num_batches, args.k, fold)
     # The folds are batch indices: stage 3 must split the validation set as stage 2 did.
-    for key, ours in (("val_batch_size", args.val_batch_size), ("num_batches", num_batches)):
+    for key, ours in (("k", args.k), ("val_batch_size", args.val_batch_size), ("num_batches", num_batches)):
         if key in found and found[key] != ours:
             raise ValueError(f"--search-result {args.search_result} was searched with {key}={found[key]}, "
-                             f"here it is {ours} (use the same --val_batch_size and --max_val_iters)")
+                             f"here it is {ours}: use stage 2's --k, --val_batch_size and --max_val_iters")
     iters = args.iters_per_epoch or len(data.train) // args.batch_size
     log = RunLog(save)
     log.info(f"stage 3: {len(found['archs'])} archs from {args.search_result}, supernet {args.supernet}, "
              f"{args.bn_epochs} epochs of {iters} iterations, lr {args.learning_rate_bnstabilize}")
     bnfull_accs = []
-    for fold, arch in enumerate(tqdm(found["archs"], desc="archs", position=0, dynamic_ncols=True)):
+    archs = list(zip(found["folds"], found["archs"], found["full_accs"], strict=True))
+    for fold, arch, searched_acc in tqdm(archs, desc="archs", position=0, dynamic_ncols=True):
         model.load_state_dict(supernet_state)  # every arch starts from the stage-1 supernet
         model.change_precision(True, True)
         _, full = fold_batches(num_batches, args.k, fold)
@@ -91,7 +93,7 @@ def finetune(args: argparse.Namespace) -> dict:
         if args.bn_recalibration_batches > 0:
             recalibrate_bn(model, arch, [next(stream)[2] for _ in range(args.bn_recalibration_batches)],
                            device)
-        accs = [found["full_accs"][fold], evaluate()]
+        accs = [searched_acc, evaluate()]
         log.info(f"arch {fold}: stage-2 full_acc {accs[0]:.2f}, loaded {accs[1]:.2f}")
         groups = stage3_trainable(model, args.train_clip)
         optimizer = torch.optim.SGD(groups, lr=args.learning_rate_bnstabilize, momentum=0.9, nesterov=True)
@@ -120,7 +122,7 @@ def finetune(args: argparse.Namespace) -> dict:
         bnfull_accs.append(max(accs[:1] + accs[2:]) if args.bn_epochs else accs[0])
     summary = {"fold_accs": found["fold_accs"], "full_accs": found["full_accs"],
                "**bnfull_accs": bnfull_accs, "archs": found["archs"]}
-    write_json({"fold_accs": found["fold_accs"], "full_accs": found["full_accs"],
+    write_json({"folds": found["folds"], "fold_accs": found["fold_accs"], "full_accs": found["full_accs"],
                 "bnfull_accs": bnfull_accs, "archs": found["archs"], "config": config,
                 "supernet": str(args.supernet), "search_result": str(args.search_result)},
                save / "final_result.json")

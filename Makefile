@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DATA := data
 
-.PHONY: demo test lint data clean-demo
+.PHONY: demo test lint data
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,3 +25,27 @@ test: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
+
+# The demo preset: flags of the same scripts a user runs (README, "The demo").
+DEMO := demo
+DEMO_MODEL := --width_multiplier 0.5 --width_divisor 8 --base_resolution 32 --min_crop_scale 0.5 -j 0
+DEMO_ITERS := 350
+DEMO_SUPERNET := $(DEMO)/train-supernet/model_actwbin_best_$(shell printf %05d $(DEMO_ITERS))it.pth
+DEMO_FOLDS := --k 10
+
+demo: data
+	@test -f $(DEMO)/teacher.pth || $(PY) -m utils.teacher --data fashion-mnist --arch resnet18 \
+	  --epochs 1 --max_iters 300 --lr 0.05 --min_crop_scale 0.5 --out $(DEMO)/teacher.pth
+	$(PY) 01train_supernet.py --data fashion-mnist $(DEMO_MODEL) --teacher $(DEMO)/teacher.pth \
+	  --batch_size 128 --abin_total_iters $(DEMO_ITERS) --awbin_total_iters $(DEMO_ITERS) \
+	  --learning_rate_abin 2e-3 --learning_rate_wbin 2e-3 --save_interval 1000 --report_freq 50 \
+	  --save $(DEMO)/train-supernet
+	$(PY) 02kfold_evolution.py --data fashion-mnist $(DEMO_MODEL) --supernet $(DEMO_SUPERNET) \
+	  $(DEMO_FOLDS) --folds 0,1 --population-num 10 --select-num 4 --mutation-num 3 --crossover-num 3 \
+	  --max-epochs 3 --bn_recalibration_batches 4 --save $(DEMO)/eval-kfold-evolution
+	$(PY) 03finetune.py --data fashion-mnist $(DEMO_MODEL) --supernet $(DEMO_SUPERNET) $(DEMO_FOLDS) \
+	  --search-result $(DEMO)/eval-kfold-evolution/search_result.json --bn_epochs 1 \
+	  --iters_per_epoch 50 --batch_size 128 --save $(DEMO)/eval-blast
+	@echo "demo outputs: teacher $(DEMO)/teacher.pth; supernet checkpoints, log.txt and TensorBoard in" \
+	  "$(DEMO)/train-supernet; search in $(DEMO)/eval-kfold-evolution; fine-tuned archs and" \
+	  "final_result.json in $(DEMO)/eval-blast"

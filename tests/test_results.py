@@ -45,7 +45,10 @@ def write(tmp_path, obj, name="search_result.json"):
 
 
 def test_read_search_result_accepts_a_stage2_result(tmp_path):
-    assert read_search_result(write(tmp_path, RESULT), CONFIG, LAYERS) == RESULT
+    # A result without a fold list (pasted from the reference's block) covers folds 0..n-1.
+    assert read_search_result(write(tmp_path, RESULT), CONFIG, LAYERS) == {**RESULT, "folds": [0, 1]}
+    subset = {**RESULT, "folds": [3, 7]}
+    assert read_search_result(write(tmp_path, subset), CONFIG, LAYERS) == subset
 
 
 def with_changes(**changes):

@@ -219,6 +219,16 @@ def test_rerun_keeps_finished_folds(search_run, image_folder, supernet, tmp_path
     assert spy.calls == 2
 
 
+def test_a_subset_of_folds_gives_those_folds_of_the_full_run(search_run, image_folder, supernet, tmp_path):
+    # Each fold's search is seeded by seed + fold, so it does not depend on the folds searched before.
+    _, first, _ = search_run
+    only, text = captured(stage2.search, stage2_args(image_folder, supernet, tmp_path, "--folds", "1"))
+    assert only["folds"] == [1]
+    assert block(text, "total-result")["folds"] == [1]
+    for key in ("fold_accs", "full_accs", "archs"):
+        assert only[key] == first[key][1:]
+
+
 def test_rerun_with_other_settings_searches_again(search_run, image_folder, supernet, tmp_path,
                                                   monkeypatch):
     save, first, _ = search_run

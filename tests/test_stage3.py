@@ -175,7 +175,7 @@ BAD_STAGE3 = {
     "bits": (["--search-result", "bits.json"], ["bits.json", "bits=3", "the flags say 2"]),
     "branches": (["--search-result", "branches.json"], ["branches.json", "l2_vals=[0.01, 0.001]"]),
     "arch length": (["--search-result", "short.json"], ["short.json", "arch 0 is not 17 branch indices"]),
-    "k": (["--k", "3"], ["search_result.json", "2 folds", "--k is 3"]),
+    "k": (["--k", "3"], ["search_result.json", "k=2", "here it is 3"]),
     "val split": (["--val_batch_size", "5"], ["search_result.json", "val_batch_size=4", "here it is 5"]),
 }
 

@@ -65,6 +65,8 @@ def add_run_args(parser: argparse.ArgumentParser, save: str) -> None:
                         help="an ImageNet-layout folder (train/, val/) or 'fashion-mnist'")
     parser.add_argument("--data-root", default="data", help="where built-in datasets are unpacked")
     parser.add_argument("-j", "--workers", type=int, default=4, help="data loading workers")
+    parser.add_argument("--min_crop_scale", type=float, default=0.08,
+                        help="smallest area fraction of RandomResizedCrop (0.08: the reference)")
     parser.add_argument("--save", default=save, help="output folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")

@@ -37,11 +37,16 @@ def resolution(base_resolution: int, resolution_multiplier: float) -> int:
     return int(base_resolution * resolution_multiplier)
 
 
-def train_transform(size: int, grayscale: bool = False) -> transforms.Compose:
-    """RandomResizedCrop + horizontal flip + ImageNet normalisation, as the reference's stage 1."""
+def train_transform(size: int, grayscale: bool = False, min_crop_scale: float = 0.08) -> transforms.Compose:
+    """RandomResizedCrop + horizontal flip + ImageNet normalisation, as the reference's stage 1.
+
+    ``min_crop_scale`` is RandomResizedCrop's smallest area fraction (0.08, torchvision's and the
+    reference's default); a 28-pixel image keeps little at 0.08, so small data may want more.
+    """
     steps = [transforms.Grayscale(3)] if grayscale else []
-    steps += [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
-              transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    steps += [transforms.RandomResizedCrop(size, scale=(min_crop_scale, 1.0)),
+              transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+              transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     return transforms.Compose(steps)
 
 
@@ -90,18 +95,19 @@ def _image_folder(path: Path, transform: transforms.Compose) -> torchvision.data
         raise DataError(f"{path}: {e}") from None
 
 
-def build_datasets(data: str, size: int, root: str | Path = "data") -> Datasets:
+def build_datasets(data: str, size: int, root: str | Path = "data", min_crop_scale: float = 0.08) -> Datasets:
     """``data`` is ``fashion-mnist`` or an ImageNet-layout folder with ``train/`` and ``val/``."""
     if data == FASHION_MNIST:
         root = prepare_fashion_mnist(root)
-        train = torchvision.datasets.FashionMNIST(root, train=True, transform=train_transform(size, True))
+        train = torchvision.datasets.FashionMNIST(
+            root, train=True, transform=train_transform(size, True, min_crop_scale))
         val = torchvision.datasets.FashionMNIST(root, train=False, transform=val_transform(size, True))
         return Datasets(train, val, len(train.classes))
     folder = Path(data)
     if not folder.is_dir():
         raise DataError(f"--data {data}: no such folder (give an ImageNet-layout folder or "
                         f"'{FASHION_MNIST}')")
-    train = _image_folder(folder / "train", train_transform(size))
+    train = _image_folder(folder / "train", train_transform(size, min_crop_scale=min_crop_scale))
     val = _image_folder(folder / "val", val_transform(size))
     if train.classes != val.classes:
         raise DataError(f"{folder}: train/ and val/ have different class folders "

@@ -69,8 +69,11 @@ def read_search_result(path: str | os.PathLike, config: dict[str, Any], num_laye
             raise UsageError(f"--search-result {path} belongs to {key}={result['config'].get(key)}, "
                              f"the flags say {config[key]}")
     archs = result["archs"]
-    if not (len(archs) == len(result["fold_accs"]) == len(result["full_accs"])):
-        raise UsageError(f"--search-result {path}: fold_accs, full_accs and archs differ in length")
+    result.setdefault("folds", list(range(len(archs))))
+    if not (len(archs) == len(result["fold_accs"]) == len(result["full_accs"]) == len(result["folds"])):
+        raise UsageError(f"--search-result {path}: folds, fold_accs, full_accs and archs differ in length")
+    if not all(isinstance(f, int) and not isinstance(f, bool) and f >= 0 for f in result["folds"]):
+        raise UsageError(f"--search-result {path}: folds are not fold numbers")
     branches = len(config["l2_vals"])
     for i, arch in enumerate(archs):
         if (not isinstance(arch, list) or len(arch) != num_layers

@@ -73,25 +73,32 @@ def load_teacher(spec: str, num_classes: int, device: torch.device,
 def train_teacher(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
-    data = build_datasets(args.data, resolution(args.base_resolution, 1.0), args.data_root)
+    data = build_datasets(args.data, resolution(args.base_resolution, 1.0), args.data_root,
+                          args.min_crop_scale)
     model = _torchvision_model(args.arch, data.num_classes).to(device)
     loader = DataLoader(data.train, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                         drop_last=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
                                 weight_decay=5e-4)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.epochs * len(loader))
+    iters = args.epochs * len(loader)
+    iters = min(args.max_iters, iters) if args.max_iters > 0 else iters
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=iters)
     start = time.time()
-    for epoch in range(args.epochs):
+    bar = tqdm(total=iters, desc="teacher", dynamic_ncols=True)
+    while bar.n < iters:
         model.train()
-        bar = tqdm(loader, desc=f"teacher epoch {epoch + 1}/{args.epochs}", leave=False)
-        for images, labels in bar:
+        for images, labels in loader:
+            if bar.n == iters:
+                break
             images, labels = images.to(device), labels.to(device)
             loss = F.cross_entropy(model(images), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
+            bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
     model.eval()
     correct = total = 0
     with torch.no_grad():
@@ -101,7 +108,7 @@ def train_teacher(args: argparse.Namespace) -> None:
     top1 = 100.0 * correct / total
     save_file({"arch": args.arch, "num_classes": data.num_classes, "top1": top1,
                "model_state_dict": {k: v.cpu() for k, v in model.state_dict().items()}}, args.out)
-    print(f"teacher {args.arch}: val top-1 {top1:.2f}% after {args.epochs} epochs "
+    print(f"teacher {args.arch}: val top-1 {top1:.2f}% after {iters} iterations "
           f"({time.time() - start:.0f} s); saved to {args.out}")
 
 
@@ -111,9 +118,12 @@ def main() -> None:
     parser.add_argument("--data-root", default="data", help="where built-in datasets are unpacked")
     parser.add_argument("--arch", default="resnet18", help="torchvision classification model")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--max_iters", type=int, default=0, help="stop after N iterations (0: all epochs)")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--base_resolution", type=int, default=32)
+    parser.add_argument("--min_crop_scale", type=float, default=0.08,
+                        help="smallest area fraction RandomResizedCrop keeps")
     parser.add_argument("-j", "--workers", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
