@@ -28,7 +28,7 @@ lint: $(VENV)/.installed
 
 # The demo preset: flags of the same scripts a user runs (README, "The demo").
 DEMO := demo
-DEMO_MODEL := --width_multiplier 0.5 --width_divisor 8 --base_resolution 32 --min_crop_scale 0.5 -j 0
+DEMO_MODEL := --width_multiplier 0.5 --width_divisor 8 --base_resolution 32 --min_crop_scale 0.5 -j 2
 DEMO_ITERS := 350
 DEMO_SUPERNET := $(DEMO)/train-supernet/model_actwbin_best_$(shell printf %05d $(DEMO_ITERS))it.pth
 DEMO_FOLDS := --k 10
@@ -41,7 +41,7 @@ demo: data
 	  --learning_rate_abin 2e-3 --learning_rate_wbin 2e-3 --save_interval 1000 --report_freq 50 \
 	  --save $(DEMO)/train-supernet
 	$(PY) 02kfold_evolution.py --data fashion-mnist $(DEMO_MODEL) --supernet $(DEMO_SUPERNET) \
-	  $(DEMO_FOLDS) --folds 0,1 --population-num 10 --select-num 4 --mutation-num 3 --crossover-num 3 \
+	  $(DEMO_FOLDS) --folds 0,1 --population-num 8 --select-num 4 --mutation-num 3 --crossover-num 3 \
 	  --max-epochs 3 --bn_recalibration_batches 4 --save $(DEMO)/eval-kfold-evolution
 	$(PY) 03finetune.py --data fashion-mnist $(DEMO_MODEL) --supernet $(DEMO_SUPERNET) $(DEMO_FOLDS) \
 	  --search-result $(DEMO)/eval-kfold-evolution/search_result.json --bn_epochs 1 \

@@ -32,11 +32,12 @@ class ClipQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, clip: torch.Tensor, bin_: torch.Tensor) -> torch.Tensor:
         delta = clip_delta(clip, bin_)
-        x_c = torch.clamp(x, min=torch.zeros_like(clip), max=clip)
-        y = torch.round(x_c / delta) * delta
+        # round(clamp(x, 0, c) / delta) * delta, in this order (bit-exact rounding), in place on
+        # the one new tensor.
+        y = torch.clamp(x, min=torch.zeros_like(clip), max=clip).div_(delta).round_().mul_(delta)
         ctx.save_for_backward(x, clip)
-        # clamp(x, 0, c) with c <= 0 is the constant c, and c / delta is nan: the reference gives 0.
-        return torch.where(clip > 0, y, torch.zeros_like(y))
+        # clamp(x, 0, c) with c <= 0 is the constant c (and 0 / 0 is nan): the reference gives 0.
+        return torch.where(clip > 0, y, 0.0)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -44,7 +45,7 @@ class ClipQuantize(torch.autograd.Function):
         grad_x = grad * ((x > 0) & (x < clip)) if ctx.needs_input_grad[0] else None
         grad_clip = None
         if ctx.needs_input_grad[1]:
-            grad_clip = torch.where(x > clip, grad, torch.zeros_like(grad)).sum().reshape(clip.shape)
+            grad_clip = torch.where(x > clip, grad, 0.0).sum().reshape(clip.shape)
         return grad_x, grad_clip, None
 
 

@@ -1,4 +1,5 @@
 """The ResNet supernet (SPEC section 6): layer counts, branch isolation, shared weights, shapes."""
+import json
 import math
 
 import pytest
@@ -209,3 +210,26 @@ def test_stage3_trains_biases_and_clips():
     assert sorted(g["weight_decay"] for g in clips) == sorted(L2)
     assert all(len(g["names"]) == model.num_searchable_layers for g in clips)
     assert not model.blocks[0].conv0.weights.requires_grad
+
+
+def test_stage1_and_stage2_run_with_resnet18(tmp_path, image_folder):
+    from .conftest import run_script
+
+    tiny = ["--arch", "resnet18", "--width_multiplier", "0.125", "--width_divisor", "8",
+            "--base_resolution", "32", "--l2_bounds", "0.01,0.001", "-j", "0", "--data", str(image_folder)]
+    stage1 = run_script("01train_supernet.py", *tiny, "--teacher", "none", "--batch_size", "8",
+                        "--abin_total_iters", "1", "--awbin_total_iters", "2", "--save", str(tmp_path / "s1"))
+    assert stage1.returncode == 0, stage1.stderr
+    supernet = tmp_path / "s1" / "model_actwbin_best_00002it.pth"
+    stage2 = run_script("02kfold_evolution.py", *tiny, "--supernet", str(supernet), "--k", "2",
+                        "--val_batch_size", "6", "--max-epochs", "1", "--population-num", "3",
+                        "--save", str(tmp_path / "s2"))
+    assert stage2.returncode == 0, stage2.stderr
+    result = json.loads((tmp_path / "s2" / "search_result.json").read_text())
+    assert result["config"]["arch"] == "resnet18"
+    assert [len(a) for a in result["archs"]] == [16, 16]
+    assert all(0 <= b < 2 for a in result["archs"] for b in a)
+    wrong = run_script("02kfold_evolution.py", *tiny[2:], "--supernet", str(supernet), "--k", "2",
+                       "--save", str(tmp_path / "s3"))
+    assert wrong.returncode != 0 and "Traceback" not in wrong.stderr
+    assert "arch=resnet18" in wrong.stderr and "mobilenet_v2" in wrong.stderr
