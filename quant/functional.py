@@ -31,13 +31,16 @@ class ClipQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, clip: torch.Tensor, bin_: torch.Tensor) -> torch.Tensor:
-        delta = clip_delta(clip, bin_)
+        # The reference gives 0 for c <= 0. Handled on scalars: with c clamped at 0 every x clamps
+        # to 0, and a step of 1 in place of 0 keeps 0 / step from being nan.
+        upper = clip.clamp_min(0)
+        delta = clip_delta(upper, bin_)
+        delta = torch.where(delta > 0, delta, torch.ones_like(delta))
         # round(clamp(x, 0, c) / delta) * delta, in this order (bit-exact rounding), in place on
         # the one new tensor.
-        y = torch.clamp(x, min=torch.zeros_like(clip), max=clip).div_(delta).round_().mul_(delta)
+        y = torch.clamp(x, min=torch.zeros_like(upper), max=upper).div_(delta).round_().mul_(delta)
         ctx.save_for_backward(x, clip)
-        # clamp(x, 0, c) with c <= 0 is the constant c (and 0 / 0 is nan): the reference gives 0.
-        return torch.where(clip > 0, y, 0.0)
+        return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -69,9 +72,11 @@ class LsqQuantize(torch.autograd.Function):
         shape[dim] = -1
         a = s.view(shape)
         q = x / a
-        ctx.save_for_backward(q)
         ctx.lo, ctx.hi, ctx.k, ctx.dim = lo, hi, k, dim
-        return torch.round(torch.clamp(q, lo, hi)) * a
+        if not any(ctx.needs_input_grad):  # evaluation: work in place on the one new tensor
+            return q.clamp_(lo, hi).round_().mul_(a)
+        ctx.save_for_backward(q)
+        return torch.clamp(q, lo, hi).round_().mul_(a)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
