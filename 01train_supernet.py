@@ -5,6 +5,11 @@ branch per searchable layer; Adam trains each branch's clips under that branch's
 distils a frozen full-precision teacher.
 
     python 01train_supernet.py --data {your_imagenet_dataset_folder}
+    torchrun --nproc_per_node 8 01train_supernet.py --data {your_imagenet_dataset_folder}
+
+Under torchrun the run is data parallel: --batch_size is the global batch, split evenly over the
+processes; every process draws the same selection each iteration (one shared seed); rank 0 alone
+writes the checkpoints, log.txt and TensorBoard.
 """
 import argparse
 import contextlib
@@ -19,6 +24,7 @@ from tqdm import tqdm
 
 from models import build_supernet
 from quant import ClipActivation
+from utils import distributed
 from utils.checkpoint import load_file, load_model_state, save_file
 from utils.cli import (
     UsageError,
@@ -27,7 +33,6 @@ from utils.cli import (
     check_config,
     fail_cleanly,
     model_config,
-    pick_device,
     seed_everything,
 )
 from utils.data import batch_stream, build_datasets, resolution
@@ -43,8 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
-    add_run_args(parser, save="train-supernet")
-    parser.add_argument("--batch_size", type=int, default=768, help="global batch size")
+    add_run_args(parser, save="train-supernet", dist_timeout=30)
+    parser.add_argument("--batch_size", type=int, default=768,
+                        help="global batch size (under torchrun, split evenly over the processes)")
     parser.add_argument("--abin_total_iters", type=int, default=466000, help="phase 1 iterations")
     parser.add_argument("--awbin_total_iters", type=int, default=466000, help="phase 2 iterations")
     parser.add_argument("--save_interval", type=int, default=2000)
@@ -56,6 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="torchvision model name (ImageNet weights), teacher checkpoint path, or none")
     parser.add_argument("--report_freq", type=int, default=100)
     parser.add_argument("--resume", default=None, help="a checkpoint of this stage to continue from")
+    parser.add_argument("--sync_bn", action="store_true",
+                        help="under torchrun on GPUs: BatchNorm statistics over the global batch "
+                             "(SyncBatchNorm) instead of each process's share")
+    parser.add_argument("--record_selections", action="store_true",
+                        help="append every iteration's selection to SAVE/selections/rank{R}.txt, one "
+                             "file per process (to check that the processes train the same branches)")
     args = parser.parse_args(argv)
     for flag in ("batch_size", "save_interval", "report_freq"):
         if getattr(args, flag) < 1:
@@ -77,16 +89,26 @@ def phase_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, tota
 
 
 def rng_state(selection_rng: random.Random) -> dict:
-    """Every random state the run depends on, in types that load with ``weights_only=True``."""
+    """Every random state the run depends on, in types that load with ``weights_only=True``.
+
+    A collective under torchrun (every rank's torch generator is gathered): call it on all ranks.
+    The selection generator is the same on every rank.
+    """
     version, internal, gauss = selection_rng.getstate()
-    state = {"torch": torch.get_rng_state(), "selection": [version, list(internal), gauss]}
+    torch_states = distributed.gather_objects(torch.get_rng_state())
+    state = {"torch": torch_states[0], "selection": [version, list(internal), gauss]}
+    if len(torch_states) > 1:
+        state["torch_ranks"] = torch_states
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def restore_rng(state: dict, selection_rng: random.Random) -> None:
-    torch.set_rng_state(state["torch"])
+    # A run resumed on more processes than it was saved from leaves the extra ranks on their own seeds.
+    torch_states = state.get("torch_ranks", [state["torch"]])
+    if distributed.rank() < len(torch_states):
+        torch.set_rng_state(torch_states[distributed.rank()])
     version, internal, gauss = state["selection"]
     selection_rng.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
@@ -104,11 +126,16 @@ def clip_values(model: torch.nn.Module) -> dict[str, float]:
 
 
 def train(args: argparse.Namespace) -> None:
-    seed_everything(args.seed)
-    device = pick_device(args.device)
+    device = distributed.setup(args.device, args.dist_timeout)
+    world, rank = distributed.world_size(), distributed.rank()
+    if args.batch_size % world:
+        raise UsageError(f"--batch_size {args.batch_size} does not split evenly over {world} processes; "
+                         f"give a multiple of {world}")
+    seed_everything(args.seed, rank)
     save = Path(args.save)
-    data = build_datasets(args.data, resolution(args.base_resolution, args.resolution_multiplier),
-                          args.data_root, args.min_crop_scale)
+    with distributed.main_first():
+        data = build_datasets(args.data, resolution(args.base_resolution, args.resolution_multiplier),
+                              args.data_root, args.min_crop_scale)
     config = model_config(args, data.num_classes)
     model = build_supernet(**config).to(device)
     selection_rng = random.Random(args.seed)
@@ -127,16 +154,23 @@ def train(args: argparse.Namespace) -> None:
         start_phase, iteration = resumed["phase"], resumed["iter"]
         epoch, batch = resumed["epoch"], resumed["batch"]
         meters = dict(resumed["meters"])
-    teacher = load_teacher(args.teacher, data.num_classes, device, args.trust_pickle)
+    with distributed.main_first():
+        teacher = load_teacher(args.teacher, data.num_classes, device, args.trust_pickle)
+    trainer = distributed.wrap(model, device, args.sync_bn)  # the training forward; ``model`` for the rest
     if resumed is not None:  # after everything that draws random numbers while setting up
         restore_rng(resumed["rng"], selection_rng)
-    log = RunLog(save)
+    log = RunLog(save, enabled=distributed.is_main())
     log.info(f"stage 1: {config['arch']} supernet, {model.num_searchable_layers} searchable layers x "
              f"{model.num_branches} branches, {config['bits']}-bit, {data.num_classes} classes, "
              f"teacher {args.teacher}, device {device}"
+             + (f", {world} processes of {args.batch_size // world} images" if world > 1 else "")
              + (f", resumed from {args.resume} (phase {start_phase}, iteration {iteration})"
                 if resumed else ""))
-    stream = batch_stream(data.train, args.batch_size, args.workers, args.seed, epoch, batch)
+    stream = batch_stream(data.train, args.batch_size // world, args.workers, args.seed, epoch, batch,
+                          num_replicas=world, rank=rank)
+    selections = save / "selections" / f"rank{rank}.txt"
+    if args.record_selections:
+        selections.parent.mkdir(parents=True, exist_ok=True)
     totals = {1: args.abin_total_iters, 2: args.awbin_total_iters}
     lrs = {1: args.learning_rate_abin, 2: args.learning_rate_wbin}
     decays = {1: args.weight_decay_abin, 2: args.weight_decay_wbin}
@@ -152,7 +186,7 @@ def train(args: argparse.Namespace) -> None:
             scheduler.load_state_dict(resumed["scheduler"])
         model.train()
         bar = tqdm(total=total, initial=iteration, desc=f"phase {phase} ({PHASES[phase]})",
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, disable=not distributed.is_main())
         tick, tick_iter = time.time(), iteration
         while iteration < total:
             epoch, batch, (images, labels) = next(stream)
@@ -160,18 +194,28 @@ def train(args: argparse.Namespace) -> None:
             labels = labels.to(device, non_blocking=True)
             selection = [selection_rng.randrange(model.num_branches)
                          for _ in range(model.num_searchable_layers)]
-            fresh_start = phase == 1 and iteration == 0
-            with model.init_activation_steps() if fresh_start else contextlib.nullcontext():
-                logits = model(images, selection)
+            if args.record_selections:
+                with open(selections, "a") as f:
+                    f.write(f"{phase} {iteration + 1} {','.join(map(str, selection))}\n")
+            init_steps = (model.init_activation_steps(distributed.average_over_ranks)
+                          if phase == 1 and iteration == 0 else contextlib.nullcontext())
+            with init_steps:
+                logits = trainer(images, selection)
             if teacher is None:
                 loss = F.cross_entropy(logits, labels)
             else:
                 with torch.no_grad():
                     teacher_logits = teacher(images)
                 loss = kd_loss(logits, teacher_logits)
-            if not math.isfinite(loss.item()):
+            # One sum over the ranks: the global loss (each rank's is the mean of an equal share),
+            # the running top-1, and a non-finite loss seen by every rank at once, so all stop together.
+            stats = torch.stack([loss.detach().double(), (logits.argmax(1) == labels).sum().double(),
+                                 torch.tensor(labels.numel(), dtype=torch.float64, device=device)])
+            loss_sum, correct, seen = distributed.all_reduce_sum(stats).tolist()
+            loss_value = loss_sum / world
+            if not math.isfinite(loss_value):
                 raise UsageError(
-                    f"the loss is {loss.item()} at phase {phase} iteration {iteration + 1}; stopping. "
+                    f"the loss is {loss_value} at phase {phase} iteration {iteration + 1}; stopping. "
                     + (f"The last checkpoint, {last_saved}, is intact." if last_saved else
                        "No checkpoint was written yet."))
             optimizer.zero_grad(set_to_none=True)
@@ -180,37 +224,39 @@ def train(args: argparse.Namespace) -> None:
             optimizer.step()
             scheduler.step()
             iteration += 1
-            meters["correct"] += (logits.argmax(1) == labels).sum().item()
-            meters["seen"] += labels.numel()
+            meters["correct"] += correct
+            meters["seen"] += seen
             top1 = 100.0 * meters["correct"] / meters["seen"]
             lr = optimizer.param_groups[-1]["lr"]
             bar.update(1)
             if iteration % args.report_freq == 0 or iteration == total:
                 speed = (iteration - tick_iter) * args.batch_size / (time.time() - tick)
                 tick, tick_iter = time.time(), iteration
-                bar.set_postfix(loss=f"{loss.item():.3f}", top1=f"{top1:.2f}", lr=f"{lr:.2e}",
+                bar.set_postfix(loss=f"{loss_value:.3f}", top1=f"{top1:.2f}", lr=f"{lr:.2e}",
                                 img_s=f"{speed:.0f}")
-                log.info(f"phase {phase} iter {iteration}/{total} loss {loss.item():.4f} "
+                log.info(f"phase {phase} iter {iteration}/{total} loss {loss_value:.4f} "
                          f"top1 {top1:.2f} lr {lr:.3e} {speed:.0f} img/s")
                 step = iteration + (totals[1] if phase == 2 else 0)
-                log.scalars(step, {f"{PHASES[phase]}/loss": loss.item(), f"{PHASES[phase]}/top1": top1,
+                log.scalars(step, {f"{PHASES[phase]}/loss": loss_value, f"{PHASES[phase]}/top1": top1,
                                    f"{PHASES[phase]}/lr": lr, **clip_values(model)})
             if iteration == 1 or iteration % args.save_interval == 0 or iteration == total:
                 last_saved = save / checkpoint_name(phase, iteration)
-                save_file({
-                    "iter": iteration,
-                    "model_state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    "best_top1_acc": top1,
-                    "config": config,
-                    "phase": phase,
-                    "epoch": epoch,
-                    "batch": batch + 1,
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "meters": meters,
-                    "rng": rng_state(selection_rng),
-                    "args": {k: v for k, v in vars(args).items()},
-                }, last_saved)
+                rng = rng_state(selection_rng)  # a collective: every rank takes part
+                if distributed.is_main():
+                    save_file({
+                        "iter": iteration,
+                        "model_state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                        "best_top1_acc": top1,
+                        "config": config,
+                        "phase": phase,
+                        "epoch": epoch,
+                        "batch": batch + 1,
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "meters": meters,
+                        "rng": rng,
+                        "args": {k: v for k, v in vars(args).items()},
+                    }, last_saved)
         bar.close()
         if phase == 1:
             iteration = 0

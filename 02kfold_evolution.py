@@ -5,6 +5,11 @@ evolutionary search finds the branch choice with the best fold accuracy; the win
 scored on every other batch ("full accuracy"). Finished folds are saved, so a rerun continues.
 
     python 02kfold_evolution.py --data {your_imagenet_dataset_folder}
+    torchrun --nproc_per_node 8 02kfold_evolution.py --data {your_imagenet_dataset_folder}
+
+Under torchrun the folds are spread over the processes (rank r searches folds r, r + N, ...; each
+on its own GPU); rank 0 gathers them into one search_result.json and one printed block. A fold's
+search depends on the seed and the fold alone, so the result is that of a single process.
 """
 import argparse
 import json
@@ -15,9 +20,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from utils import distributed
 from utils.bn_recalibration import recalibrate_bn
 from utils.checkpoint import load_supernet
-from utils.cli import add_model_args, add_run_args, fail_cleanly, model_config, pick_device
+from utils.cli import add_model_args, add_run_args, fail_cleanly, model_config
 from utils.data import batch_stream, build_datasets, cache_batches, resolution, val_loader
 from utils.evolution import EvolutionSearch
 from utils.folds import accuracy_on, fold_batches
@@ -31,7 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
-    add_run_args(parser, save="eval-kfold-evolution")
+    # Under torchrun a process that has searched its folds waits for the slowest one: up to a
+    # fold's search (an hour or more on ImageNet), hence the long --dist_timeout.
+    add_run_args(parser, save="eval-kfold-evolution", dist_timeout=24 * 60)
     parser.add_argument("--supernet", default=RELEASED, help="stage-1 (or released) checkpoint")
     parser.add_argument("--k", type=int, default=10, help="number of folds")
     parser.add_argument("--folds", type=fold_list, default=None,
@@ -56,10 +64,11 @@ def search(args: argparse.Namespace) -> dict:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device = pick_device(args.device)
+    device = distributed.setup(args.device, args.dist_timeout)
     save = Path(args.save)
-    data = build_datasets(args.data, resolution(args.base_resolution, args.resolution_multiplier),
-                          args.data_root, args.min_crop_scale)
+    with distributed.main_first():
+        data = build_datasets(args.data, resolution(args.base_resolution, args.resolution_multiplier),
+                              args.data_root, args.min_crop_scale)
     config = model_config(args, data.num_classes)
     model, _ = load_supernet(args.supernet, config, args.trust_pickle)
     model.to(device).eval()
@@ -79,9 +88,11 @@ def search(args: argparse.Namespace) -> dict:
             recalibrate_bn(model, selection, calibration, device)
         return accuracy_on(lambda x: model(x.to(device), selection), batches, indices)
 
-    log = RunLog(save, tensorboard=False)
+    log = RunLog(save, enabled=distributed.is_main(), tensorboard=False)
     log.info(f"stage 2: {args.supernet} ({config['arch']}, {config['bits']}-bit, "
-             f"{model.num_branches} branches), {num_batches} validation batches in {args.k} folds")
+             f"{model.num_branches} branches), {num_batches} validation batches in {args.k} folds"
+             + (f", spread over {distributed.world_size()} processes" if distributed.is_distributed()
+                else ""))
     stat = Path(args.supernet).stat()  # a retrained supernet invalidates the finished folds
     settings = {"config": config, "supernet": str(args.supernet), "k": args.k,
                 "supernet_size_mtime": [stat.st_size, stat.st_mtime_ns],
@@ -89,18 +100,21 @@ def search(args: argparse.Namespace) -> dict:
                 "bn_recalibration_batches": args.bn_recalibration_batches,
                 **{k: getattr(args, k) for k in ("max_epochs", "select_num", "population_num", "m_prob",
                                                  "crossover_num", "mutation_num", "val_batch_size")}}
-    folds = []
-    bar = tqdm(total=len(folds_to_search), desc="folds", position=0, dynamic_ncols=True)
-    for fold in folds_to_search:
+    mine = folds_to_search[distributed.rank()::distributed.world_size()]
+    searched = []
+    bar = tqdm(total=len(mine), desc="folds", position=0, dynamic_ncols=True,
+               disable=not distributed.is_main())
+    for fold in mine:
         fold_file = save / "folds" / f"fold{fold}.json"
         done = _read_json(fold_file)
         if done is not None and done.get("settings") == settings:
             log.info(f"fold {fold}: finished earlier, kept ({fold_file})")
-            folds.append(done)
+            searched.append(done)
             bar.update(1)
             continue
         fold_range, full = fold_batches(num_batches, args.k, fold)
-        candidates = tqdm(desc=f"fold {fold} candidates", position=1, leave=False, dynamic_ncols=True)
+        candidates = tqdm(desc=f"fold {fold} candidates", position=1, leave=False, dynamic_ncols=True,
+                          disable=not distributed.is_main())
         searcher = EvolutionSearch(
             model.num_searchable_layers, model.num_branches, lambda c, on=fold_range: accuracy(c, on),
             population_num=args.population_num, select_num=args.select_num,
@@ -112,19 +126,30 @@ def search(args: argparse.Namespace) -> dict:
         done = {"fold": fold, "fold_acc": result.best_acc, "full_acc": full_acc,
                 "arch": list(result.best), "evaluated": result.num_evaluated, "settings": settings}
         write_json(done, fold_file)
-        log.info(f"fold {fold}: fold_acc {result.best_acc:.2f} full_acc {full_acc:.2f} "
-                 f"arch {tuple(result.best)} ({result.num_evaluated} candidates)")
-        folds.append(done)
+        log.info(fold_line(done))
+        searched.append(done)
         bar.update(1)
     bar.close()
+    shares = distributed.gather_objects(searched)
+    for rank, share in enumerate(shares[1:], start=1):  # rank 0 logged its own folds as they ended
+        for done in share:
+            log.info(f"{fold_line(done)} [rank {rank}]")
+    by_fold = {done["fold"]: done for share in shares for done in share}
+    folds = [by_fold[fold] for fold in folds_to_search]
     summary = {"folds": folds_to_search, "fold_accs": [f["fold_acc"] for f in folds],
                "full_accs": [f["full_acc"] for f in folds], "archs": [f["arch"] for f in folds]}
     result = {**summary, **settings}
-    write_json(result, save / "search_result.json")
-    print(format_block("total-result", summary))
+    if distributed.is_main():
+        write_json(result, save / "search_result.json")
+        print(format_block("total-result", summary))
     log.info(f"search result: {save / 'search_result.json'}; log: {save / 'log.txt'}")
     log.close()
     return result
+
+
+def fold_line(done: dict) -> str:
+    return (f"fold {done['fold']}: fold_acc {done['fold_acc']:.2f} full_acc {done['full_acc']:.2f} "
+            f"arch {tuple(done['arch'])} ({done['evaluated']} candidates)")
 
 
 def fold_list(text: str) -> list[int]:

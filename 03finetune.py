@@ -6,6 +6,14 @@ Accuracy is measured on the validation batches outside fold i.
 
     python 03finetune.py --data {your_imagenet_dataset_folder} \
         --search-result eval-kfold-evolution/search_result.json
+
+Under torchrun the archs are spread over the processes (rank r fine-tunes archs r, r + N, ...,
+each on its own GPU, and writes their checkpoints); rank 0 gathers the accuracies into one
+final_result.json and one printed block. Each arch's fine-tuning depends on the seed and its fold
+alone, so the result is that of a single process. This beats data parallelism here: the archs are
+independent, a few epochs of biases and clips need no gradient all-reduce, and the BN statistics,
+which this stage re-estimates, keep the whole --batch_size of one process. It stops scaling at
+one process per arch (k).
 """
 import argparse
 import time
@@ -15,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from utils import distributed
 from utils.bn_recalibration import recalibrate_bn
 from utils.checkpoint import load_supernet, save_file
-from utils.cli import add_model_args, add_run_args, boolean, fail_cleanly, model_config, pick_device
+from utils.cli import add_model_args, add_run_args, boolean, fail_cleanly, model_config
 from utils.data import batch_stream, build_datasets, cache_batches, resolution, val_loader
 from utils.folds import accuracy_on, fold_batches
 from utils.logs import RunLog
@@ -31,7 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
-    add_run_args(parser, save="eval-blast")
+    # Under torchrun a process that has fine-tuned its archs waits for the slowest one: up to an
+    # arch's fine-tuning (hours on ImageNet), hence the long --dist_timeout.
+    add_run_args(parser, save="eval-blast", dist_timeout=24 * 60)
     parser.add_argument("--supernet", default=RELEASED, help="stage-1 (or released) checkpoint")
     parser.add_argument("--search-result", default="eval-kfold-evolution/search_result.json",
                         help="search_result.json written by 02kfold_evolution.py")
@@ -53,10 +64,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def finetune(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
-    device = pick_device(args.device)
+    device = distributed.setup(args.device, args.dist_timeout)
     save = Path(args.save)
-    data = build_datasets(args.data, resolution(args.base_resolution, args.resolution_multiplier),
-                          args.data_root, args.min_crop_scale)
+    with distributed.main_first():
+        data = build_datasets(args.data, resolution(args.base_resolution, args.resolution_multiplier),
+                              args.data_root, args.min_crop_scale)
     config = model_config(args, data.num_classes)
     model, _ = load_supernet(args.supernet, config, args.trust_pickle)
     model.to(device)
@@ -75,12 +87,18 @@ def finetune(args: argparse.Namespace) -> dict:
             raise ValueError(f"--search-result {args.search_result} was searched with {key}={found[key]}, "
                              f"here it is {ours}: use stage 2's --k, --val_batch_size and --max_val_iters")
     iters = args.iters_per_epoch or len(data.train) // args.batch_size
-    log = RunLog(save)
+    log = RunLog(save, enabled=distributed.is_main())
     log.info(f"stage 3: {len(found['archs'])} archs from {args.search_result}, supernet {args.supernet}, "
-             f"{args.bn_epochs} epochs of {iters} iterations, lr {args.learning_rate_bnstabilize}")
-    bnfull_accs = []
+             f"{args.bn_epochs} epochs of {iters} iterations, lr {args.learning_rate_bnstabilize}"
+             + (f", spread over {distributed.world_size()} processes" if distributed.is_distributed()
+                else ""))
     archs = list(zip(found["folds"], found["archs"], found["full_accs"], strict=True))
-    for fold, arch, searched_acc in tqdm(archs, desc="archs", position=0, dynamic_ncols=True):
+    finished = []
+    for fold, arch, searched_acc in tqdm(archs[distributed.rank()::distributed.world_size()], desc="archs",
+                                         position=0, dynamic_ncols=True, disable=not distributed.is_main()):
+        # The augmentation (drawn from torch's generator without loader workers) depends on the seed
+        # and the fold alone: an arch gets the same result on any rank, after any other arch.
+        torch.manual_seed(args.seed + fold)
         model.load_state_dict(supernet_state)  # every arch starts from the stage-1 supernet
         model.change_precision(True, True)
         _, full = fold_batches(num_batches, args.k, fold)
@@ -102,7 +120,7 @@ def finetune(args: argparse.Namespace) -> dict:
             model.train()
             start = time.time()
             bar = tqdm(range(iters), desc=f"arch {fold} epoch {epoch}", position=1, leave=False,
-                       dynamic_ncols=True)
+                       dynamic_ncols=True, disable=not distributed.is_main())
             for _ in bar:
                 _, _, (images, labels) = next(stream)
                 loss = F.cross_entropy(model(images.to(device), arch), labels.to(device))
@@ -119,17 +137,32 @@ def finetune(args: argparse.Namespace) -> dict:
                                                            for k, v in model.state_dict().items()},
                        "best_top1_acc": acc, "config": config, "selection": list(arch), "fold": fold}, path)
             log.info(f"arch {fold} epoch {epoch}: full_acc {acc:.2f} ({time.time() - start:.0f} s) -> {path}")
-        bnfull_accs.append(max(accs[:1] + accs[2:]) if args.bn_epochs else accs[0])
+        finished.append({"fold": fold, "accs": accs,
+                         "bnfull_acc": max(accs[:1] + accs[2:]) if args.bn_epochs else accs[0]})
+    shares = distributed.gather_objects(finished)
+    for rank, share in enumerate(shares[1:], start=1):  # rank 0 logged its own archs as they went
+        for done in share:
+            log.info(f"{arch_line(done)} [rank {rank}]")
+    by_fold = {done["fold"]: done["bnfull_acc"] for share in shares for done in share}
+    bnfull_accs = [by_fold[fold] for fold in found["folds"]]
     summary = {"fold_accs": found["fold_accs"], "full_accs": found["full_accs"],
                "**bnfull_accs": bnfull_accs, "archs": found["archs"]}
-    write_json({"folds": found["folds"], "fold_accs": found["fold_accs"], "full_accs": found["full_accs"],
-                "bnfull_accs": bnfull_accs, "archs": found["archs"], "config": config,
-                "supernet": str(args.supernet), "search_result": str(args.search_result)},
-               save / "final_result.json")
-    print(format_block("final-result", summary))
+    if distributed.is_main():
+        write_json({"folds": found["folds"], "fold_accs": found["fold_accs"], "full_accs": found["full_accs"],
+                    "bnfull_accs": bnfull_accs, "archs": found["archs"], "config": config,
+                    "supernet": str(args.supernet), "search_result": str(args.search_result)},
+                   save / "final_result.json")
+        print(format_block("final-result", summary))
     log.info(f"final result: {save / 'final_result.json'}; fine-tuned checkpoints and log.txt in {save}")
     log.close()
     return summary
+
+
+def arch_line(done: dict) -> str:
+    """An arch's accuracies in one line (rank 0's log of the archs other processes fine-tuned)."""
+    searched, loaded, *epochs = done["accs"]
+    return (f"arch {done['fold']}: stage-2 full_acc {searched:.2f}, loaded {loaded:.2f}, after each epoch "
+            f"[{', '.join(f'{a:.2f}' for a in epochs)}], bnfull_acc {done['bnfull_acc']:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """What every BASQ supernet shares: selections, precision switches and quantizer initialisation."""
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
+import torch
 from torch import nn
 
 from quant import ClipActivation, LsqActivation, QConv
@@ -45,13 +47,19 @@ class Supernet(nn.Module):
                 m.init_weight_steps()
 
     @contextlib.contextmanager
-    def init_activation_steps(self) -> Iterator[None]:
+    def init_activation_steps(self, reduce: Callable[[torch.Tensor], Any] | None = None) -> Iterator[None]:
         """Inside this context, each LSQ activation quantizer sets its steps from its first input.
 
         Used around stage 1's first forward pass, so the steps come from the first training batch.
+        Under data parallelism each process sees only its share of that batch: ``reduce`` (an
+        in-place average over the processes) is applied to each freshly set step tensor, so that
+        every process gets the same steps, set from the mean |x| over the whole batch (the shares
+        are equal-sized, so the mean of their per-channel means is the mean over all of them).
         """
         def init_hook(module: LsqActivation, args: tuple) -> None:
             module.init_from(args[0])
+            if reduce is not None:
+                reduce(module.s.detach())
 
         handles = [m.register_forward_pre_hook(init_hook)
                    for m in self.modules() if isinstance(m, LsqActivation)]

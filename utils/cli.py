@@ -10,6 +10,8 @@ import torch
 
 from models import ARCHS
 
+from .data import rank_seed
+
 REFERENCE_L2_BOUNDS = [0.01, 0.005, 0.001, 0.0005, 0.0001, 0.00005, 0.00001]
 TRUST_FLAG = "--trust-pickled-checkpoint-DANGEROUS"
 
@@ -59,8 +61,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base_resolution", type=int, default=224)
 
 
-def add_run_args(parser: argparse.ArgumentParser, save: str) -> None:
-    """Data, output, device and reproducibility flags."""
+def add_run_args(parser: argparse.ArgumentParser, save: str, dist_timeout: float) -> None:
+    """Data, output, device, reproducibility and ``torchrun`` flags.
+
+    ``dist_timeout`` is the stage's default for ``--dist_timeout``, in minutes.
+    """
     parser.add_argument("--data", default="fashion-mnist",
                         help="an ImageNet-layout folder (train/, val/) or 'fashion-mnist'")
     parser.add_argument("--data-root", default="data", help="where built-in datasets are unpacked")
@@ -73,6 +78,9 @@ def add_run_args(parser: argparse.ArgumentParser, save: str) -> None:
     parser.add_argument(TRUST_FLAG, dest="trust_pickle", action="store_true",
                         help="DANGEROUS: load legacy checkpoints with full unpickling, which runs "
                              "any code the file contains; only for files you made yourself")
+    parser.add_argument("--dist_timeout", type=float, default=dist_timeout,
+                        help="under torchrun: minutes a process waits for the others at a "
+                             "synchronisation point before the job fails")
 
 
 def model_config(args: argparse.Namespace, num_classes: int) -> dict[str, Any]:
@@ -100,22 +108,34 @@ def pick_device(name: str | None) -> torch.device:
     return device
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed Python, NumPy and torch; torch's generator gets a sequence of its own on each rank.
+
+    That generator draws the training augmentation when there are no loader workers: the ranks
+    must not crop their images alike. Rank 0 keeps the single-process seed.
+    """
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
+    torch.manual_seed(rank_seed(seed, rank))
 
 
 def fail_cleanly(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> Any:
-    """Run a stage; a user error prints ``error: ...`` and exits with status 2, without a traceback."""
+    """Run a stage; a user error prints ``error: ...`` and exits with status 2, without a traceback.
+
+    Under torchrun the message starts with ``rank N:``; the failed process's exit makes torchrun
+    stop the others. (Once the process group is up, torch also tags tracebacks with ``[rankN]``.)
+    """
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .distributed import rank_prefix, teardown
 
     try:
-        return main(args)
+        result = main(args)
     except (UsageError, CheckpointError, DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{rank_prefix()}error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
-        print("interrupted; the last checkpoint written is intact", file=sys.stderr)
+        print(f"{rank_prefix()}interrupted; the last checkpoint written is intact", file=sys.stderr)
         raise SystemExit(130) from None
+    teardown()
+    return result

@@ -33,6 +33,15 @@ class Datasets:
     num_classes: int
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """A seed of its own for each rank of a distributed run; rank 0 keeps ``seed``.
+
+    The stride is a prime above any count of epochs (``seed + epoch`` seeds the loaders) and
+    below 2**32, the part of a seed torch's generator keeps.
+    """
+    return seed + rank * 1_000_003
+
+
 def resolution(base_resolution: int, resolution_multiplier: float) -> int:
     return int(base_resolution * resolution_multiplier)
 
@@ -126,7 +135,9 @@ class EpochSampler(Sampler[int]):
 
     Because the order depends on nothing else, a resumed run reads exactly the batches the
     interrupted one would have read. With ``num_replicas > 1`` each rank takes every
-    ``num_replicas``-th index of the same permutation, as ``DistributedSampler`` does.
+    ``num_replicas``-th index of the same permutation, as ``DistributedSampler`` does, so that
+    batch ``b`` of every rank together is global batch ``b``. The tail that does not split evenly
+    is dropped: every rank then has as many batches per epoch, and the ranks stay in step.
     """
 
     def __init__(self, size: int, seed: int, epoch: int, start: int = 0,
@@ -134,16 +145,16 @@ class EpochSampler(Sampler[int]):
         self.size, self.seed, self.epoch, self.start = size, seed, epoch, start
         self.num_replicas, self.rank = num_replicas, rank
 
+    def __len__(self) -> int:
+        return max(self.size - self.start, 0) // self.num_replicas
+
     def _indices(self) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
         order = torch.randperm(self.size, generator=g).tolist()
-        return order[self.start:][self.rank::self.num_replicas]
+        return order[self.start:self.start + len(self) * self.num_replicas][self.rank::self.num_replicas]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._indices())
-
-    def __len__(self) -> int:
-        return len(range(self.start + self.rank, self.size, self.num_replicas))
 
 
 def batch_stream(dataset: Dataset, batch_size: int, workers: int, seed: int, epoch: int = 0,
@@ -151,14 +162,16 @@ def batch_stream(dataset: Dataset, batch_size: int, workers: int, seed: int, epo
                  ) -> Iterator[tuple[int, int, tuple[torch.Tensor, torch.Tensor]]]:
     """Endless training batches as ``(epoch, batch index, (images, labels))``, from any position.
 
-    ``batch_size`` is per process; incomplete last batches are dropped.
+    ``batch_size`` is per process and ``batch`` counts global batches; incomplete last batches
+    are dropped. The loader's generator, which seeds the workers' augmentation, differs per rank
+    (rank 0 keeps the single-process seed), so the ranks do not crop their images alike.
     """
     while True:
         sampler = EpochSampler(len(dataset), seed, epoch, batch * batch_size * num_replicas,
                                num_replicas, rank)
         loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
                             num_workers=workers, pin_memory=torch.cuda.is_available(),
-                            generator=torch.Generator().manual_seed(seed + epoch))
+                            generator=torch.Generator().manual_seed(rank_seed(seed + epoch, rank)))
         for index, item in enumerate(loader, batch):
             yield epoch, index, item
         epoch, batch = epoch + 1, 0

@@ -1,0 +1,199 @@
+"""The three stages under ``torchrun``: two CPU processes (gloo) on the generated image folder.
+
+Stage 1: one set of loadable checkpoints, the same selections on both ranks, ``--resume``.
+Stages 2 and 3: the folds and archs spread over the ranks give the single-process result.
+A failing rank ends the job with a message naming it, instead of a hang.
+"""
+import copy
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import build_supernet
+from quant import LsqActivation
+from utils.checkpoint import load_file
+from utils.results import parse_block
+
+from .conftest import ROOT, load_script
+
+stage1 = load_script("01train_supernet.py")
+
+MODEL = ["--width_multiplier", "0.25", "--width_divisor", "8", "--base_resolution", "32",
+         "--l2_bounds", "0.01,0.001,0.0001", "-j", "0"]
+STAGE1 = [*MODEL, "--teacher", "none", "--batch_size", "8", "--abin_total_iters", "2",
+          "--awbin_total_iters", "2", "--save_interval", "2", "--record_selections"]
+CHECKPOINTS = [f"model_{kind}_best_{i:05d}it.pth" for kind in ("actbin", "actwbin") for i in (1, 2)]
+K = 3  # 3 folds over 2 ranks: rank 0 takes folds 0 and 2, rank 1 fold 1
+STAGE2 = [*MODEL, "--k", str(K), "--val_batch_size", "4", "--max-epochs", "2", "--population-num", "4",
+          "--select-num", "2", "--mutation-num", "1", "--crossover-num", "1"]
+STAGE3 = [*MODEL, "--k", str(K), "--val_batch_size", "4", "--bn_epochs", "1", "--iters_per_epoch", "2",
+          "--batch_size", "4", "--learning_rate_bnstabilize", "1e-3"]
+TIMEOUT = 120  # seconds; a hang fails the test instead of blocking the suite
+
+
+def run(*args: str, ranks: int = 2) -> subprocess.CompletedProcess:
+    """A stage under torchrun with ``ranks`` CPU processes, or as a plain process (``ranks=0``).
+
+    One thread per process: two processes on two cores would otherwise fight over them.
+    """
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
+    launcher = torchrun if ranks else []
+    return subprocess.run([sys.executable, *launcher, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=TIMEOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def stage1_run(tmp_path_factory, image_folder) -> Path:
+    save = tmp_path_factory.mktemp("ddp-stage1")
+    ok(run("01train_supernet.py", "--data", str(image_folder), "--save", str(save), *STAGE1))
+    return save
+
+
+@pytest.fixture(scope="module")
+def search_runs(tmp_path_factory, image_folder, stage1_run) -> dict[int, tuple[Path, str]]:
+    """Stage 2 on two ranks and in one process: ``{ranks: (save folder, stdout)}``."""
+    runs = {}
+    for ranks in (2, 0):
+        save = tmp_path_factory.mktemp(f"ddp-stage2-{ranks}")
+        result = ok(run("02kfold_evolution.py", "--data", str(image_folder), "--save", str(save),
+                        "--supernet", str(stage1_run / CHECKPOINTS[-1]), *STAGE2, ranks=ranks))
+        runs[ranks] = save, result.stdout
+    return runs
+
+
+def test_stage1_writes_one_set_of_loadable_checkpoints(stage1_run):
+    assert sorted(p.name for p in stage1_run.glob("*.pth")) == sorted(CHECKPOINTS)
+    assert not list(stage1_run.glob(".*.tmp"))
+    for name in CHECKPOINTS:
+        ckpt = load_file(stage1_run / name)
+        assert not any(k.startswith("module.") for k in ckpt["model_state_dict"])
+        build_supernet(**ckpt["config"]).load_state_dict(ckpt["model_state_dict"], strict=True)
+    assert len(load_file(stage1_run / CHECKPOINTS[0])["rng"]["torch_ranks"]) == 2
+    log = (stage1_run / "log.txt").read_text()  # rank 0 alone logs
+    assert log.count("stage 1 done") == 1 and "2 processes of 4 images" in log
+    assert len(list(stage1_run.glob("events.out.tfevents.*"))) == 1
+
+
+def test_stage1_ranks_train_the_same_selections(stage1_run):
+    rank0, rank1 = ((stage1_run / "selections" / f"rank{r}.txt").read_text().splitlines() for r in (0, 1))
+    assert rank0 == rank1
+    assert [line.split()[:2] for line in rank0] == [["1", "1"], ["1", "2"], ["2", "1"], ["2", "2"]]
+    assert len({line.split()[2] for line in rank0}) == 4  # a new draw every iteration
+
+
+def test_stage1_resume_under_torchrun(tmp_path, image_folder, stage1_run):
+    """From the phase-1 iteration-1 checkpoint to the end: the uninterrupted run's weights."""
+    ok(run("01train_supernet.py", "--data", str(image_folder), "--save", str(tmp_path), *STAGE1,
+           "--resume", str(stage1_run / CHECKPOINTS[0])))
+    assert sorted(p.name for p in tmp_path.glob("*.pth")) == sorted(CHECKPOINTS[1:])
+    final = load_file(stage1_run / CHECKPOINTS[-1])["model_state_dict"]
+    again = load_file(tmp_path / CHECKPOINTS[-1])["model_state_dict"]
+    for k, v in final.items():
+        torch.testing.assert_close(again[k], v, rtol=0, atol=1e-5, msg=k)
+    uninterrupted = (stage1_run / "selections" / "rank0.txt").read_text().splitlines()
+    for r in (0, 1):
+        assert (tmp_path / "selections" / f"rank{r}.txt").read_text().splitlines() == uninterrupted[1:]
+
+
+def test_lsq_step_init_averaged_over_ranks_is_the_whole_batch_init():
+    """Two threads stand for two ranks, each with half of the batch; ``reduce`` averages their steps."""
+    torch.manual_seed(0)
+    model = build_supernet("mobilenet_v2", 3, 2, [0.01, 0.001], width_multiplier=0.25, width_divisor=8).eval()
+    replicas = [copy.deepcopy(model) for _ in range(2)]
+    selection = [i % 2 for i in range(model.num_searchable_layers)]
+    x = torch.randn(8, 3, 32, 32)
+    with model.init_activation_steps():
+        model(x, selection)
+    meeting, shared = threading.Barrier(2), [None, None]
+
+    def rank(r: int) -> None:
+        def average(steps: torch.Tensor) -> None:
+            shared[r] = steps.clone()
+            meeting.wait()
+            steps.copy_((shared[0] + shared[1]) / 2)
+            meeting.wait()
+
+        with replicas[r].init_activation_steps(average):
+            replicas[r](x[4 * r:4 * r + 4], selection)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    steps = [n for n, m in model.named_modules() if isinstance(m, LsqActivation)]
+    assert steps
+    for r in (0, 1):
+        for n in steps:
+            got, expected = replicas[r].get_submodule(n).s, model.get_submodule(n).s
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_stage2_two_ranks_give_the_single_process_result(search_runs):
+    (two, printed_two), (one, printed_one) = search_runs[2], search_runs[0]
+    distributed, single = (json.loads((save / "search_result.json").read_text()) for save in (two, one))
+    assert distributed["folds"] == list(range(K))
+    for key in ("fold_accs", "full_accs", "archs"):
+        assert distributed[key] == single[key], key
+    assert distributed == single
+    assert printed_two.count("===total-result===") == 1
+    blocks = [parse_block(text[text.index("===total-result==="):]) for text in (printed_two, printed_one)]
+    assert blocks[0] == blocks[1] and blocks[0]["archs"] == single["archs"]
+    assert sorted(p.name for p in (two / "folds").iterdir()) == [f"fold{i}.json" for i in range(K)]
+    assert "fold 1: " in (two / "log.txt").read_text()  # rank 1's fold, logged by rank 0
+
+
+def test_stage3_two_ranks_spread_the_archs(tmp_path, image_folder, stage1_run, search_runs):
+    found = search_runs[2][0] / "search_result.json"
+    saves = {ranks: tmp_path / str(ranks) for ranks in (2, 0)}
+    for ranks, save in saves.items():
+        ok(run("03finetune.py", "--data", str(image_folder), "--supernet", str(stage1_run / CHECKPOINTS[-1]),
+               "--search-result", str(found), "--save", str(save), *STAGE3, ranks=ranks))
+    names = [f"arch{i}_model_actwbin_2_2_bn_1ep.pth" for i in range(K)]
+    assert sorted(p.name for p in saves[2].glob("*.pth")) == names
+    distributed, single = (json.loads((save / "final_result.json").read_text()) for save in saves.values())
+    assert distributed == single
+    for name in names:  # arch 1 was fine-tuned by rank 1
+        mine, theirs = (load_file(save / name)["model_state_dict"] for save in saves.values())
+        for k, v in theirs.items():
+            assert torch.equal(mine[k], v), f"{name}: {k}"
+
+
+def test_batch_size_must_split_over_the_ranks(tmp_path, image_folder):
+    result = run("01train_supernet.py", "--data", str(image_folder), "--save", str(tmp_path),
+                 *STAGE1, "--batch_size", "7")
+    assert result.returncode != 0
+    assert "error: --batch_size 7 does not split evenly over 2 processes" in result.stderr
+    assert "rank 0: error" in result.stderr or "rank 1: error" in result.stderr
+    assert not list(tmp_path.glob("*.pth"))
+
+
+def test_a_failing_rank_ends_the_job_and_is_named(tmp_path, image_folder, stage1_run):
+    """Rank 1 cannot use its fold file (a folder in the way); rank 0, waiting for it, is stopped too."""
+    (tmp_path / "folds" / "fold1.json").mkdir(parents=True)
+    start = time.time()
+    result = run("02kfold_evolution.py", "--data", str(image_folder), "--save", str(tmp_path),
+                 "--supernet", str(stage1_run / CHECKPOINTS[-1]), *STAGE2)
+    assert result.returncode != 0
+    assert "[rank1]" in result.stderr and "IsADirectoryError" in result.stderr
+    assert time.time() - start < TIMEOUT
+    assert not (tmp_path / "search_result.json").exists()
+
+
+def test_sync_bn_is_refused_on_the_cpu(tmp_path, image_folder):
+    args = stage1.parse_args(["--data", str(image_folder), "--save", str(tmp_path), *STAGE1,
+                              "--device", "cpu", "--sync_bn"])
+    with pytest.raises(stage1.UsageError, match="--sync_bn needs GPUs"):
+        stage1.train(args)

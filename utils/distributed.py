@@ -1,0 +1,125 @@
+"""Running a stage under ``torchrun``: the process group, this process's rank and device, collectives.
+
+``torchrun`` tells each process its place through the environment (``WORLD_SIZE``, ``RANK``,
+``LOCAL_RANK``). Without it (``python script.py``) the world has one process, no process group is
+made, and every helper below is a no-op that returns its input: the single-process run is unchanged.
+"""
+import contextlib
+import datetime
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .cli import UsageError, pick_device
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_distributed() -> bool:
+    return world_size() > 1
+
+
+def is_main() -> bool:
+    """Rank 0, the one process that writes logs, TensorBoard and the result files."""
+    return rank() == 0
+
+
+def rank_prefix() -> str:
+    """``"rank 3: "`` in a distributed run, so that a message says which process wrote it."""
+    return f"rank {rank()}: " if is_distributed() else ""
+
+
+def setup(device_name: str | None, timeout_minutes: float) -> torch.device:
+    """This process's device, and under ``torchrun`` the process group (NCCL on GPUs, else gloo).
+
+    Each process takes the GPU of its ``LOCAL_RANK``. Every collective gives up after
+    ``timeout_minutes``, so a rank that hangs ends the job instead of blocking it forever.
+    """
+    device = pick_device(device_name)
+    if not is_distributed():
+        return device
+    if device.type == "cuda":
+        if device.index is not None:
+            raise UsageError(f"--device {device_name}: under torchrun each process takes the GPU of "
+                             "its LOCAL_RANK; give --device cuda (or leave it out)")
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if local_rank >= torch.cuda.device_count():
+            raise UsageError(f"LOCAL_RANK {local_rank} but this node has {torch.cuda.device_count()} GPUs: "
+                             "start at most one process per GPU (--nproc_per_node)")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(minutes=timeout_minutes))
+    return device
+
+
+def teardown() -> None:
+    """Wait for every rank to finish, then leave the process group."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def main_first() -> Iterator[None]:
+    """Rank 0 runs the block first, then the other ranks: for work that downloads or unpacks files
+    (a dataset, a teacher's weights) into a place the ranks share, which they must not write at once."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def wrap(model: nn.Module, device: torch.device, sync_bn: bool = False) -> nn.Module:
+    """``model`` for the data-parallel training forward: ``DistributedDataParallel`` under torchrun.
+
+    A supernet leaves the unselected branches out of each forward pass, hence
+    ``find_unused_parameters``. The selection is the same on every rank, so a parameter is unused
+    on all ranks at once and keeps ``grad=None``, as in a single process (Adam then skips it).
+    Call ``model`` itself, not the wrapper, for everything but the training forward.
+    """
+    if sync_bn and device.type != "cuda":
+        raise UsageError("--sync_bn needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU")
+    if not is_distributed():
+        return model
+    if sync_bn:  # converts the BatchNorms of ``model`` in place (its root is not a BatchNorm)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum ``values`` over the ranks, in place; returns ``values``."""
+    if is_distributed():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def average_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Replace ``values`` by its mean over the ranks, in place; returns ``values``."""
+    return all_reduce_sum(values).div_(world_size())
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    if not is_distributed():
+        return [obj]
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
