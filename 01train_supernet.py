@@ -28,12 +28,11 @@ from utils import distributed
 from utils.checkpoint import load_file, load_model_state, save_file
 from utils.cli import (
     UsageError,
-    add_model_args,
-    add_run_args,
     check_config,
     fail_cleanly,
     model_config,
     seed_everything,
+    stage_parser,
 )
 from utils.data import batch_stream, build_datasets, resolution
 from utils.logs import RunLog
@@ -45,10 +44,7 @@ PHASES = {1: "actbin", 2: "actwbin"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(parser)
-    add_run_args(parser, save="train-supernet", dist_timeout=30)
+    parser = stage_parser(__doc__, save="train-supernet", dist_timeout=30)
     parser.add_argument("--batch_size", type=int, default=768,
                         help="global batch size (under torchrun, split evenly over the processes)")
     parser.add_argument("--abin_total_iters", type=int, default=466000, help="phase 1 iterations")

@@ -23,25 +23,19 @@ from tqdm import tqdm
 from utils import distributed
 from utils.bn_recalibration import recalibrate_bn
 from utils.checkpoint import load_supernet
-from utils.cli import add_model_args, add_run_args, fail_cleanly, model_config
+from utils.cli import add_eval_args, fail_cleanly, model_config, stage_parser
 from utils.data import batch_stream, build_datasets, cache_batches, resolution, val_loader
 from utils.evolution import EvolutionSearch
 from utils.folds import accuracy_on, fold_batches
 from utils.logs import RunLog
 from utils.results import format_block, write_json
 
-RELEASED = "train-supernet/model_actwbin_best_466000it.pth"
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(parser)
     # Under torchrun a process that has searched its folds waits for the slowest one: up to a
     # fold's search (an hour or more on ImageNet), hence the long --dist_timeout.
-    add_run_args(parser, save="eval-kfold-evolution", dist_timeout=24 * 60)
-    parser.add_argument("--supernet", default=RELEASED, help="stage-1 (or released) checkpoint")
-    parser.add_argument("--k", type=int, default=10, help="number of folds")
+    parser = stage_parser(__doc__, save="eval-kfold-evolution", dist_timeout=24 * 60)
+    add_eval_args(parser)
     parser.add_argument("--folds", type=fold_list, default=None,
                         help="search only these folds, e.g. 0,1 (default: all k)")
     parser.add_argument("--max-epochs", type=int, default=20)
@@ -50,12 +44,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--m_prob", type=float, default=0.1)
     parser.add_argument("--crossover-num", type=int, default=15)
     parser.add_argument("--mutation-num", type=int, default=15)
-    parser.add_argument("--max_val_iters", type=int, default=0,
-                        help="use only the first N validation batches (0: all)")
-    parser.add_argument("--val_batch_size", type=int, default=200)
-    parser.add_argument("--bn_recalibration_batches", type=int, default=0,
-                        help="re-estimate BN statistics on N training batches before scoring each "
-                             "candidate (0: off, as the reference; see README)")
     parser.add_argument("--recalibration_batch_size", type=int, default=128)
     return parser.parse_args(argv)
 

@@ -26,39 +26,27 @@ from tqdm import tqdm
 from utils import distributed
 from utils.bn_recalibration import recalibrate_bn
 from utils.checkpoint import load_supernet, save_file
-from utils.cli import add_model_args, add_run_args, boolean, fail_cleanly, model_config
+from utils.cli import add_eval_args, boolean, fail_cleanly, model_config, stage_parser
 from utils.data import batch_stream, build_datasets, cache_batches, resolution, val_loader
 from utils.folds import accuracy_on, fold_batches
 from utils.logs import RunLog
 from utils.param_groups import stage3_trainable
 from utils.results import format_block, read_search_result, write_json
 
-RELEASED = "train-supernet/model_actwbin_best_466000it.pth"
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(parser)
     # Under torchrun a process that has fine-tuned its archs waits for the slowest one: up to an
     # arch's fine-tuning (hours on ImageNet), hence the long --dist_timeout.
-    add_run_args(parser, save="eval-blast", dist_timeout=24 * 60)
-    parser.add_argument("--supernet", default=RELEASED, help="stage-1 (or released) checkpoint")
+    parser = stage_parser(__doc__, save="eval-blast", dist_timeout=24 * 60)
+    add_eval_args(parser)
     parser.add_argument("--search-result", default="eval-kfold-evolution/search_result.json",
                         help="search_result.json written by 02kfold_evolution.py")
-    parser.add_argument("--k", type=int, default=10, help="number of folds (as in stage 2)")
     parser.add_argument("--bn_epochs", type=int, default=3)
     parser.add_argument("--learning_rate_bnstabilize", type=float, default=7.5e-6)
     parser.add_argument("--train_clip", type=boolean, default=True, help="train the clips too")
     parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--val_batch_size", type=int, default=200)
-    parser.add_argument("--max_val_iters", type=int, default=0,
-                        help="use only the first N validation batches (0: all), as in stage 2")
     parser.add_argument("--iters_per_epoch", type=int, default=0,
                         help="training iterations per epoch (0: one pass over the training set)")
-    parser.add_argument("--bn_recalibration_batches", type=int, default=0,
-                        help="re-estimate BN statistics on N training batches before the first "
-                             "evaluation (0: off, as the reference)")
     return parser.parse_args(argv)
 
 

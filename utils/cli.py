@@ -14,6 +14,7 @@ from .data import rank_seed
 
 REFERENCE_L2_BOUNDS = [0.01, 0.005, 0.001, 0.0005, 0.0001, 0.00005, 0.00001]
 TRUST_FLAG = "--trust-pickled-checkpoint-DANGEROUS"
+RELEASED_SUPERNET = "train-supernet/model_actwbin_best_466000it.pth"
 
 
 class UsageError(Exception):
@@ -46,6 +47,15 @@ def bits(text: str) -> int:
     if not 2 <= value <= 8:
         raise argparse.ArgumentTypeError(f"{value}: bits must be from 2 to 8")
     return value
+
+
+def stage_parser(description: str, save: str, dist_timeout: float) -> argparse.ArgumentParser:
+    """A stage script's parser with the model and run flags every stage has."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    add_run_args(parser, save, dist_timeout)
+    return parser
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -81,6 +91,19 @@ def add_run_args(parser: argparse.ArgumentParser, save: str, dist_timeout: float
     parser.add_argument("--dist_timeout", type=float, default=dist_timeout,
                         help="under torchrun: minutes a process waits for the others at a "
                              "synchronisation point before the job fails")
+
+
+def add_eval_args(parser: argparse.ArgumentParser) -> None:
+    """What stages 2 and 3 share: the supernet, and the validation batches the folds split."""
+    parser.add_argument("--supernet", default=RELEASED_SUPERNET,
+                        help="stage-1 checkpoint, or the released one (the default)")
+    parser.add_argument("--k", type=int, default=10, help="number of folds")
+    parser.add_argument("--val_batch_size", type=int, default=200)
+    parser.add_argument("--max_val_iters", type=int, default=0,
+                        help="use only the first N validation batches (0: all)")
+    parser.add_argument("--bn_recalibration_batches", type=int, default=0,
+                        help="re-estimate the BN statistics of a selection on N training batches "
+                             "before evaluating it (0: off, as the reference; see README)")
 
 
 def model_config(args: argparse.Namespace, num_classes: int) -> dict[str, Any]:
