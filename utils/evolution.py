@@ -174,6 +174,9 @@ class EvolutionSearch:
         for epoch in range(self.max_epochs):
             self.update_top_k(population)
             history.append([(c, self.memo[c]) for c in self.top_k])
+            if hasattr(self.progress, "set_postfix"):  # a tqdm bar shows the epoch and the best so far
+                self.progress.set_postfix(epoch=f"{epoch + 1}/{self.max_epochs}",
+                                          best=f"{self.memo[self.top_k[0]]:.2f}")
             if epoch == self.max_epochs - 1:
                 break
             population = self.fill_random(self.get_mutation() + self.get_crossover())

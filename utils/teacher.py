@@ -24,13 +24,23 @@ from .cli import UsageError, fail_cleanly, pick_device
 from .data import build_datasets, resolution, val_loader
 
 
-def _torchvision_model(name: str, num_classes: int | None = None, pretrained: bool = False) -> nn.Module:
+def _torchvision_model(name: str, num_classes: int, pretrained: bool = False) -> nn.Module:
+    """A torchvision classifier; ``pretrained`` takes its ImageNet weights, which must predict
+    ``num_classes`` classes (checked before anything is downloaded)."""
     if name not in torchvision.models.list_models(module=torchvision.models):
         raise UsageError(f"--teacher {name}: neither a file nor a torchvision classification model; "
                          "give a model name such as resnet50, a checkpoint path, or 'none'")
-    if pretrained:
-        return torchvision.models.get_model(name, weights="DEFAULT")
-    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    if not pretrained:
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    if (classes := len(weights.meta["categories"])) != num_classes:
+        raise UsageError(f"--teacher {name} predicts {classes} classes, the data has {num_classes}: "
+                         "train a teacher on this data (python -m utils.teacher) or use --teacher none")
+    try:
+        return torchvision.models.get_model(name, weights=weights)
+    except Exception as e:  # no network and nothing cached, most often
+        raise UsageError(f"--teacher {name}: its ImageNet weights cannot be had ({type(e).__name__}: {e}); "
+                         "give a path to a teacher checkpoint, or --teacher none") from None
 
 
 def load_teacher(spec: str, num_classes: int, device: torch.device,
@@ -48,22 +58,11 @@ def load_teacher(spec: str, num_classes: int, device: torch.device,
             model.load_state_dict(ckpt["model_state_dict"])
         except RuntimeError as e:
             raise CheckpointError(f"{spec}: does not fit {ckpt['arch']}: {str(e).splitlines()[0]}") from None
+        if ckpt["num_classes"] != num_classes:
+            raise UsageError(f"--teacher {spec} predicts {ckpt['num_classes']} classes, the data has "
+                             f"{num_classes}: train a teacher on this data (python -m utils.teacher)")
     else:
-        try:
-            model = _torchvision_model(spec, pretrained=True)
-        except UsageError:
-            raise
-        except Exception as e:  # no network and nothing cached, most often
-            raise UsageError(
-                f"--teacher {spec}: its ImageNet weights cannot be had ({type(e).__name__}: {e}); "
-                "give a path to a teacher checkpoint, or --teacher none") from None
-    out = model.fc.out_features if hasattr(model, "fc") else None
-    if out is None:
-        with torch.no_grad():
-            out = model.eval()(torch.zeros(1, 3, 64, 64)).shape[1]
-    if out != num_classes:
-        raise UsageError(f"--teacher {spec} predicts {out} classes, the data has {num_classes}: "
-                         "train a teacher on this data (python -m utils.teacher) or use --teacher none")
+        model = _torchvision_model(spec, num_classes, pretrained=True)
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
