@@ -16,14 +16,12 @@ import json
 import random
 from pathlib import Path
 
-import numpy as np
-import torch
 from tqdm import tqdm
 
 from utils import distributed
 from utils.bn_recalibration import recalibrate_bn
 from utils.checkpoint import load_supernet
-from utils.cli import add_eval_args, fail_cleanly, model_config, stage_parser
+from utils.cli import add_eval_args, fail_cleanly, model_config, seed_everything, stage_parser
 from utils.data import batch_stream, build_datasets, cache_batches, resolution, val_loader
 from utils.evolution import EvolutionSearch
 from utils.folds import accuracy_on, fold_batches
@@ -49,9 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def search(args: argparse.Namespace) -> dict:
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    seed_everything(args.seed)  # seeds 0 for torch, numpy and random, as the reference
     device = distributed.setup(args.device, args.dist_timeout)
     save = Path(args.save)
     with distributed.main_first():

@@ -3,6 +3,9 @@ import math
 
 import torch
 
+# grad_scale and round_pass are the reference's definitions of LSQ (SPEC section 1). The model runs
+# the fused LsqQuantize below; the tests check it against these.
+
 
 def grad_scale(x: torch.Tensor, k: float) -> torch.Tensor:
     """Forward ``x``, backward ``k * grad`` (LSQ's step-size gradient scale)."""
