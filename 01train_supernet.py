@@ -32,9 +32,10 @@ from utils.cli import (
     fail_cleanly,
     model_config,
     seed_everything,
+    stage_datasets,
     stage_parser,
 )
-from utils.data import batch_stream, build_datasets, resolution
+from utils.data import batch_stream
 from utils.logs import RunLog
 from utils.losses import kd_loss
 from utils.param_groups import stage1_param_groups
@@ -129,9 +130,7 @@ def train(args: argparse.Namespace) -> None:
                          f"give a multiple of {world}")
     seed_everything(args.seed, rank)
     save = Path(args.save)
-    with distributed.main_first():
-        data = build_datasets(args.data, resolution(args.base_resolution, args.resolution_multiplier),
-                              args.data_root, args.min_crop_scale)
+    data = stage_datasets(args)
     config = model_config(args, data.num_classes)
     model = build_supernet(**config).to(device)
     selection_rng = random.Random(args.seed)

@@ -26,8 +26,8 @@ from tqdm import tqdm
 from utils import distributed
 from utils.bn_recalibration import recalibrate_bn
 from utils.checkpoint import load_supernet, save_file
-from utils.cli import add_eval_args, boolean, fail_cleanly, model_config, stage_parser
-from utils.data import batch_stream, build_datasets, cache_batches, resolution, val_loader
+from utils.cli import add_eval_args, boolean, fail_cleanly, model_config, stage_datasets, stage_parser
+from utils.data import batch_stream, cache_batches, val_loader
 from utils.folds import accuracy_on, fold_batches
 from utils.logs import RunLog
 from utils.param_groups import stage3_trainable
@@ -54,9 +54,7 @@ def finetune(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     device = distributed.setup(args.device, args.dist_timeout)
     save = Path(args.save)
-    with distributed.main_first():
-        data = build_datasets(args.data, resolution(args.base_resolution, args.resolution_multiplier),
-                              args.data_root, args.min_crop_scale)
+    data = stage_datasets(args)
     config = model_config(args, data.num_classes)
     model, _ = load_supernet(args.supernet, config, args.trust_pickle)
     model.to(device)

@@ -3,12 +3,15 @@ import argparse
 import random
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from models import ARCHS
+
+if TYPE_CHECKING:
+    from .data import Datasets
 
 from .data import rank_seed
 
@@ -104,6 +107,16 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bn_recalibration_batches", type=int, default=0,
                         help="re-estimate the BN statistics of a selection on N training batches "
                              "before evaluating it (0: off, as the reference; see README)")
+
+
+def stage_datasets(args: argparse.Namespace) -> "Datasets":
+    """The data the flags describe; under torchrun rank 0 unpacks or downloads it first."""
+    from . import distributed
+    from .data import build_datasets, resolution
+
+    with distributed.main_first():
+        return build_datasets(args.data, resolution(args.base_resolution, args.resolution_multiplier),
+                              args.data_root, args.min_crop_scale)
 
 
 def model_config(args: argparse.Namespace, num_classes: int) -> dict[str, Any]:
