@@ -73,3 +73,11 @@ def run_script(*args: str, cwd: Path | None = None):
 
     return subprocess.run([sys.executable, *args], cwd=cwd or ROOT, capture_output=True, text=True,
                           timeout=600)
+
+
+def assert_clean_failure(result, *words: str) -> None:
+    """A user error: non-zero exit, no traceback, and every word of the message on stderr."""
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    for word in words:
+        assert word in result.stderr, result.stderr

@@ -9,7 +9,7 @@ from models import build_supernet
 from utils.checkpoint import load_file
 from utils.losses import kd_loss
 
-from .conftest import load_script, make_image_folder, run_script
+from .conftest import assert_clean_failure, load_script, make_image_folder, run_script
 
 stage1 = load_script("01train_supernet.py")
 
@@ -130,13 +130,6 @@ def test_fashion_mnist_short_run(tmp_path):
                               "--abin_total_iters", "2", "--awbin_total_iters", "2"])
     stage1.train(args)
     assert load_file(tmp_path / "model_actwbin_best_00002it.pth")["config"]["num_classes"] == 10
-
-
-def assert_clean_failure(result, *words):
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr, result.stderr
-    for word in words:
-        assert word in result.stderr, result.stderr
 
 
 @pytest.fixture(scope="module")

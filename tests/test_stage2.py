@@ -19,7 +19,7 @@ from utils.data import build_datasets, val_loader
 from utils.folds import fold_batches
 from utils.results import parse_block
 
-from .conftest import load_script, run_script
+from .conftest import assert_clean_failure, load_script, run_script
 
 stage1 = load_script("01train_supernet.py")
 stage2 = load_script("02kfold_evolution.py")
@@ -262,13 +262,6 @@ def test_unreadable_fold_file_is_searched_again(search_run, image_folder, supern
 
 # ---------------------------------------------------------------------------------------------
 # Bad input: a message naming the flag or file, a non-zero exit, no traceback, nothing overwritten.
-
-
-def assert_clean_failure(result, *words):
-    assert result.returncode != 0, result.stdout
-    assert "Traceback" not in result.stderr, result.stderr
-    for word in words:
-        assert word in result.stderr, result.stderr
 
 
 def run_many(commands: dict[str, list[str]]) -> dict:

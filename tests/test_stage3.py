@@ -14,10 +14,9 @@ from utils.checkpoint import load_file, load_supernet
 from utils.data import build_datasets, val_loader
 from utils.folds import fold_batches
 
-from .conftest import ROOT, load_script, run_script
+from .conftest import ROOT, assert_clean_failure, load_script, run_script
 from .test_stage2 import (
     MODEL,
-    assert_clean_failure,
     block,
     captured,
     folder_bytes,
