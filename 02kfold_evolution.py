@@ -30,7 +30,7 @@ from utils.cli import (
     stage_parser,
 )
 from utils.data import batch_stream, cache_batches, val_loader
-from utils.evolution import EvolutionSearch
+from utils.evolution import EvolutionSearch, uniform_search
 from utils.folds import accuracy_on, fold_batches
 from utils.logs import RunLog
 from utils.results import format_block, write_json
@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--crossover-num", type=int, default=15)
     parser.add_argument("--mutation-num", type=int, default=15)
     parser.add_argument("--recalibration_batch_size", type=int, default=128)
+    parser.add_argument("--uniform", action="store_true",
+                        help="no evolution: score only the selections with one branch (one L2 decay) "
+                             "in every layer and keep the best per fold (an ablation)")
     return parser.parse_args(argv)
 
 
@@ -86,7 +89,7 @@ def search(args: argparse.Namespace) -> dict:
     settings = {"config": config, "supernet": str(args.supernet), "k": args.k,
                 "supernet_size_mtime": [stat.st_size, stat.st_mtime_ns],
                 "num_batches": num_batches, "seed": args.seed,
-                "bn_recalibration_batches": args.bn_recalibration_batches,
+                "bn_recalibration_batches": args.bn_recalibration_batches, "uniform": args.uniform,
                 **{k: getattr(args, k) for k in ("max_epochs", "select_num", "population_num", "m_prob",
                                                  "crossover_num", "mutation_num", "val_batch_size")}}
     mine = folds_to_search[distributed.rank()::distributed.world_size()]
@@ -104,12 +107,17 @@ def search(args: argparse.Namespace) -> dict:
         fold_range, full = fold_batches(num_batches, args.k, fold)
         candidates = tqdm(desc=f"fold {fold} candidates", position=1, leave=False, dynamic_ncols=True,
                           disable=not distributed.is_main())
-        searcher = EvolutionSearch(
-            model.num_searchable_layers, model.num_branches, lambda c, on=fold_range: accuracy(c, on),
-            population_num=args.population_num, select_num=args.select_num,
-            mutation_num=args.mutation_num, crossover_num=args.crossover_num, m_prob=args.m_prob,
-            max_epochs=args.max_epochs, rng=random.Random(args.seed + fold), progress=candidates)
-        result = searcher.run()
+        def on_fold(c, on=fold_range):
+            return accuracy(c, on)
+
+        if args.uniform:
+            result = uniform_search(model.num_searchable_layers, model.num_branches, on_fold, candidates)
+        else:
+            result = EvolutionSearch(
+                model.num_searchable_layers, model.num_branches, on_fold,
+                population_num=args.population_num, select_num=args.select_num,
+                mutation_num=args.mutation_num, crossover_num=args.crossover_num, m_prob=args.m_prob,
+                max_epochs=args.max_epochs, rng=random.Random(args.seed + fold), progress=candidates).run()
         candidates.close()
         full_acc = accuracy(result.best, full)
         done = {"fold": fold, "fold_acc": result.best_acc, "full_acc": full_acc,

@@ -22,11 +22,11 @@ def make_divisible(v: float, divisor: int) -> int:
 
 
 class Stem(nn.Module):
-    """Full-precision 3x3 stride-2 convolution, BN, ReLU."""
+    """Full-precision 3x3 stride-2 convolution, BN, ReLU; stride 1 for small inputs."""
 
-    def __init__(self, out_channels: int):
+    def __init__(self, out_channels: int, stride: int = 2):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, out_channels, 3, 2, 1, bias=False)
+        self.conv1 = nn.Conv2d(3, out_channels, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.relu = nn.ReLU()
 
@@ -41,12 +41,14 @@ class InvertedResidual(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, expansion: float,
-                 bits: int, l2_vals: Sequence[float]):
+                 bits: int, l2_vals: Sequence[float], quantizer: str = "basq"):
         super().__init__()
         hidden = int(round(in_channels * expansion))
-        self.expand = QuantUnit(self, 0, in_channels, hidden, bits) if expansion != 1 else None
-        self.depthwise = BranchUnit(self, 1, hidden, hidden, bits, l2_vals, 3, stride, groups=hidden)
-        self.project = QuantUnit(self, 2, hidden, out_channels, bits)
+        self.expand = (QuantUnit(self, 0, in_channels, hidden, bits, quantizer=quantizer)
+                       if expansion != 1 else None)
+        self.depthwise = BranchUnit(self, 1, hidden, hidden, bits, l2_vals, 3, stride, groups=hidden,
+                                    quantizer=quantizer)
+        self.project = QuantUnit(self, 2, hidden, out_channels, bits, quantizer=quantizer)
         self.residual = stride == 1 and in_channels == out_channels
 
     def forward(self, x: torch.Tensor, branch: int) -> torch.Tensor:
@@ -58,9 +60,9 @@ class InvertedResidual(nn.Module):
 class LastUnit(nn.Module):
     """The 1x1 unit to 1280 channels before pooling."""
 
-    def __init__(self, in_channels: int, out_channels: int, bits: int):
+    def __init__(self, in_channels: int, out_channels: int, bits: int, quantizer: str = "basq"):
         super().__init__()
-        self.unit = QuantUnit(self, 0, in_channels, out_channels, bits)
+        self.unit = QuantUnit(self, 0, in_channels, out_channels, bits, quantizer=quantizer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.unit(x)
@@ -70,25 +72,28 @@ class MobileNetV2Supernet(Supernet):
     """``feature.0`` stem, ``feature.1..N`` searchable blocks, ``feature.N+1`` last unit, classifier.
 
     The depth multiplier scales each stage's repeats to ``ceil(n * depth_multiplier)``.
+    ``small_input_stem`` makes the stem stride 1 (for 28-64 px images); ``quantizer`` is
+    ``build_supernet``'s.
     """
 
     def __init__(self, num_classes: int, bits: int, l2_vals: Sequence[float],
                  width_multiplier: float = 1.0, width_divisor: int = 1,
-                 depth_multiplier: float = 1.0):
+                 depth_multiplier: float = 1.0, quantizer: str = "basq", small_input_stem: bool = False):
         super().__init__()
         stem_channels = make_divisible(STAGES[0][1] * width_multiplier, width_divisor)
-        layers: list[nn.Module] = [Stem(stem_channels)]
+        layers: list[nn.Module] = [Stem(stem_channels, 1 if small_input_stem else 2)]
         cin = stem_channels
         for t, c, n, s in STAGES[1:]:
             cout = make_divisible(c * width_multiplier, width_divisor)
             for i in range(math.ceil(n * depth_multiplier)):
-                layers.append(InvertedResidual(cin, cout, s if i == 0 else 1, t, bits, l2_vals))
+                layers.append(InvertedResidual(cin, cout, s if i == 0 else 1, t, bits, l2_vals, quantizer))
                 cin = cout
-        layers.append(LastUnit(cin, LAST_CHANNELS, bits))
+        layers.append(LastUnit(cin, LAST_CHANNELS, bits, quantizer))
         self.feature = nn.ModuleList(layers)
         self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(LAST_CHANNELS, num_classes))
         self.num_searchable_layers = len(layers) - 2
-        self.num_branches = len(l2_vals)
+        self.num_branches = len(self.feature[1].branch_bn_q_1)
+        self.quantizer = quantizer
 
     def forward(self, x: torch.Tensor, selection: Sequence[int]) -> torch.Tensor:
         selection = self.check_selection(selection)

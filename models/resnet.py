@@ -30,14 +30,21 @@ STAGE_STRIDES = (1, 2, 2, 2)
 
 
 class ResNetStem(nn.Module):
-    """Full-precision 7x7 stride-2 convolution, BN, ReLU and 3x3 stride-2 max-pool."""
+    """Full-precision 7x7 stride-2 convolution, BN, ReLU and 3x3 stride-2 max-pool.
 
-    def __init__(self, out_channels: int):
+    For small inputs (``small_input=True``), the CIFAR-style stem: a 3x3 stride-1 convolution and
+    no max-pool, which keeps the full 28-32 px resolution for the first stage.
+    """
+
+    def __init__(self, out_channels: int, small_input: bool = False):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, out_channels, 7, 2, 3, bias=False)
+        if small_input:
+            self.conv1 = nn.Conv2d(3, out_channels, 3, 1, 1, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(3, out_channels, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.relu = nn.ReLU()
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.maxpool = nn.Identity() if small_input else nn.MaxPool2d(3, 2, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -50,10 +57,12 @@ class BasicBlock(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, bits: int,
-                 l2_vals: Sequence[float]):
+                 l2_vals: Sequence[float], quantizer: str = "basq"):
         super().__init__()
-        self.unit0 = BranchUnit(self, 0, in_channels, out_channels, bits, l2_vals, 3, stride)
-        self.unit1 = BranchUnit(self, 1, out_channels, out_channels, bits, l2_vals, 3, 1)
+        self.unit0 = BranchUnit(self, 0, in_channels, out_channels, bits, l2_vals, 3, stride,
+                                quantizer=quantizer)
+        self.unit1 = BranchUnit(self, 1, out_channels, out_channels, bits, l2_vals, 3, 1,
+                                quantizer=quantizer)
         self.shortcut = FlexibleSkip(in_channels, out_channels, stride)
 
     def forward(self, x: torch.Tensor, branch0: int, branch1: int) -> torch.Tensor:
@@ -65,24 +74,26 @@ class ResNetSupernet(Supernet):
 
     ``stage_blocks`` gives the BasicBlocks per stage (``STAGE_BLOCKS``); the depth multiplier scales
     each to ``ceil(n * depth_multiplier)``. A selection lists both units of block 0, then block 1, ...
+    ``quantizer`` and ``small_input_stem`` are ``build_supernet``'s.
     """
 
     def __init__(self, stage_blocks: Sequence[int], num_classes: int, bits: int,
                  l2_vals: Sequence[float], width_multiplier: float = 1.0, width_divisor: int = 1,
-                 depth_multiplier: float = 1.0):
+                 depth_multiplier: float = 1.0, quantizer: str = "basq", small_input_stem: bool = False):
         super().__init__()
         cin = make_divisible(STAGE_CHANNELS[0] * width_multiplier, width_divisor)
-        self.stem = ResNetStem(cin)
+        self.stem = ResNetStem(cin, small_input_stem)
         blocks = []
         for n, c, s in zip(stage_blocks, STAGE_CHANNELS, STAGE_STRIDES, strict=False):
             cout = make_divisible(c * width_multiplier, width_divisor)
             for i in range(math.ceil(n * depth_multiplier)):
-                blocks.append(BasicBlock(cin, cout, s if i == 0 else 1, bits, l2_vals))
+                blocks.append(BasicBlock(cin, cout, s if i == 0 else 1, bits, l2_vals, quantizer))
                 cin = cout
         self.blocks = nn.ModuleList(blocks)
         self.classifier = nn.Linear(cin, num_classes)
         self.num_searchable_layers = 2 * len(blocks)
-        self.num_branches = len(l2_vals)
+        self.num_branches = len(self.blocks[0].branch_bn_q_0)
+        self.quantizer = quantizer
 
     def forward(self, x: torch.Tensor, selection: Sequence[int]) -> torch.Tensor:
         selection = self.check_selection(selection)

@@ -12,12 +12,13 @@ from quant import ClipActivation, LsqActivation, QConv
 class Supernet(nn.Module):
     """Base of the supernets: ``forward(x, selection)`` with one branch index per searchable layer.
 
-    Subclasses set ``num_searchable_layers``, ``num_branches`` and ``config`` (the
+    Subclasses set ``num_searchable_layers``, ``num_branches``, ``quantizer`` and ``config`` (the
     ``build_supernet`` arguments, saved in checkpoints).
     """
 
     num_searchable_layers: int
     num_branches: int
+    quantizer: str
     config: dict
 
     def check_selection(self, selection: Sequence[int]) -> list[int]:
@@ -32,13 +33,13 @@ class Supernet(nn.Module):
     def change_precision(self, a_bin: bool, w_bin: bool) -> None:
         """Switch the clip quantizers (``a_bin``) and the weight quantizers (``w_bin``).
 
-        The LSQ activation quantizers are always on.
+        The LSQ activation quantizers are always on. A ``float`` supernet stays full precision.
         """
         for m in self.modules():
             if isinstance(m, ClipActivation):
                 m.quantize = a_bin
             elif isinstance(m, QConv):
-                m.quantize_weights = w_bin
+                m.quantize_weights = w_bin and self.quantizer != "float"
 
     def init_weight_steps(self) -> None:
         """Re-initialise every LSQ weight step from the current weights (start of phase 2)."""

@@ -52,18 +52,36 @@ class FlexibleSkip(nn.Module):
         return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
 
 
+QUANTIZERS = ("basq", "lsq", "float")
+
+
+def activation_quantizers(quantizer: str, bits: int, channels: int,
+                          l2_vals: Sequence[float]) -> list[nn.Module]:
+    """A branch-wise unit's activation quantizers, one per branch.
+
+    ``basq``: one clip quantizer per candidate L2 decay (the method). The baselines of the
+    reproduction have a single branch: ``lsq``, an LSQ quantizer; ``float``, none.
+    """
+    if quantizer == "basq":
+        return [ClipActivation(bits, l2, branch) for branch, l2 in enumerate(l2_vals)]
+    if quantizer == "lsq":
+        return [LsqActivation(bits, channels)]
+    return [nn.Identity()]
+
+
 class QuantUnit:
     """A unit with an always-on LSQ activation quantizer (the 1x1 convolutions of MobileNet-v2).
 
     Registers ``bn_qconv_bn_relu_{index}`` (BN_pre, LSQ, QConv, BN_post, ReLU) and
-    ``bn{index}_last`` on ``owner``.
+    ``bn{index}_last`` on ``owner``. With ``quantizer="float"`` the LSQ quantizer is an identity.
     """
 
     def __init__(self, owner: nn.Module, index: int, in_channels: int, out_channels: int,
-                 bits: int, kernel_size: int = 1, stride: int = 1, groups: int = 1):
+                 bits: int, kernel_size: int = 1, stride: int = 1, groups: int = 1,
+                 quantizer: str = "basq"):
         self.body = nn.Sequential(
             nn.BatchNorm2d(in_channels),
-            LsqActivation(bits, in_channels),
+            nn.Identity() if quantizer == "float" else LsqActivation(bits, in_channels),
             QConv(in_channels, out_channels, kernel_size, bits, stride, groups),
             nn.BatchNorm2d(out_channels),
             nn.ReLU(),
@@ -83,21 +101,20 @@ class BranchUnit:
 
     Branch ``j`` owns BN_pre and the clip quantizer (``branch_bn_q_{index}[j]``), BN_post
     (``branch_bn_{index}[j]``) and BN_last (``bn{index}_last[j]``); the weights of
-    ``conv{index}`` serve every branch.
+    ``conv{index}`` serve every branch. ``quantizer`` picks the activation quantizers
+    (``activation_quantizers``).
     """
 
     def __init__(self, owner: nn.Module, index: int, in_channels: int, out_channels: int,
                  bits: int, l2_vals: Sequence[float], kernel_size: int = 3, stride: int = 1,
-                 groups: int = 1):
-        self.pre = nn.ModuleList(
-            nn.Sequential(nn.BatchNorm2d(in_channels), ClipActivation(bits, l2, branch))
-            for branch, l2 in enumerate(l2_vals)
-        )
+                 groups: int = 1, quantizer: str = "basq"):
+        quantizers = activation_quantizers(quantizer, bits, in_channels, l2_vals)
+        self.pre = nn.ModuleList(nn.Sequential(nn.BatchNorm2d(in_channels), q) for q in quantizers)
         self.conv = QConv(in_channels, out_channels, kernel_size, bits, stride, groups)
         self.post = nn.ModuleList(
-            nn.Sequential(nn.BatchNorm2d(out_channels), nn.ReLU()) for _ in l2_vals
+            nn.Sequential(nn.BatchNorm2d(out_channels), nn.ReLU()) for _ in quantizers
         )
-        self.bn_last = nn.ModuleList(nn.BatchNorm2d(out_channels) for _ in l2_vals)
+        self.bn_last = nn.ModuleList(nn.BatchNorm2d(out_channels) for _ in quantizers)
         self.skip = FlexibleSkip(in_channels, out_channels, stride)
         owner.add_module(f"branch_bn_q_{index}", self.pre)
         owner.add_module(f"conv{index}", self.conv)

@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from utils.evolution import EvolutionSearch, SearchResult
+from utils.evolution import EvolutionSearch, SearchResult, uniform_search
 
 TARGET = (2, 0, 1, 1, 0, 2, 2, 1)
 
@@ -192,3 +192,44 @@ def test_progress_accepts_a_tqdm_like_bar():
 def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         make(**kwargs)
+
+
+# -- the uniform ablation ---------------------------------------------------------------------
+
+def test_uniform_search_scores_each_uniform_candidate_once_and_keeps_the_best():
+    calls = []
+
+    def score(cand):
+        calls.append(cand)
+        return {0: 40.0, 1: 75.0, 2: 60.0, 3: 10.0}[cand[0]] + (cand != (cand[0],) * len(cand)) * 1000
+
+    class Bar:
+        n = 0
+
+        def update(self, n=1):
+            self.n += n
+
+    bar = Bar()
+    result = uniform_search(6, 4, score, progress=bar)
+    assert calls == [(0,) * 6, (1,) * 6, (2,) * 6, (3,) * 6]  # only uniform ones, each once, in order
+    assert isinstance(result, SearchResult)
+    assert result.best == (1,) * 6 and result.best_acc == 75.0
+    assert result.num_evaluated == 4 and bar.n == 4
+    assert result.history == [[((1,) * 6, 75.0), ((2,) * 6, 60.0), ((0,) * 6, 40.0), ((3,) * 6, 10.0)]]
+
+
+@pytest.mark.parametrize("scores, best", [
+    ([50.0, 50.0, 50.0], 0), ([10.0, 80.0, 80.0], 1), ([10.0, 20.0, 80.0], 2), ([90.0, 20.0, 90.0], 0),
+])
+def test_uniform_search_ties_go_to_the_lower_branch(scores, best):
+    result = uniform_search(3, len(scores), lambda c: scores[c[0]])
+    assert result.best == (best,) * 3
+    assert result.best_acc == max(scores)
+    assert result.num_evaluated == len(scores)
+
+
+def test_uniform_search_with_one_branch_and_integer_scores():
+    result = uniform_search(5, 1, lambda c: 7)
+    assert result.best == (0, 0, 0, 0, 0)
+    assert result.best_acc == 7.0 and type(result.best_acc) is float
+    assert result.num_evaluated == 1

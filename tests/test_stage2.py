@@ -261,6 +261,68 @@ def test_unreadable_fold_file_is_searched_again(search_run, image_folder, supern
 
 
 # ---------------------------------------------------------------------------------------------
+# --uniform (an ablation) and the single-branch baselines.
+
+
+def check_uniform_result(save: Path, found: dict, num_branches: int) -> None:
+    assert json.loads((save / "search_result.json").read_text()) == found
+    assert len(found["archs"]) == K and found["uniform"] is True
+    for fold, arch in enumerate(found["archs"]):
+        assert len(arch) == 17 and len(set(arch)) == 1 and 0 <= arch[0] < num_branches
+        per_fold = json.loads((save / "folds" / f"fold{fold}.json").read_text())
+        assert per_fold["arch"] == arch
+        assert per_fold["evaluated"] == num_branches
+        assert per_fold["settings"]["uniform"] is True
+
+
+def test_uniform_search_picks_the_best_uniform_selection(supernet, image_folder, tmp_path, monkeypatch):
+    spy = SearchSpy(monkeypatch)
+    found, text = captured(stage2.search, stage2_args(image_folder, supernet, tmp_path, "--uniform"))
+    assert spy.calls == 0  # no evolution
+    check_uniform_result(tmp_path, found, 3)
+    assert block(text, "total-result")["archs"] == found["archs"]
+
+    # Each fold keeps the uniform selection with the best fold accuracy, the lower branch on ties.
+    model, _ = load_supernet(supernet, found["config"])
+    model.eval()
+    model.change_precision(True, True)
+    batches = list(val_loader(build_datasets(str(image_folder), 32).val, VAL_BATCH, 0))
+
+    def top1(arch, indices):
+        correct = total = 0
+        with torch.no_grad(), one_thread():
+            for i in indices:
+                images, labels = batches[i]
+                correct += int((model(images, tuple(arch)).argmax(1) == labels).sum())
+                total += len(labels)
+        return 100.0 * correct / total
+
+    for fold, arch in enumerate(found["archs"]):
+        fold_range, full = fold_batches(len(batches), K, fold)
+        accs = [top1([b] * 17, fold_range) for b in range(3)]
+        assert arch == [accs.index(max(accs))] * 17
+        assert found["fold_accs"][fold] == max(accs)
+        assert found["full_accs"][fold] == top1(arch, full)
+
+
+def test_lsq_baseline_trains_and_searches_uniformly(image_folder, tmp_path):
+    # --l2_bounds stays in the flags: a baseline ignores it in every stage.
+    variant = ["--quantizer", "lsq", "--small_input_stem"]
+    args = stage1.parse_args(["--data", str(image_folder), "--teacher", "none",
+                              "--save", str(tmp_path / "s1"), *MODEL, *variant, "--batch_size", "8",
+                              "-j", "0", "--abin_total_iters", "1", "--awbin_total_iters", "1"])
+    captured(stage1.train, args)
+    supernet = tmp_path / "s1" / "model_actwbin_best_00001it.pth"
+    config = load_file(supernet)["config"]
+    assert (config["quantizer"], config["small_input_stem"], config["l2_vals"]) == ("lsq", True, [])
+    found, _ = captured(stage2.search,
+                        stage2_args(image_folder, supernet, tmp_path / "s2", *variant, "--uniform"))
+    check_uniform_result(tmp_path / "s2", found, 1)
+    assert found["archs"] == [[0] * 17] * K
+    assert found["config"] == config
+
+
+# ---------------------------------------------------------------------------------------------
 # Bad input: a message naming the flag or file, a non-zero exit, no traceback, nothing overwritten.
 
 

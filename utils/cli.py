@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from models import ARCHS
+from models import ARCHS, QUANTIZERS
 
 if TYPE_CHECKING:
     from .data import Datasets
@@ -72,6 +72,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width_divisor", type=int, default=1)
     parser.add_argument("--resolution_multiplier", type=float, default=1.0)
     parser.add_argument("--base_resolution", type=int, default=224)
+    parser.add_argument("--quantizer", default="basq", choices=QUANTIZERS,
+                        help="basq: the method; the reproduction's baselines, one branch and no "
+                             "--l2_bounds: lsq (LSQ activation quantizers) or float (none)")
+    parser.add_argument("--small_input_stem", action="store_true",
+                        help="stride-1 stem (no ResNet max-pool) for 28-64 px images such as "
+                             "Fashion-MNIST; default: the ImageNet stem")
 
 
 def add_run_args(parser: argparse.ArgumentParser, save: str, dist_timeout: float) -> None:
@@ -121,11 +127,13 @@ def stage_datasets(args: argparse.Namespace) -> "Datasets":
 
 def model_config(args: argparse.Namespace, num_classes: int) -> dict[str, Any]:
     """The ``build_supernet`` arguments the flags describe."""
-    return dict(arch=args.arch, num_classes=num_classes, bits=args.bits, l2_vals=list(args.l2_bounds),
+    # quantizer before l2_vals: a checkpoint of another quantizer is refused under that name.
+    return dict(arch=args.arch, quantizer=args.quantizer, num_classes=num_classes, bits=args.bits,
+                l2_vals=list(args.l2_bounds) if args.quantizer == "basq" else [],
                 width_multiplier=args.width_multiplier, width_divisor=args.width_divisor,
                 depth_multiplier=args.depth_multiplier,
                 resolution_multiplier=args.resolution_multiplier,
-                base_resolution=args.base_resolution)
+                base_resolution=args.base_resolution, small_input_stem=args.small_input_stem)
 
 
 def check_config(saved: dict[str, Any], wanted: dict[str, Any], what: str) -> None:

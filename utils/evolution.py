@@ -183,3 +183,19 @@ class EvolutionSearch:
         best = self.top_k[0]
         return SearchResult(best=best, best_acc=self.memo[best], history=history,
                             num_evaluated=len(self.memo))
+
+
+def uniform_search(num_layers: int, num_branches: int, score_fn: Callable[[Candidate], float],
+                   progress: SupportsUpdate | None = None) -> SearchResult:
+    """BASQ without search (an ablation): the best of the selections that take the same branch,
+    so the same L2 decay, in every layer. Ties go to the lower branch index.
+    """
+    ranked: Ranked = []
+    for branch in range(num_branches):
+        cand = (branch,) * num_layers
+        ranked.append((cand, float(score_fn(cand))))
+        if progress is not None:
+            progress.update(1)
+    ranked.sort(key=lambda item: -item[1])  # stable: equal accuracies keep branch order
+    best, best_acc = ranked[0]
+    return SearchResult(best=best, best_acc=best_acc, history=[ranked], num_evaluated=len(ranked))
