@@ -61,7 +61,8 @@ def finetune(args: argparse.Namespace) -> dict:
     supernet_state = {k: v.clone() for k, v in model.state_dict().items()}
     batches, num_batches = cache_batches(val_loader(data.val, args.val_batch_size, args.workers),
                                          args.max_val_iters)
-    found = read_search_result(args.search_result, config, model.num_searchable_layers)
+    found = read_search_result(args.search_result, config, model.num_searchable_layers,
+                               model.num_branches)
     if "k" not in found and len(found["archs"]) != args.k:
         raise ValueError(f"--search-result {args.search_result} has {len(found['archs'])} folds, "
                          f"--k is {args.k}")

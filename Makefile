@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DATA := data
 
-.PHONY: demo test lint data
+.PHONY: demo test lint data reproduce
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,3 +49,8 @@ demo: data
 	@echo "demo outputs: teacher $(DEMO)/teacher.pth; supernet checkpoints, log.txt and TensorBoard in" \
 	  "$(DEMO)/train-supernet; search in $(DEMO)/eval-kfold-evolution; fine-tuned archs and" \
 	  "final_result.json in $(DEMO)/eval-blast"
+
+# The Fashion-MNIST reproduction (README, "Results"): about 1.5 hours on 2 cores; QUICK=1 for a
+# smoke check. Finished steps are kept under runs/reproduce: a rerun continues where it stopped.
+reproduce: data
+	$(PY) reproduce.py $(if $(QUICK),--quick)

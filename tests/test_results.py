@@ -6,8 +6,9 @@ import pytest
 from utils.cli import UsageError
 from utils.results import format_block, parse_block, read_search_result, write_json
 
-CONFIG = {"arch": "mobilenet_v2", "bits": 2, "l2_vals": [0.01, 0.001, 0.0001], "num_classes": 3}
-LAYERS = 17
+CONFIG = {"arch": "mobilenet_v2", "quantizer": "basq", "bits": 2, "l2_vals": [0.01, 0.001, 0.0001],
+          "num_classes": 3}
+LAYERS, BRANCHES = 17, 3
 ARCHS = [[i % 3 for i in range(LAYERS)], [(i + 1) % 3 for i in range(LAYERS)]]
 RESULT = {"fold_accs": [100.0, 87.5], "full_accs": [33.333333333333336, 75.0], "archs": ARCHS,
           "config": CONFIG, "k": 2}
@@ -46,9 +47,25 @@ def write(tmp_path, obj, name="search_result.json"):
 
 def test_read_search_result_accepts_a_stage2_result(tmp_path):
     # A result without a fold list (pasted from the reference's block) covers folds 0..n-1.
-    assert read_search_result(write(tmp_path, RESULT), CONFIG, LAYERS) == {**RESULT, "folds": [0, 1]}
+    expected = {**RESULT, "folds": [0, 1]}
+    assert read_search_result(write(tmp_path, RESULT), CONFIG, LAYERS, BRANCHES) == expected
     subset = {**RESULT, "folds": [3, 7]}
-    assert read_search_result(write(tmp_path, subset), CONFIG, LAYERS) == subset
+    assert read_search_result(write(tmp_path, subset), CONFIG, LAYERS, BRANCHES) == subset
+
+
+def test_read_search_result_of_a_single_branch_baseline(tmp_path):
+    lsq = {**CONFIG, "quantizer": "lsq", "l2_vals": []}
+    result = {**RESULT, "config": lsq, "archs": [[0] * LAYERS, [0] * LAYERS]}
+    assert read_search_result(write(tmp_path, result), lsq, LAYERS, 1)["archs"] == result["archs"]
+    with pytest.raises(UsageError, match="arch 0 is not 17 branch indices in 0..0"):
+        read_search_result(write(tmp_path, RESULT | {"config": lsq}), lsq, LAYERS, 1)
+    with pytest.raises(UsageError, match="belongs to quantizer=lsq, the flags say basq"):
+        read_search_result(write(tmp_path, result), CONFIG, LAYERS, BRANCHES)
+
+
+def test_read_search_result_without_quantizer_is_basq(tmp_path):
+    older = {**RESULT, "config": {k: v for k, v in CONFIG.items() if k != "quantizer"}}
+    assert read_search_result(write(tmp_path, older), CONFIG, LAYERS, BRANCHES)["archs"] == ARCHS
 
 
 def with_changes(**changes):
@@ -73,21 +90,21 @@ def with_changes(**changes):
 def test_read_search_result_refuses(tmp_path, content, words):
     path = write(tmp_path, content)
     with pytest.raises(UsageError) as e:
-        read_search_result(path, CONFIG, LAYERS)
+        read_search_result(path, CONFIG, LAYERS, BRANCHES)
     for word in ["--search-result", str(path), *words]:
         assert word in str(e.value)
 
 
 def test_read_search_result_missing_or_binary(tmp_path):
     with pytest.raises(UsageError, match="no such file"):
-        read_search_result(tmp_path / "missing.json", CONFIG, LAYERS)
+        read_search_result(tmp_path / "missing.json", CONFIG, LAYERS, BRANCHES)
     (tmp_path / "binary.json").write_bytes(bytes(range(256)))
     with pytest.raises(UsageError, match="not a JSON search result"):
-        read_search_result(tmp_path / "binary.json", CONFIG, LAYERS)
+        read_search_result(tmp_path / "binary.json", CONFIG, LAYERS, BRANCHES)
 
 
 @pytest.mark.parametrize("changes", [dict(config=None), dict(archs=5), dict(fold_accs=None),
                                      dict(full_accs=["x", "y"]), dict(fold_accs=[True, None])])
 def test_read_search_result_refuses_wrong_types(tmp_path, changes):
     with pytest.raises(UsageError, match="--search-result"):
-        read_search_result(write(tmp_path, with_changes(**changes)), CONFIG, LAYERS)
+        read_search_result(write(tmp_path, with_changes(**changes)), CONFIG, LAYERS, BRANCHES)

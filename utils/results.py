@@ -44,7 +44,8 @@ def write_json(obj: Any, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-def read_search_result(path: str | os.PathLike, config: dict[str, Any], num_layers: int) -> dict:
+def read_search_result(path: str | os.PathLike, config: dict[str, Any], num_layers: int,
+                       num_branches: int) -> dict:
     """A stage-2 ``search_result.json``, checked against the model the flags describe."""
     path = Path(path)
     try:
@@ -64,9 +65,10 @@ def read_search_result(path: str | os.PathLike, config: dict[str, Any], num_laye
     for key in ("fold_accs", "full_accs"):
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in result[key]):
             raise UsageError(f"--search-result {path}: {key} holds something other than accuracies")
-    for key in ("arch", "bits", "l2_vals"):
-        if result["config"].get(key) != config[key]:
-            raise UsageError(f"--search-result {path} belongs to {key}={result['config'].get(key)}, "
+    for key in ("arch", "quantizer", "bits", "l2_vals"):
+        theirs = result["config"].get(key, "basq" if key == "quantizer" else None)  # older files: basq
+        if theirs != config[key]:
+            raise UsageError(f"--search-result {path} belongs to {key}={theirs}, "
                              f"the flags say {config[key]}")
     archs = result["archs"]
     result.setdefault("folds", list(range(len(archs))))
@@ -74,7 +76,7 @@ def read_search_result(path: str | os.PathLike, config: dict[str, Any], num_laye
         raise UsageError(f"--search-result {path}: folds, fold_accs, full_accs and archs differ in length")
     if not all(isinstance(f, int) and not isinstance(f, bool) and f >= 0 for f in result["folds"]):
         raise UsageError(f"--search-result {path}: folds are not fold numbers")
-    branches = len(config["l2_vals"])
+    branches = num_branches
     for i, arch in enumerate(archs):
         if (not isinstance(arch, list) or len(arch) != num_layers
                 or not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b < branches

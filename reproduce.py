@@ -1,0 +1,242 @@
+"""A reduced-scale reproduction on Fashion-MNIST: what BASQ's clip branches and its search buy.
+
+Every row runs the three stage scripts under one training budget; only the quantizer of the model
+and the search of stage 2 differ (README, "Results"):
+
+  float         full precision: the same network and blocks, no quantizer (--quantizer float)
+  lsq           LSQ activation quantizers, no clip branches, no search (--quantizer lsq)
+  basq-uniform  the BASQ supernet, one L2 decay for every layer, the best on each fold (--uniform)
+  basq          the BASQ supernet, k-fold evolutionary search
+
+Every row is scored as BASQ is: stage 3 fine-tunes each fold's choice, then top-1 is measured on
+the test images outside that fold; the table gives the mean and spread over the folds.
+
+    python reproduce.py            # the committed table: results/fashion_mnist.md and .png
+    python reproduce.py --quick    # a smoke check of the whole pipeline, written to results/quick/
+
+Each step's outputs stay under --work: a rerun skips the finished steps and resumes an interrupted
+supernet training from its last checkpoint.
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from utils.cli import UsageError, fail_cleanly
+from utils.report import METHODS, Row, update_readme, write_plot, write_table
+from utils.results import write_json
+
+ARCH_FLAGS = {
+    "mobilenet_v2": ["--arch", "mobilenet_v2", "--width_multiplier", "0.5", "--width_divisor", "8"],
+    "resnet18": ["--arch", "resnet18", "--width_multiplier", "0.25", "--width_divisor", "8"],
+}
+# 28 px Fashion-MNIST through the stride-1 stem; four candidate decays spanning the reference's range.
+COMMON_FLAGS = ["--data", "fashion-mnist", "--base_resolution", "28", "--small_input_stem",
+                "--min_crop_scale", "0.5", "-j", "0", "--l2_bounds", "0.01,0.001,0.0001,0.00001"]
+EVAL_FLAGS = ["--k", "10", "--bn_recalibration_batches", "4"]
+
+# The one training budget of every row: stage-1 iterations per phase (batch 128), stage-3 iterations.
+PRESETS = {
+    "full": dict(iters=250, finetune_iters=40, folds="0,1,2", max_val_iters=25,
+                 evolution=["--population-num", "8", "--select-num", "4", "--mutation-num", "3",
+                            "--crossover-num", "3", "--max-epochs", "3"]),
+    "quick": dict(iters=20, finetune_iters=10, folds="0,1", max_val_iters=10,
+                  evolution=["--population-num", "4", "--select-num", "2", "--mutation-num", "1",
+                             "--crossover-num", "1", "--max-epochs", "1"]),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny budget, for a smoke check")
+    parser.add_argument("--archs", default="mobilenet_v2,resnet18", help="comma-separated, of: "
+                        + ", ".join(ARCH_FLAGS))
+    parser.add_argument("--bits", default="2,4", help="comma-separated bit widths (weights and activations)")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="steps run at once; each gets CPU cores / jobs threads")
+    parser.add_argument("--work", default=None,
+                        help="where the steps write (default: runs/reproduce/full or runs/reproduce/quick)")
+    parser.add_argument("--out", default=None,
+                        help="table and plot folder (default: results, or results/quick with --quick)")
+    parser.add_argument("--data-root", default="data", help="where Fashion-MNIST is unpacked")
+    args = parser.parse_args(argv)
+    args.preset = "quick" if args.quick else "full"
+    args.work = Path(args.work or f"runs/reproduce/{args.preset}")
+    args.out = Path(args.out or ("results/quick" if args.quick else "results"))
+    args.archs = [a.strip() for a in args.archs.split(",") if a.strip()]
+    if not args.archs or any(a not in ARCH_FLAGS for a in args.archs):
+        parser.error(f"--archs: choose from {', '.join(ARCH_FLAGS)}")
+    try:
+        args.bits = sorted({int(b) for b in args.bits.split(",") if b.strip()})
+    except ValueError:
+        parser.error(f"--bits {args.bits!r} is not a comma-separated list of integers")
+    if not args.bits or any(not 2 <= b <= 8 for b in args.bits):
+        parser.error("--bits: give bit widths from 2 to 8")
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
+    return args
+
+
+@dataclass
+class Step:
+    """One run of a stage script; ``marker`` is the file it leaves when it has finished."""
+
+    name: str
+    argv: list[str]
+    marker: Path
+    deps: list[str] = field(default_factory=list)
+    resumable: Path | None = None  # stage 1: the folder of its checkpoints
+
+    def command(self) -> list[str]:
+        argv = [sys.executable, *self.argv]
+        if self.resumable is not None:
+            checkpoints = sorted(self.resumable.glob("model_*_best_*it.pth"), key=_stage1_progress)
+            if checkpoints:
+                argv += ["--resume", str(checkpoints[-1])]
+        return argv
+
+
+def _stage1_progress(path: Path) -> tuple[int, int]:
+    phase = 2 if "_actwbin_" in path.name else 1
+    return phase, int(path.stem.rsplit("_", 1)[1].removesuffix("it"))
+
+
+def plan(args: argparse.Namespace) -> tuple[list[Step], list[Row]]:
+    """The steps of every row, and where each row's result will be."""
+    preset = PRESETS[args.preset]
+    iters, work = preset["iters"], args.work
+    val = [*EVAL_FLAGS, "--max_val_iters", str(preset["max_val_iters"])]
+    steps: dict[str, Step] = {}
+    rows = []
+    for arch in args.archs:
+        for method in METHODS:
+            for bits in ([args.bits[0]] if method == "float" else args.bits):
+                quantizer = {"float": "float", "lsq": "lsq"}.get(method, "basq")
+                model = [*COMMON_FLAGS, *ARCH_FLAGS[arch], "--bits", str(bits), "--quantizer", quantizer,
+                         "--data-root", args.data_root]
+                tag = f"{arch}-{quantizer}-{bits}bit"
+                train = work / tag / "train-supernet"
+                supernet = train / f"model_actwbin_best_{iters:05d}it.pth"
+                if f"train {tag}" not in steps:
+                    steps[f"train {tag}"] = Step(
+                        f"train {tag}",
+                        ["01train_supernet.py", *model, "--teacher", "none", "--batch_size", "128",
+                         "--abin_total_iters", str(iters), "--awbin_total_iters", str(iters),
+                         "--learning_rate_abin", "2e-3", "--learning_rate_wbin", "2e-3",
+                         "--save_interval", "100", "--report_freq", "50", "--save", str(train)],
+                        supernet, resumable=train)
+                row = f"{arch}-{method}-{bits}bit"
+                search = work / row / "search"
+                how = ["--uniform"] if method != "basq" else preset["evolution"]
+                steps[f"search {row}"] = Step(
+                    f"search {row}",
+                    ["02kfold_evolution.py", *model, *val, "--supernet", str(supernet), "--folds",
+                     preset["folds"], *how, "--save", str(search)],
+                    search / "search_result.json", deps=[f"train {tag}"])
+                finetune = work / row / "finetune"
+                steps[f"finetune {row}"] = Step(
+                    f"finetune {row}",
+                    ["03finetune.py", *model, *val, "--supernet", str(supernet), "--search-result",
+                     str(search / "search_result.json"), "--bn_epochs", "1", "--iters_per_epoch",
+                     str(preset["finetune_iters"]), "--batch_size", "128", "--save", str(finetune)],
+                    finetune / "final_result.json", deps=[f"search {row}"])
+                rows.append(Row(arch, method, bits, finetune / "final_result.json",
+                                search / "search_result.json"))
+    # Training first (everything else waits on it), then each row's search and fine-tuning.
+    ordered = sorted(steps.values(), key=lambda s: not s.name.startswith("train"))
+    return ordered, rows
+
+
+def run_steps(steps: list[Step], jobs: int, work: Path) -> None:
+    """Run the unfinished steps, ``jobs`` at a time, each after the steps it depends on."""
+    times_file = work / "step_seconds.json"
+    times = json.loads(times_file.read_text()) if times_file.exists() else {}
+    done = {s.name for s in steps if s.marker.exists()}
+    pending = [s for s in steps if s.name not in done]
+    unknown = {d for s in pending for d in s.deps} - {s.name for s in steps}
+    if unknown:
+        raise ValueError(f"steps depend on steps that are not planned: {', '.join(sorted(unknown))}")
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+    running: dict[str, tuple[subprocess.Popen, float, Path]] = {}
+    bar = tqdm(total=len(steps), initial=len(done), desc="reproduce", unit="step", dynamic_ncols=True)
+    if done:
+        tqdm.write(f"{len(done)} of {len(steps)} steps finished earlier; kept (delete {work} to redo them)")
+    while pending or running:
+        for step in list(pending):
+            if len(running) < jobs and all(d in done for d in step.deps):
+                pending.remove(step)
+                log = work / "logs" / (step.name.replace(" ", "_") + ".txt")
+                log.parent.mkdir(parents=True, exist_ok=True)
+                with open(log, "a") as out:
+                    proc = subprocess.Popen(step.command(), stdout=out, stderr=subprocess.STDOUT, env=env)
+                running[step.name] = (proc, time.monotonic(), log)
+        time.sleep(1)
+        for name, (proc, began, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[name]
+            if proc.returncode != 0:
+                for other, *_ in running.values():
+                    other.terminate()
+                tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+                raise UsageError(f"step '{name}' failed (exit {proc.returncode}); the end of {log}:\n{tail}")
+            done.add(name)
+            times[name] = times.get(name, 0.0) + time.monotonic() - began
+            write_json(times, times_file)
+            bar.update(1)
+            tqdm.write(f"done: {name} ({times[name] / 60:.1f} min)")
+    bar.close()
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, "
+            f"Python {platform.python_version()}")
+
+
+def main(args: argparse.Namespace) -> None:
+    steps, rows = plan(args)
+    args.work.mkdir(parents=True, exist_ok=True)
+    settings = {"preset": PRESETS[args.preset], "archs": args.archs, "bits": args.bits,
+                "steps": {s.name: s.argv for s in steps}}
+    settings_file = args.work / "settings.json"
+    if settings_file.exists() and json.loads(settings_file.read_text()) != settings:
+        raise UsageError(f"{args.work} holds a run with other settings; delete it, or give another --work")
+    write_json(settings, settings_file)
+    sessions_file = args.work / "sessions.json"
+    sessions = json.loads(sessions_file.read_text()) if sessions_file.exists() else []
+    began = time.monotonic()
+    try:  # a failed or interrupted session counts towards the wall time too
+        run_steps(steps, args.jobs, args.work)
+    finally:
+        sessions.append({"seconds": time.monotonic() - began, "jobs": args.jobs,
+                         "finished": time.strftime("%Y-%m-%d %H:%M")})
+        write_json(sessions, sessions_file)
+    meta = {"preset": args.preset, "machine": machine(), "sessions": sessions, "budget": PRESETS[args.preset],
+            "command": "make reproduce" + (" QUICK=1" if args.quick else "")}
+    table = write_table(args.out / "fashion_mnist.md", rows, meta)
+    write_plot(args.out / "fashion_mnist.png", rows)
+    if not args.quick and update_readme(Path("README.md"), table):
+        print("README.md: results section updated")
+    print(f"table: {args.out / 'fashion_mnist.md'}; plot: {args.out / 'fashion_mnist.png'}; "
+          f"runs and their logs: {args.work}")
+
+
+if __name__ == "__main__":
+    fail_cleanly(main, parse_args())
