@@ -33,6 +33,7 @@ from utils.data import batch_stream, cache_batches, val_loader
 from utils.evolution import EvolutionSearch, uniform_search
 from utils.folds import accuracy_on, fold_batches
 from utils.logs import RunLog
+from utils.prefix_scorer import PrefixScorer
 from utils.results import format_block, write_json
 
 
@@ -50,6 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--crossover-num", type=int, default=15)
     parser.add_argument("--mutation-num", type=int, default=15)
     parser.add_argument("--recalibration_batch_size", type=int, default=128)
+    parser.add_argument("--prefix_cache_gb", type=float, default=2.0,
+                        help="memory for the fold's stage outputs, reused by every candidate that "
+                             "shares their prefix of branches (same accuracies, less compute; 0: off). "
+                             "Used when the validation batches fit in memory")
     parser.add_argument("--uniform", action="store_true",
                         help="no evolution: score only the selections with one branch (one L2 decay) "
                              "in every layer and keep the best per fold (an ablation)")
@@ -107,8 +112,12 @@ def search(args: argparse.Namespace) -> dict:
         fold_range, full = fold_batches(num_batches, args.k, fold)
         candidates = tqdm(desc=f"fold {fold} candidates", position=1, leave=False, dynamic_ncols=True,
                           disable=not distributed.is_main())
-        def on_fold(c, on=fold_range):
-            return accuracy(c, on)
+        if args.prefix_cache_gb > 0 and isinstance(batches, list):  # not when streamed (ImageNet-sized)
+            on_fold = PrefixScorer(model, [batches[i] for i in fold_range], calibration, device,
+                                   args.prefix_cache_gb * 2**30).accuracy
+        else:
+            def on_fold(c, on=fold_range):
+                return accuracy(c, on)
 
         if args.uniform:
             result = uniform_search(model.num_searchable_layers, model.num_branches, on_fold, candidates)

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .supernet import Supernet
+from .supernet import Stage, Supernet
 from .units import BranchUnit, QuantUnit
 
 # (expansion t, channels c, repeats n, stride s); the first row is the stem.
@@ -95,10 +95,8 @@ class MobileNetV2Supernet(Supernet):
         self.num_branches = len(self.feature[1].branch_bn_q_1)
         self.quantizer = quantizer
 
-    def forward(self, x: torch.Tensor, selection: Sequence[int]) -> torch.Tensor:
-        selection = self.check_selection(selection)
-        x = self.feature[0](x)
-        for block, branch in zip(self.feature[1:-1], selection, strict=True):
-            x = block(x, branch)
-        x = self.feature[-1](x)
-        return self.classifier(x.mean((2, 3)))
+    def stages(self) -> list[Stage]:
+        stem, *blocks, last = self.feature
+        return [Stage(0, (stem,), lambda x, genes: stem(x)),
+                *(Stage(1, (block,), lambda x, genes, block=block: block(x, genes[0])) for block in blocks),
+                Stage(0, (last, self.classifier), lambda x, genes: self.classifier(last(x).mean((2, 3))))]

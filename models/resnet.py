@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .mobilenet_v2 import make_divisible
-from .supernet import Supernet
+from .supernet import Stage, Supernet
 from .units import BranchUnit, FlexibleSkip
 
 # BasicBlocks per stage, before the depth multiplier.
@@ -95,9 +95,8 @@ class ResNetSupernet(Supernet):
         self.num_branches = len(self.blocks[0].branch_bn_q_0)
         self.quantizer = quantizer
 
-    def forward(self, x: torch.Tensor, selection: Sequence[int]) -> torch.Tensor:
-        selection = self.check_selection(selection)
-        x = self.stem(x)
-        for i, block in enumerate(self.blocks):
-            x = block(x, selection[2 * i], selection[2 * i + 1])
-        return self.classifier(x.mean((2, 3)))
+    def stages(self) -> list[Stage]:
+        return [Stage(0, (self.stem,), lambda x, genes: self.stem(x)),
+                *(Stage(2, (block,), lambda x, genes, block=block: block(x, genes[0], genes[1]))
+                  for block in self.blocks),
+                Stage(0, (self.classifier,), lambda x, genes: self.classifier(x.mean((2, 3))))]

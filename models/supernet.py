@@ -1,12 +1,25 @@
 """What every BASQ supernet shares: selections, precision switches and quantizer initialisation."""
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from quant import ClipActivation, LsqActivation, QConv
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A piece of the forward pass that takes the next ``genes`` branch indices of a selection.
+
+    ``modules`` hold the stage's parameters and BatchNorms; ``run(x, genes)`` computes it.
+    """
+
+    genes: int
+    modules: tuple[nn.Module, ...]
+    run: Callable[[torch.Tensor, Sequence[int]], torch.Tensor]
 
 
 class Supernet(nn.Module):
@@ -20,6 +33,22 @@ class Supernet(nn.Module):
     num_branches: int
     quantizer: str
     config: dict
+
+    def stages(self) -> list[Stage]:
+        """The forward pass as a chain of stages (stem, searchable blocks, head).
+
+        The output of a stage depends only on the selection's genes up to its own, so stage 2 can
+        reuse it for every selection with that prefix.
+        """
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, selection: Sequence[int]) -> torch.Tensor:
+        selection = self.check_selection(selection)
+        start = 0
+        for stage in self.stages():
+            x = stage.run(x, selection[start:start + stage.genes])
+            start += stage.genes
+        return x
 
     def check_selection(self, selection: Sequence[int]) -> list[int]:
         selection = [int(b) for b in selection]

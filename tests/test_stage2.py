@@ -229,6 +229,16 @@ def test_a_subset_of_folds_gives_those_folds_of_the_full_run(search_run, image_f
         assert only[key] == first[key][1:]
 
 
+@pytest.mark.parametrize("recalibration", [[], ["--bn_recalibration_batches", "2",
+                                                 "--recalibration_batch_size", "4"]])
+def test_prefix_sharing_changes_no_result(image_folder, supernet, tmp_path, recalibration):
+    shared, _ = captured(stage2.search, stage2_args(image_folder, supernet, tmp_path / "a", *recalibration))
+    plain, _ = captured(stage2.search, stage2_args(image_folder, supernet, tmp_path / "b", *recalibration,
+                                                   "--prefix_cache_gb", "0"))
+    for key in ("fold_accs", "full_accs", "archs"):
+        assert shared[key] == plain[key]
+
+
 def test_rerun_with_other_settings_searches_again(search_run, image_folder, supernet, tmp_path,
                                                   monkeypatch):
     save, first, _ = search_run

@@ -1,0 +1,103 @@
+"""Scoring many selections on the same batches, sharing the work of common prefixes (stage 2).
+
+The evolution's children share most genes with their parents, and the output of a supernet stage
+depends only on the genes up to that stage (``Supernet.stages``). So the scorer keeps each stage's
+output on the fold's batches, keyed by the prefix of genes it was computed for, in a cache bounded
+in bytes (least recently used out first), and starts each selection from the longest prefix it
+holds.
+
+With BN re-estimation, each stage's statistics are re-estimated when that stage is computed, from
+the previous stage's train-mode outputs on the calibration batches: in train mode a stage's output
+does not depend on running statistics, so this gives the statistics, and the logits, of
+``recalibrate_bn`` on the whole network.
+"""
+from collections import OrderedDict
+from collections.abc import Sequence
+from itertools import accumulate
+
+import torch
+from torch import nn
+
+from models import Supernet
+from models.supernet import Stage
+
+from .folds import Batch
+
+Activations = tuple[list[torch.Tensor], list[torch.Tensor]]  # calibration outputs, scored outputs
+
+
+class PrefixScorer:
+    """Top-1 of selections on fixed ``batches``, each stage computed once per distinct prefix.
+
+    ``calibration``: training batches to re-estimate BN statistics on for every selection (empty:
+    use the model's own statistics). The model must be in eval mode, as for ``accuracy_on``.
+    ``computed`` counts the stage computations (the plain way does every stage per selection).
+    """
+
+    def __init__(self, model: Supernet, batches: Sequence[Batch], calibration: Sequence[Batch],
+                 device: torch.device, cache_bytes: float = 2 * 2**30):
+        self.model = model
+        self.stages = model.stages()
+        self.ends = list(accumulate(stage.genes for stage in self.stages))
+        self.start: Activations = ([images.to(device) for images, _ in calibration],
+                                   [images.to(device) for images, _ in batches])
+        self.labels = [labels.to(device) for _, labels in batches]
+        if not self.labels:
+            raise ValueError("no batches to score on")
+        self.cache: OrderedDict[tuple, tuple[Activations, int]] = OrderedDict()
+        self.cache_bytes, self.used = cache_bytes, 0
+        self.computed = 0
+
+    @torch.no_grad()
+    def logits(self, selection: Sequence[int]) -> torch.Tensor:
+        selection = tuple(self.model.check_selection(selection))
+        first, acts = 0, self.start
+        for j in reversed(range(len(self.stages) - 1)):  # the longest prefix held
+            key = (j, selection[:self.ends[j]])
+            if key in self.cache:
+                self.cache.move_to_end(key)
+                first, acts = j + 1, self.cache[key][0]
+                break
+        for j in range(first, len(self.stages)):
+            genes = selection[self.ends[j] - self.stages[j].genes:self.ends[j]]
+            acts = self._compute(self.stages[j], genes, acts)
+            if j < len(self.stages) - 1:  # the logits are not worth keeping
+                self._keep((j, selection[:self.ends[j]]), acts)
+        return torch.cat(acts[1])
+
+    def accuracy(self, selection: Sequence[int]) -> float:
+        """Top-1 in percent, as ``accuracy_on``."""
+        logits = self.logits(selection)
+        labels = torch.cat(self.labels).to(logits.device)
+        return 100.0 * int((logits.argmax(dim=1) == labels).sum().item()) / labels.numel()
+
+    def _compute(self, stage: Stage, genes: Sequence[int], acts: Activations) -> Activations:
+        self.computed += 1
+        calibration, scored = acts
+        if calibration:
+            norms = [m for module in stage.modules for m in module.modules()
+                     if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            momenta = [m.momentum for m in norms]
+            for m in norms:
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average over the batches, as recalibrate_bn
+            for module in stage.modules:
+                module.train()
+            try:
+                calibration = [stage.run(x, genes) for x in calibration]
+            finally:
+                for m, momentum in zip(norms, momenta, strict=True):
+                    m.momentum = momentum
+                for module in stage.modules:
+                    module.eval()
+        return calibration, [stage.run(x, genes) for x in scored]
+
+    def _keep(self, key: tuple, acts: Activations) -> None:
+        size = sum(t.numel() * t.element_size() for part in acts for t in part)
+        if size > self.cache_bytes:
+            return
+        while self.used + size > self.cache_bytes:
+            _, (_, freed) = self.cache.popitem(last=False)
+            self.used -= freed
+        self.cache[key] = (acts, size)
+        self.used += size
