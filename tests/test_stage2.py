@@ -152,14 +152,12 @@ def test_printed_block_round_trips(search_run):
         "archs": found["archs"]}
 
 
-def test_accuracies_match_an_independent_computation(search_run, image_folder, supernet):
-    save, found, _ = search_run
-    model, _ = load_supernet(supernet, found["config"])
+def independent_top1(supernet, config, image_folder):
+    """``top1(arch, batch indices)`` computed here, without stage 2's code; and the batches."""
+    model, _ = load_supernet(supernet, config)
     model.eval()
     model.change_precision(True, True)
-    data = build_datasets(str(image_folder), 32)
-    batches = list(val_loader(data.val, VAL_BATCH, 0))
-    assert len(batches) == 6
+    batches = list(val_loader(build_datasets(str(image_folder), 32).val, VAL_BATCH, 0))
 
     def top1(arch, indices):
         correct = total = 0
@@ -169,6 +167,14 @@ def test_accuracies_match_an_independent_computation(search_run, image_folder, s
                 correct += int((model(images, tuple(arch)).argmax(1) == labels).sum())
                 total += len(labels)
         return 100.0 * correct / total
+
+    return top1, batches
+
+
+def test_accuracies_match_an_independent_computation(search_run, image_folder, supernet):
+    save, found, _ = search_run
+    top1, batches = independent_top1(supernet, found["config"], image_folder)
+    assert len(batches) == 6
 
     for fold, arch in enumerate(found["archs"]):
         fold_range, full = fold_batches(len(batches), K, fold)
@@ -293,19 +299,7 @@ def test_uniform_search_picks_the_best_uniform_selection(supernet, image_folder,
     assert block(text, "total-result")["archs"] == found["archs"]
 
     # Each fold keeps the uniform selection with the best fold accuracy, the lower branch on ties.
-    model, _ = load_supernet(supernet, found["config"])
-    model.eval()
-    model.change_precision(True, True)
-    batches = list(val_loader(build_datasets(str(image_folder), 32).val, VAL_BATCH, 0))
-
-    def top1(arch, indices):
-        correct = total = 0
-        with torch.no_grad(), one_thread():
-            for i in indices:
-                images, labels = batches[i]
-                correct += int((model(images, tuple(arch)).argmax(1) == labels).sum())
-                total += len(labels)
-        return 100.0 * correct / total
+    top1, batches = independent_top1(supernet, found["config"], image_folder)
 
     for fold, arch in enumerate(found["archs"]):
         fold_range, full = fold_batches(len(batches), K, fold)
