@@ -8,6 +8,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 from utils.cli import UsageError
 from utils.report import Row, mean_sd, update_readme, write_plot, write_table
@@ -370,6 +371,7 @@ RESULTS = {
     ("basq", 2): ([90.0, 91.0, 95.0], [[0, 1, 1, 2], [1, 1, 3, 0], [0, 0, 1, 1]]),
     ("basq", 4): ([88.0, 88.5, 89.0], [[0] * 4] * 3),
 }
+CLIPS = [[1.0, 2.5], [0.5, 3.0]]  # per layer and branch, plus the bits (to tell 2 and 4 apart)
 META = {"budget": {"iters": 300, "finetune_iters": 60, "folds": "0,1,2"}, "machine": "test machine",
         "sessions": [{"seconds": 600.0, "jobs": 2, "finished": "2024-01-01 10:00"},
                      {"seconds": 1200.0, "jobs": 1, "finished": "2024-01-02 11:00"}],
@@ -382,8 +384,13 @@ def make_rows(root: Path, arch: str = "resnet18") -> list[Row]:
         folder = root / f"{arch}-{method}-{bits}"
         folder.mkdir(parents=True)
         l2 = L2 if method.startswith("basq") else []
+        supernet = folder / "supernet.pth"
+        clips = {f"blocks.{i}.branch_bn_q_0.{b}.1.upper_bound": torch.tensor(CLIPS[i][b] + bits)
+                 for i in range(len(CLIPS)) for b in range(2)} if l2 else {}
+        torch.save({"model_state_dict": {"stem.conv1.weight": torch.zeros(1), **clips}}, supernet)
         (folder / "final_result.json").write_text(json.dumps(
-            {"bnfull_accs": accs, "archs": archs, "folds": [0, 1, 2], "config": {"l2_vals": l2}}))
+            {"bnfull_accs": accs, "archs": archs, "folds": [0, 1, 2], "config": {"l2_vals": l2},
+             "supernet": str(supernet)}))
         rows.append(Row(arch, method, bits, folder / "final_result.json", folder / "search_result.json"))
     return rows
 
@@ -426,7 +433,8 @@ def test_write_table(tmp_path):
     assert methods == ["Full precision (no quantizer)", "LSQ, no clip branches, no search",
                        "BASQ, one L2 decay for all layers", "BASQ (k-fold search)"]
     # What the search buys: BASQ - LSQ and BASQ - one L2, differences of the means.
-    assert table_line(text, "Network", "Bits") == ["Network", "Bits", "BASQ - LSQ", "BASQ - one L2 for all"]
+    assert table_line(text, "Network", "Bits", "BASQ - LSQ") == [
+        "Network", "Bits", "BASQ - LSQ", "BASQ - one L2 for all"]
     assert table_line(text, "ResNet-18", "2-bit") == ["ResNet-18", "2-bit", "+10.00", "+8.00"]
     assert table_line(text, "ResNet-18", "4-bit") == ["ResNet-18", "4-bit", "-0.50", "-1.50"]
     # Decays: each fold's for one L2 for all; mean layers per decay for the search; none for baselines.
@@ -438,6 +446,10 @@ def test_write_table(tmp_path):
     assert table_line(text, "ResNet-18", "BASQ (k-fold search)", "4")[3] == "0.01: 4.0"
     assert not any(c[:2] == ["ResNet-18", "LSQ, no clip branches, no search"] and len(c) == 4
                    for c in map(cells, text.splitlines()))
+    # The clips of each BASQ supernet: count, min, mean, max.
+    assert table_line(text, "Network", "Bits", "Clips") == ["Network", "Bits", "Clips", "Min", "Mean", "Max"]
+    assert table_line(text, "ResNet-18", "2", "4") == ["ResNet-18", "2", "4", "2.50", "3.75", "5.00"]
+    assert table_line(text, "ResNet-18", "4", "4") == ["ResNet-18", "4", "4", "4.50", "5.75", "7.00"]
     assert "Wall time: 30 min in 2 session(s), 1 steps at a time" in text
     assert "Machine: test machine" in text and "`make reproduce`" in text
 

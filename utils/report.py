@@ -35,6 +35,14 @@ class Row:
         width = json.loads(self.final.read_text())["config"].get("width_multiplier")
         return ARCH_NAMES[self.arch] + (f" x{width:g}" if width is not None else "")
 
+    def clips(self) -> list[float]:
+        """Every clip value of the stage-1 supernet this row used (none for the baselines)."""
+        from .checkpoint import load_file, state_dict_of
+
+        supernet = json.loads(self.final.read_text())["supernet"]
+        state = state_dict_of(load_file(supernet), supernet)
+        return [v.item() for k, v in state.items() if k.endswith(".upper_bound")]
+
     def decays(self) -> list[list[float]]:
         """The L2 decay each fold's choice gives each layer (empty for the single-branch baselines)."""
         result = json.loads(self.final.read_text())
@@ -89,6 +97,11 @@ def write_table(path: Path, rows: list[Row], meta: dict) -> str:
                 gains.append(f"| {names[arch]} | {b}-bit | {bm - lm:+.2f} | {bm - um:+.2f} |")
     choices = [f"| {names[r.arch]} | {METHOD_NAMES[r.method]} | {r.bits} | {_choice(r)} |"
                for r in rows if r.method in ("basq", "basq-uniform")]
+    clips = []
+    for r in rows:
+        if r.method == "basq" and (values := r.clips()):
+            clips.append(f"| {names[r.arch]} | {r.bits} | {len(values)} | {min(values):.2f} | "
+                         f"{statistics.fmean(values):.2f} | {max(values):.2f} |")
     budget = meta["budget"]
     wall = sum(s["seconds"] for s in meta["sessions"]) / 60
     text = "\n".join([
@@ -120,6 +133,13 @@ def write_table(path: Path, rows: list[Row], meta: dict) -> str:
         "| Network | Method | Bits | Decays |",
         "|---|---|---|---|",
         *choices,
+        "",
+        "Clip values of the BASQ supernets after stage 1 (every branch of every searchable layer; "
+        "they start at 6.0):",
+        "",
+        "| Network | Bits | Clips | Min | Mean | Max |",
+        "|---|---|---|---|---|---|",
+        *clips,
         "",
     ])
     path.parent.mkdir(parents=True, exist_ok=True)
