@@ -50,7 +50,7 @@ demo: data
 	  "$(DEMO)/train-supernet; search in $(DEMO)/eval-kfold-evolution; fine-tuned archs and" \
 	  "final_result.json in $(DEMO)/eval-blast"
 
-# The Fashion-MNIST reproduction (README, "Results"): about 1.5 hours on 2 cores; QUICK=1 for a
+# The Fashion-MNIST reproduction (README, "Results"): about 70 minutes on 2 cores; QUICK=1 for a
 # smoke check. Finished steps are kept under runs/reproduce: a rerun continues where it stopped.
 reproduce: data
 	$(PY) reproduce.py $(if $(QUICK),--quick)

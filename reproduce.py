@@ -222,12 +222,14 @@ def main(args: argparse.Namespace) -> None:
     sessions_file = args.work / "sessions.json"
     sessions = json.loads(sessions_file.read_text()) if sessions_file.exists() else []
     began = time.monotonic()
-    try:  # a failed or interrupted session counts towards the wall time too
+    todo = any(not step.marker.exists() for step in steps)
+    try:
         run_steps(steps, args.jobs, args.work)
-    finally:
-        sessions.append({"seconds": time.monotonic() - began, "jobs": args.jobs,
-                         "finished": time.strftime("%Y-%m-%d %H:%M")})
-        write_json(sessions, sessions_file)
+    finally:  # a failed or interrupted session counts towards the wall time; a mere report does not
+        if todo:
+            sessions.append({"seconds": time.monotonic() - began, "jobs": args.jobs,
+                             "finished": time.strftime("%Y-%m-%d %H:%M")})
+            write_json(sessions, sessions_file)
     meta = {"preset": args.preset, "machine": machine(), "sessions": sessions, "budget": PRESETS[args.preset],
             "command": "make reproduce" + (" QUICK=1" if args.quick else "")}
     table = write_table(args.out / "fashion_mnist.md", rows, meta)
