@@ -11,8 +11,8 @@ and the search of stage 2 differ (README, "Results"):
 Every row is scored as BASQ is: stage 3 fine-tunes each fold's choice, then top-1 is measured on
 the test images outside that fold; the table gives the mean and spread over the folds.
 
-    python reproduce.py            # the committed table: results/fashion_mnist.md and .png
-    python reproduce.py --quick    # a smoke check of the whole pipeline, written to results/quick/
+    python reproduce.py            # the committed table, results/fashion_mnist.md and .png (70 min)
+    python reproduce.py --quick    # a smoke check of every step, written to results/quick/ (10 min)
 
 Each step's outputs stay under --work: a rerun skips the finished steps and resumes an interrupted
 supernet training from its last checkpoint.
