@@ -5,7 +5,8 @@ eval mode 2-bit quantizers turn the mismatch into constant outputs (see the READ
 statistics and averaging them over a few training batches of the chosen selection, without
 gradients, is the usual one-shot NAS remedy. The reference does not do it: it is off by default.
 """
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -13,20 +14,32 @@ from torch import nn
 from .folds import Batch
 
 
-@torch.no_grad()
-def recalibrate_bn(model: nn.Module, selection: Sequence[int], batches: Sequence[Batch],
-                   device: torch.device) -> None:
-    """Reset every BN's running statistics and re-estimate them as a cumulative average."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+@contextlib.contextmanager
+def fresh_bn_statistics(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Inside: every BN of ``modules`` starts from reset statistics, in train mode, and averages
+    those of each batch run through it (cumulative average); after: eval mode, momenta restored."""
+    modules = list(modules)
+    norms = [m for module in modules for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average over the batches
-    model.train()
+    for module in modules:
+        module.train()
     try:
-        for images, _ in batches:
-            model(images.to(device), selection)
+        yield
     finally:
         for m, momentum in zip(norms, momenta, strict=True):
             m.momentum = momentum
-        model.eval()
+        for module in modules:
+            module.eval()
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, selection: Sequence[int], batches: Sequence[Batch],
+                   device: torch.device) -> None:
+    """Reset every BN's running statistics and re-estimate them as a cumulative average."""
+    with fresh_bn_statistics([model]):
+        for images, _ in batches:
+            model(images.to(device), selection)

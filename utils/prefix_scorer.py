@@ -16,11 +16,11 @@ from collections.abc import Sequence
 from itertools import accumulate
 
 import torch
-from torch import nn
 
 from models import Supernet
 from models.supernet import Stage
 
+from .bn_recalibration import fresh_bn_statistics
 from .folds import Batch
 
 Activations = tuple[list[torch.Tensor], list[torch.Tensor]]  # calibration outputs, scored outputs
@@ -41,9 +41,9 @@ class PrefixScorer:
         self.ends = list(accumulate(stage.genes for stage in self.stages))
         self.start: Activations = ([images.to(device) for images, _ in calibration],
                                    [images.to(device) for images, _ in batches])
-        self.labels = [labels.to(device) for _, labels in batches]
-        if not self.labels:
+        if not batches:
             raise ValueError("no batches to score on")
+        self.labels = torch.cat([labels for _, labels in batches]).to(device)
         self.cache: OrderedDict[tuple, tuple[Activations, int]] = OrderedDict()
         self.cache_bytes, self.used = cache_bytes, 0
         self.computed = 0
@@ -68,28 +68,14 @@ class PrefixScorer:
     def accuracy(self, selection: Sequence[int]) -> float:
         """Top-1 in percent, as ``accuracy_on``."""
         logits = self.logits(selection)
-        labels = torch.cat(self.labels).to(logits.device)
-        return 100.0 * int((logits.argmax(dim=1) == labels).sum().item()) / labels.numel()
+        return 100.0 * int((logits.argmax(dim=1) == self.labels).sum().item()) / self.labels.numel()
 
     def _compute(self, stage: Stage, genes: Sequence[int], acts: Activations) -> Activations:
         self.computed += 1
         calibration, scored = acts
         if calibration:
-            norms = [m for module in stage.modules for m in module.modules()
-                     if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-            momenta = [m.momentum for m in norms]
-            for m in norms:
-                m.reset_running_stats()
-                m.momentum = None  # cumulative average over the batches, as recalibrate_bn
-            for module in stage.modules:
-                module.train()
-            try:
+            with fresh_bn_statistics(stage.modules):  # as recalibrate_bn, for this stage alone
                 calibration = [stage.run(x, genes) for x in calibration]
-            finally:
-                for m, momentum in zip(norms, momenta, strict=True):
-                    m.momentum = momentum
-                for module in stage.modules:
-                    module.eval()
         return calibration, [stage.run(x, genes) for x in scored]
 
     def _keep(self, key: tuple, acts: Activations) -> None:
