@@ -25,7 +25,7 @@ from tqdm import tqdm
 from models import build_supernet
 from quant import ClipActivation
 from utils import distributed
-from utils.checkpoint import load_file, load_model_state, save_file
+from utils.checkpoint import PHASES, checkpoint_name, load_file, load_model_state, save_file
 from utils.cli import (
     UsageError,
     check_config,
@@ -40,8 +40,6 @@ from utils.logs import RunLog
 from utils.losses import kd_loss
 from utils.param_groups import stage1_param_groups
 from utils.teacher import load_teacher
-
-PHASES = {1: "actbin", 2: "actwbin"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,10 +70,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.abin_total_iters < 0 or args.awbin_total_iters < 0:
         parser.error("--abin_total_iters and --awbin_total_iters cannot be negative")
     return args
-
-
-def checkpoint_name(phase: int, iteration: int) -> str:
-    return f"model_{PHASES[phase]}_best_{iteration:05d}it.pth"
 
 
 def phase_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, total_iters: int

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from utils.checkpoint import checkpoint_name, latest_checkpoint
 from utils.cli import UsageError, fail_cleanly
 from utils.report import METHODS, Row, update_readme, write_plot, write_table
 from utils.results import write_json
@@ -98,16 +99,9 @@ class Step:
 
     def command(self) -> list[str]:
         argv = [sys.executable, *self.argv]
-        if self.resumable is not None:
-            checkpoints = sorted(self.resumable.glob("model_*_best_*it.pth"), key=_stage1_progress)
-            if checkpoints:
-                argv += ["--resume", str(checkpoints[-1])]
+        if self.resumable is not None and (last := latest_checkpoint(self.resumable)) is not None:
+            argv += ["--resume", str(last)]
         return argv
-
-
-def _stage1_progress(path: Path) -> tuple[int, int]:
-    phase = 2 if "_actwbin_" in path.name else 1
-    return phase, int(path.stem.rsplit("_", 1)[1].removesuffix("it"))
 
 
 def plan(args: argparse.Namespace) -> tuple[list[Step], list[Row]]:
@@ -125,7 +119,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Step], list[Row]]:
                          "--data-root", args.data_root]
                 tag = f"{arch}-{quantizer}-{bits}bit"
                 train = work / tag / "train-supernet"
-                supernet = train / f"model_actwbin_best_{iters:05d}it.pth"
+                supernet = train / checkpoint_name(2, iters)
                 if f"train {tag}" not in steps:
                     steps[f"train {tag}"] = Step(
                         f"train {tag}",

@@ -18,6 +18,24 @@ class CheckpointError(Exception):
     """A checkpoint file that cannot be used; the message names the file and the cause."""
 
 
+# Stage 1's phases and its checkpoint names, as the released checkpoint is named.
+PHASES = {1: "actbin", 2: "actwbin"}
+
+
+def checkpoint_name(phase: int, iteration: int) -> str:
+    """``model_actwbin_best_466000it.pth``: stage 1's checkpoint at ``iteration`` of ``phase``."""
+    return f"model_{PHASES[phase]}_best_{iteration:05d}it.pth"
+
+
+def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
+    """The stage-1 checkpoint furthest into training in ``folder`` (phase, then iteration), if any."""
+    def progress(path: Path) -> tuple[int, int]:
+        phase = 2 if f"_{PHASES[2]}_" in path.name else 1
+        return phase, int(path.stem.rsplit("_", 1)[1].removesuffix("it"))
+
+    return max(Path(folder).glob("model_*_best_*it.pth"), key=progress, default=None)
+
+
 def load_file(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
     """The one way the project reads a ``.pth`` file: ``torch.load(weights_only=True)``.
 
