@@ -3,6 +3,7 @@ import json
 import statistics
 from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 METHODS = ("float", "lsq", "basq-uniform", "basq")
@@ -26,28 +27,32 @@ class Row:
     final: Path
     search: Path
 
+    @cached_property
+    def result(self) -> dict:
+        """Stage 3's ``final_result.json``, read once."""
+        return json.loads(self.final.read_text())
+
     def accuracies(self) -> list[float]:
         """Top-1 after fine-tuning, one per searched fold."""
-        return [float(a) for a in json.loads(self.final.read_text())["bnfull_accs"]]
+        return [float(a) for a in self.result["bnfull_accs"]]
 
     def network(self) -> str:
         """The network's name and width, e.g. ``MobileNet-v2 x0.5``."""
-        width = json.loads(self.final.read_text())["config"].get("width_multiplier")
+        width = self.result["config"].get("width_multiplier")
         return ARCH_NAMES[self.arch] + (f" x{width:g}" if width is not None else "")
 
     def clips(self) -> list[float]:
         """Every clip value of the stage-1 supernet this row used (none for the baselines)."""
         from .checkpoint import load_file, state_dict_of
 
-        supernet = json.loads(self.final.read_text())["supernet"]
+        supernet = self.result["supernet"]
         state = state_dict_of(load_file(supernet), supernet)
         return [v.item() for k, v in state.items() if k.endswith(".upper_bound")]
 
     def decays(self) -> list[list[float]]:
         """The L2 decay each fold's choice gives each layer (empty for the single-branch baselines)."""
-        result = json.loads(self.final.read_text())
-        l2_vals = result["config"]["l2_vals"]
-        return [[l2_vals[b] for b in arch] for arch in result["archs"]] if l2_vals else []
+        l2_vals = self.result["config"]["l2_vals"]
+        return [[l2_vals[b] for b in arch] for arch in self.result["archs"]] if l2_vals else []
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:

@@ -76,11 +76,10 @@ def read_search_result(path: str | os.PathLike, config: dict[str, Any], num_laye
         raise UsageError(f"--search-result {path}: folds, fold_accs, full_accs and archs differ in length")
     if not all(isinstance(f, int) and not isinstance(f, bool) and f >= 0 for f in result["folds"]):
         raise UsageError(f"--search-result {path}: folds are not fold numbers")
-    branches = num_branches
     for i, arch in enumerate(archs):
         if (not isinstance(arch, list) or len(arch) != num_layers
-                or not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b < branches
+                or not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b < num_branches
                            for b in arch)):
             raise UsageError(f"--search-result {path}: arch {i} is not {num_layers} branch indices "
-                             f"in 0..{branches - 1}")
+                             f"in 0..{num_branches - 1}")
     return result
