@@ -342,6 +342,22 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def run_bad_cases(command: list[str], cases: dict, replace: dict[str, str], save: Path):
+    """``command`` plus each case's flags (placeholders replaced), all at once, writing into the
+    finished run in ``save``: ``(results by case, bytes of save before, after)``."""
+    before = folder_bytes(save)
+    results = run_many({name: [*command, *[replace.get(f, f) for f in flags]]
+                        for name, (flags, _) in cases.items()})
+    return results, before, folder_bytes(save)
+
+
+def check_bad_case(runs, cases: dict, name: str) -> None:
+    """The case failed cleanly with its words, and left the earlier run's files as they were."""
+    results, before, after = runs
+    assert_clean_failure(results[name], *cases[name][1])
+    assert after == before
+
+
 BAD_STAGE2 = {
     "missing": (["--supernet", "MISSING"], ["MISSING", "no such file"]),
     "corrupt": (["--supernet", "CORRUPT"], ["corrupt.pth", "not a PyTorch checkpoint"]),
@@ -366,18 +382,11 @@ def bad_stage2_runs(search_run, image_folder, supernet, tmp_path_factory):
     torch.save({"model_state_dict": load_file(supernet)["model_state_dict"]}, tmp / "bare.pth")
     replace = {"MISSING": str(tmp / "MISSING.pth"), "CORRUPT": str(tmp / "corrupt.pth"),
                "BARE": str(tmp / "bare.pth")}
-    before = folder_bytes(save)
-    commands = {}
-    for name, (flags, _) in BAD_STAGE2.items():
-        commands[name] = ["02kfold_evolution.py", "--data", str(image_folder), "--supernet", str(supernet),
-                          "--save", str(save), "-j", "0", *MODEL, *SEARCH,
-                          *[replace.get(f, f) for f in flags]]
-    results = run_many(commands)
-    return results, before, folder_bytes(save)
+    command = ["02kfold_evolution.py", "--data", str(image_folder), "--supernet", str(supernet),
+               "--save", str(save), "-j", "0", *MODEL, *SEARCH]
+    return run_bad_cases(command, BAD_STAGE2, replace, save)
 
 
 @pytest.mark.parametrize("name", BAD_STAGE2)
 def test_bad_input(bad_stage2_runs, name):
-    results, before, after = bad_stage2_runs
-    assert_clean_failure(results[name], *BAD_STAGE2[name][1])
-    assert after == before
+    check_bad_case(bad_stage2_runs, BAD_STAGE2, name)

@@ -14,14 +14,14 @@ from utils.checkpoint import load_file, load_supernet
 from utils.data import build_datasets, val_loader
 from utils.folds import fold_batches
 
-from .conftest import ROOT, assert_clean_failure, load_script, run_script
+from .conftest import ROOT, load_script, run_script
 from .test_stage2 import (
     MODEL,
     block,
     captured,
-    folder_bytes,
+    check_bad_case,
     one_thread,
-    run_many,
+    run_bad_cases,
     shared_search_run,
     shared_supernet,
 )
@@ -191,20 +191,14 @@ def bad_stage3_runs(finetune_run, image_folder, supernet, found, tmp_path_factor
     replace = {"MISSING": str(tmp / "missing.json")}
     replace.update({f"{n}.json": str(tmp / f"{n}.json")
                     for n in ("malformed", "bits", "branches", "short")})
-    before = folder_bytes(save)
-    commands = {name: ["03finetune.py", "--data", str(image_folder), "--supernet", str(supernet),
-                       "--search-result", str(found["path"]), "--save", str(save), "-j", "0", *MODEL,
-                       *FINETUNE, *[replace.get(f, f) for f in flags]]
-                for name, (flags, _) in BAD_STAGE3.items()}
-    results = run_many(commands)
-    return results, before, folder_bytes(save)
+    command = ["03finetune.py", "--data", str(image_folder), "--supernet", str(supernet),
+               "--search-result", str(found["path"]), "--save", str(save), "-j", "0", *MODEL, *FINETUNE]
+    return run_bad_cases(command, BAD_STAGE3, replace, save)
 
 
 @pytest.mark.parametrize("name", BAD_STAGE3)
 def test_bad_input(bad_stage3_runs, name):
-    results, before, after = bad_stage3_runs
-    assert_clean_failure(results[name], *BAD_STAGE3[name][1])
-    assert after == before
+    check_bad_case(bad_stage3_runs, BAD_STAGE3, name)
 
 
 # ---------------------------------------------------------------------------------------------
