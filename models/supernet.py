@@ -9,6 +9,8 @@ from torch import nn
 
 from quant import ClipActivation, LsqActivation, QConv
 
+from .units import Unit
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -49,6 +51,11 @@ class Supernet(nn.Module):
             x = stage.run(x, selection[start:start + stage.genes])
             start += stage.genes
         return x
+
+    def units(self) -> Iterator[Unit]:
+        """Every unit of the network (units are not modules: the blocks hold them as attributes)."""
+        for module in self.modules():
+            yield from (v for v in vars(module).values() if isinstance(v, Unit))
 
     def check_selection(self, selection: Sequence[int]) -> list[int]:
         selection = [int(b) for b in selection]

@@ -10,7 +10,7 @@ indexed by the unit's position (``bn_qconv_bn_relu_0``, ``bn0_last``, ``branch_b
 and keeps references to them for its forward pass.
 """
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +69,37 @@ def activation_quantizers(quantizer: str, bits: int, channels: int,
     return [nn.Identity()]
 
 
-class QuantUnit:
+def unit_forward(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, conv: nn.Module,
+                 bn_post: nn.Module, skip: nn.Module, bn_last: nn.Module) -> torch.Tensor:
+    """``U(x) = BN_last(ReLU(BN_post(QConv(Q(BN_pre(x))))) + Skip(x))``, the parts given.
+
+    One function for every unit and branch, the parts its arguments: under ``torch.compile``
+    (``models.compile``) the units of a network share a handful of compiled graphs.
+    """
+    return bn_last(F.relu(bn_post(conv(quantizer(bn_pre(x))))) + skip(x))
+
+
+class Unit:
+    """What the units share: the parts live on the owner block; ``forward`` runs them.
+
+    A unit looks its parts up on ``owner`` at every call, so that replacing a registered module
+    (``nn.SyncBatchNorm.convert_sync_batchnorm``) replaces it in the unit too. ``forward`` is
+    ``unit_forward``, or its compiled form (``models.compile``).
+    """
+
+    forward: Callable[..., torch.Tensor] = staticmethod(unit_forward)
+
+    def __init__(self, owner: nn.Module, parts: dict[str, nn.Module]):
+        self.owner = owner
+        for name, module in parts.items():
+            owner.add_module(name, module)
+
+    def parts(self, branch: int) -> tuple[nn.Module, ...]:
+        """``bn_pre, quantizer, conv, bn_post, skip, bn_last`` of ``branch``."""
+        raise NotImplementedError
+
+
+class QuantUnit(Unit):
     """A unit with an always-on LSQ activation quantizer (the 1x1 convolutions of MobileNet-v2).
 
     Registers ``bn_qconv_bn_relu_{index}`` (BN_pre, LSQ, QConv, BN_post, ReLU) and
@@ -79,24 +109,29 @@ class QuantUnit:
     def __init__(self, owner: nn.Module, index: int, in_channels: int, out_channels: int,
                  bits: int, kernel_size: int = 1, stride: int = 1, groups: int = 1,
                  quantizer: str = "basq"):
-        self.body = nn.Sequential(
+        self.names = (f"bn_qconv_bn_relu_{index}", f"skip{index}", f"bn{index}_last")
+        body = nn.Sequential(
             nn.BatchNorm2d(in_channels),
             nn.Identity() if quantizer == "float" else LsqActivation(bits, in_channels),
             QConv(in_channels, out_channels, kernel_size, bits, stride, groups),
             nn.BatchNorm2d(out_channels),
             nn.ReLU(),
         )
-        self.bn_last = nn.BatchNorm2d(out_channels)
-        self.skip = FlexibleSkip(in_channels, out_channels, stride)
-        owner.add_module(f"bn_qconv_bn_relu_{index}", self.body)
-        owner.add_module(f"bn{index}_last", self.bn_last)
-        owner.add_module(f"skip{index}", self.skip)
+        super().__init__(owner, dict(zip(self.names, (
+            body, FlexibleSkip(in_channels, out_channels, stride), nn.BatchNorm2d(out_channels)),
+            strict=True)))
+
+    def parts(self, branch: int = 0) -> tuple[nn.Module, ...]:
+        modules = self.owner._modules
+        body, skip, bn_last = (modules[name] for name in self.names)
+        bn_pre, quantizer, conv, bn_post, _ = body
+        return bn_pre, quantizer, conv, bn_post, skip, bn_last
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn_last(self.body(x) + self.skip(x))
+        return self.forward(x, *self.parts())
 
 
-class BranchUnit:
+class BranchUnit(Unit):
     """A branch-wise unit: one clip quantizer per candidate L2 decay, the convolution shared.
 
     Branch ``j`` owns BN_pre and the clip quantizer (``branch_bn_q_{index}[j]``), BN_post
@@ -109,18 +144,19 @@ class BranchUnit:
                  bits: int, l2_vals: Sequence[float], kernel_size: int = 3, stride: int = 1,
                  groups: int = 1, quantizer: str = "basq"):
         quantizers = activation_quantizers(quantizer, bits, in_channels, l2_vals)
-        self.pre = nn.ModuleList(nn.Sequential(nn.BatchNorm2d(in_channels), q) for q in quantizers)
-        self.conv = QConv(in_channels, out_channels, kernel_size, bits, stride, groups)
-        self.post = nn.ModuleList(
-            nn.Sequential(nn.BatchNorm2d(out_channels), nn.ReLU()) for _ in quantizers
-        )
-        self.bn_last = nn.ModuleList(nn.BatchNorm2d(out_channels) for _ in quantizers)
-        self.skip = FlexibleSkip(in_channels, out_channels, stride)
-        owner.add_module(f"branch_bn_q_{index}", self.pre)
-        owner.add_module(f"conv{index}", self.conv)
-        owner.add_module(f"branch_bn_{index}", self.post)
-        owner.add_module(f"bn{index}_last", self.bn_last)
-        owner.add_module(f"skip{index}", self.skip)
+        self.names = (f"branch_bn_q_{index}", f"conv{index}", f"branch_bn_{index}",
+                      f"skip{index}", f"bn{index}_last")
+        super().__init__(owner, dict(zip(self.names, (
+            nn.ModuleList(nn.Sequential(nn.BatchNorm2d(in_channels), q) for q in quantizers),
+            QConv(in_channels, out_channels, kernel_size, bits, stride, groups),
+            nn.ModuleList(nn.Sequential(nn.BatchNorm2d(out_channels), nn.ReLU()) for _ in quantizers),
+            FlexibleSkip(in_channels, out_channels, stride),
+            nn.ModuleList(nn.BatchNorm2d(out_channels) for _ in quantizers)), strict=True)))
+
+    def parts(self, branch: int) -> tuple[nn.Module, ...]:
+        pre, conv, post, skip, bn_last = (self.owner._modules[name] for name in self.names)
+        bn_pre, quantizer = pre[branch]
+        return bn_pre, quantizer, conv, post[branch][0], skip, bn_last[branch]
 
     def __call__(self, x: torch.Tensor, branch: int) -> torch.Tensor:
-        return self.bn_last[branch](self.post[branch](self.conv(self.pre[branch](x))) + self.skip(x))
+        return self.forward(x, *self.parts(branch))

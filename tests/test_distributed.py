@@ -197,3 +197,23 @@ def test_sync_bn_is_refused_on_the_cpu(tmp_path, image_folder):
                               "--device", "cpu", "--sync_bn"])
     with pytest.raises(stage1.UsageError, match="--sync_bn needs GPUs"):
         stage1.train(args)
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v2", "resnet18"])
+def test_units_follow_sync_bn_conversion(arch):
+    """``--sync_bn`` replaces the BatchNorms registered on the blocks; the units must use the new ones.
+
+    Without a process group, SyncBatchNorm computes as BatchNorm, so the forward runs on the CPU.
+    """
+    model = build_supernet(arch, 10, 2, [0.01, 0.001], width_multiplier=0.25)
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for unit in model.units():
+        for branch in range(model.num_branches):
+            bn_pre, _, _, bn_post, _, bn_last = unit.parts(branch)
+            assert all(isinstance(bn, torch.nn.SyncBatchNorm) for bn in (bn_pre, bn_post, bn_last))
+    called = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.SyncBatchNorm):
+            m.register_forward_hook(lambda *_: called.append(1))
+    model.train()(torch.randn(2, 3, 32, 32), [0] * model.num_searchable_layers)
+    assert len(called) == 1 + 3 * len(list(model.units()))  # the stem, and three per unit

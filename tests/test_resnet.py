@@ -161,7 +161,7 @@ def test_width_multiplier(width: float, first: int, last: int):
 
 def test_downsampling_blocks_use_parameter_free_shortcut():
     model = tiny()
-    strides = [b.unit0.conv.stride for b in model.blocks]
+    strides = [b.conv0.stride for b in model.blocks]
     assert strides == [1, 1, 2, 1, 2, 1, 2, 1]
     block = model.blocks[2]
     assert isinstance(block, BasicBlock)
