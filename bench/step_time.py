@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import torchvision
 
 from models import build_supernet
+from utils.cpu_memory import keep_freed_memory
 
 CONFIGS = [(0.5, 32, 128), (1.0, 224, 16)]
 
@@ -98,11 +99,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--amp", action="store_true", help="autocast (bf16 on CPU, fp16 on CUDA)")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="the C library's defaults (the stages keep freed memory: utils/cpu_memory.py)")
     parser.add_argument("--only", type=int, choices=range(len(CONFIGS)), help="one configuration")
     args = parser.parse_args()
+    kept = not args.system_malloc and keep_freed_memory()
     torch.manual_seed(0)
     random.seed(0)
-    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, "
+          f"freed memory kept: {kept}")
     configs = [CONFIGS[args.only]] if args.only is not None else CONFIGS
     for width, size, batch in configs:
         r = measure(width, size, batch, args)

@@ -1,0 +1,34 @@
+"""Keep freed memory in the process, so that big CPU tensors are not page-faulted in at every step.
+
+glibc serves every allocation over 32 MiB with its own ``mmap`` and unmaps it on ``free``; the next
+tensor of that size is mapped again and touched page by page. A training step allocates and frees
+such tensors by the hundred (a 16 x 96 x 112 x 112 activation is 77 MB), so on the CPU the page
+faults cost more than the arithmetic: on our 2-core machine, one elementwise pass over that tensor
+takes 36 ms with the defaults and 4 ms with the freed memory reused. PyTorch's CPU tuning guide
+recommends jemalloc or tcmalloc for this; ``mallopt`` gets the same from the C library already
+loaded, with nothing to install.
+"""
+import ctypes
+import ctypes.util
+import sys
+
+# mallopt parameters, from glibc's malloc.h
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+
+
+def keep_freed_memory() -> bool:
+    """Serve allocations up to 1 GiB from the heap and keep freed memory for reuse (glibc only).
+
+    The process keeps its peak memory instead of returning it to the system between steps.
+    Returns whether the setting took (False on other platforms and C libraries).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
