@@ -7,10 +7,10 @@ A unit wraps one quantized convolution with a parameter-free skip and a BatchNor
 The released checkpoints store a unit's parts directly on the block that holds it, under names
 indexed by the unit's position (``bn_qconv_bn_relu_0``, ``bn0_last``, ``branch_bn_q_1``, ``conv1``,
 ...). So a unit is not a sub-module: it registers its parts on its ``owner`` block under those names
-and keeps references to them for its forward pass.
+and looks them up there at every call.
 """
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,15 @@ class FlexibleSkip(nn.Module):
             x = F.avg_pool2d(x, self.stride, self.stride, ceil_mode=True)
         return x
 
+    def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``out + self(x)``; an input repeated a whole number of times is broadcast, not copied."""
+        cin, cout = self.in_channels, self.out_channels
+        if cout <= cin or cout % cin:
+            return out + self(x)
+        if self.stride > 1:  # pooling commutes with repeating channels
+            x = F.avg_pool2d(x, self.stride, self.stride, ceil_mode=True)
+        return (out.unflatten(1, (cout // cin, cin)) + x.unsqueeze(1)).flatten(1, 2)
+
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
 
@@ -71,23 +80,16 @@ def activation_quantizers(quantizer: str, bits: int, channels: int,
 
 def unit_forward(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, conv: nn.Module,
                  bn_post: nn.Module, skip: nn.Module, bn_last: nn.Module) -> torch.Tensor:
-    """``U(x) = BN_last(ReLU(BN_post(QConv(Q(BN_pre(x))))) + Skip(x))``, the parts given.
-
-    One function for every unit and branch, the parts its arguments: under ``torch.compile``
-    (``models.compile``) the units of a network share a handful of compiled graphs.
-    """
-    return bn_last(F.relu(bn_post(conv(quantizer(bn_pre(x))))) + skip(x))
+    """``U(x) = BN_last(ReLU(BN_post(QConv(Q(BN_pre(x))))) + Skip(x))``, for every unit and branch."""
+    return bn_last(skip.add_to(F.relu(bn_post(conv(quantizer(bn_pre(x))))), x))
 
 
 class Unit:
-    """What the units share: the parts live on the owner block; ``forward`` runs them.
+    """What the units share: the parts live on the owner block; ``unit_forward`` runs them.
 
     A unit looks its parts up on ``owner`` at every call, so that replacing a registered module
-    (``nn.SyncBatchNorm.convert_sync_batchnorm``) replaces it in the unit too. ``forward`` is
-    ``unit_forward``, or its compiled form (``models.compile``).
+    (``nn.SyncBatchNorm.convert_sync_batchnorm``) replaces it in the unit too.
     """
-
-    forward: Callable[..., torch.Tensor] = staticmethod(unit_forward)
 
     def __init__(self, owner: nn.Module, parts: dict[str, nn.Module]):
         self.owner = owner
@@ -128,7 +130,7 @@ class QuantUnit(Unit):
         return bn_pre, quantizer, conv, bn_post, skip, bn_last
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward(x, *self.parts())
+        return unit_forward(x, *self.parts())
 
 
 class BranchUnit(Unit):
@@ -159,4 +161,4 @@ class BranchUnit(Unit):
         return bn_pre, quantizer, conv, post[branch][0], skip, bn_last[branch]
 
     def __call__(self, x: torch.Tensor, branch: int) -> torch.Tensor:
-        return self.forward(x, *self.parts(branch))
+        return unit_forward(x, *self.parts(branch))

@@ -143,6 +143,20 @@ def test_skip_repeat_truncate_and_chunk_sum_by_hand():
     assert pooled.flatten().tolist() == [2.0, 3.5, 6.5, 8.0]
 
 
+@pytest.mark.parametrize(("cin", "cout", "stride"), [(4, 12, 1), (4, 12, 2), (3, 7, 1), (6, 4, 2), (5, 5, 1)])
+def test_skip_added_to_a_unit_output_is_the_sum_with_the_skip(cin, cout, stride):
+    """``add_to`` broadcasts a whole-number repeat instead of copying it: the same sum, bit for bit."""
+    skip = FlexibleSkip(cin, cout, stride)
+    x = torch.randn(2, cin, 7, 7, requires_grad=True)
+    out = torch.randn(2, cout, 4 if stride == 2 else 7, 4 if stride == 2 else 7)
+    expected = out + skip(x)
+    (grad_expected,) = torch.autograd.grad(expected, x, torch.ones_like(expected))
+    added = skip.add_to(out, x)
+    assert torch.equal(added, expected)
+    (grad,) = torch.autograd.grad(added, x, torch.ones_like(added))
+    torch.testing.assert_close(grad, grad_expected)
+
+
 def test_different_selections_differ_and_precision_modes_differ():
     model = small().eval()
     x = torch.randn(2, 3, 32, 32)
