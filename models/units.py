@@ -79,7 +79,7 @@ def activation_quantizers(quantizer: str, bits: int, channels: int,
 
 
 def unit_forward(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, conv: nn.Module,
-                 bn_post: nn.Module, skip: nn.Module, bn_last: nn.Module) -> torch.Tensor:
+                 bn_post: nn.Module, skip: FlexibleSkip, bn_last: nn.Module) -> torch.Tensor:
     """``U(x) = BN_last(ReLU(BN_post(QConv(Q(BN_pre(x))))) + Skip(x))``, for every unit and branch."""
     return bn_last(skip.add_to(F.relu(bn_post(conv(quantizer(bn_pre(x))))), x))
 
