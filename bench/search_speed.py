@@ -9,10 +9,10 @@ hits both alike. The accuracies must be identical; the figure of merit is candid
 """
 import argparse
 import random
-import time
 
 import torch
 
+from bench.timing import timed
 from models import build_supernet
 from utils.bn_recalibration import recalibrate_bn
 from utils.evolution import EvolutionSearch
@@ -64,13 +64,8 @@ def main() -> None:
             ways.reverse()
         accs = {}
         for name, way in ways:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            accs[name] = way(selection)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds[name] += time.perf_counter() - start
+            accs[name], took = timed(lambda way=way: way(selection), device)
+            seconds[name] += took
         if accs["plain"] != accs["prefix"]:
             raise SystemExit(f"accuracies differ for {selection}: {accs}")
         count += 1

@@ -12,26 +12,16 @@ import gc
 import random
 import resource
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 import torchvision
 
+from bench.timing import timed
 from models import build_supernet
 from utils.cpu_memory import keep_freed_memory
 
 CONFIGS = [(0.5, 32, 128), (1.0, 224, 16)]
-
-
-def timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def steps(model, baseline, optimizers, x, y, train: bool, amp: bool, device: torch.device):
@@ -75,8 +65,8 @@ def measure(width: float, size: int, batch: int, args: argparse.Namespace) -> di
             ours(), theirs()
         times = {"ours": [], "theirs": []}
         for _ in range(args.steps):
-            times["ours"].append(timed(ours, device))
-            times["theirs"].append(timed(theirs, device))
+            times["ours"].append(timed(ours, device)[1])
+            times["theirs"].append(timed(theirs, device)[1])
         ratios = [a / b for a, b in zip(times["ours"], times["theirs"], strict=True)]
         result[mode] = {"ratio": statistics.median(ratios),
                         "ours_img_s": batch / statistics.median(times["ours"]),
