@@ -44,17 +44,18 @@ class FlexibleSkip(nn.Module):
                 x = F.pad(x, (0, 0, 0, 0, 0, pad))
             n, _, h, w = x.shape
             x = x.view(n, -1, cout, h, w).sum(1)
-        if self.stride > 1:
-            x = F.avg_pool2d(x, self.stride, self.stride, ceil_mode=True)
-        return x
+        return self.pool(x)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """The 2x2 average pool of a stride-2 skip (``ceil_mode``); the identity on stride 1."""
+        return F.avg_pool2d(x, self.stride, self.stride, ceil_mode=True) if self.stride > 1 else x
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``out + self(x)``; an input repeated a whole number of times is broadcast, not copied."""
         cin, cout = self.in_channels, self.out_channels
         if cout <= cin or cout % cin:
             return out + self(x)
-        if self.stride > 1:  # pooling commutes with repeating channels
-            x = F.avg_pool2d(x, self.stride, self.stride, ceil_mode=True)
+        x = self.pool(x)  # pooling commutes with repeating channels
         return (out.unflatten(1, (cout // cin, cin)) + x.unsqueeze(1)).flatten(1, 2)
 
     def extra_repr(self) -> str:
