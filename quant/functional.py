@@ -1,7 +1,13 @@
-"""Straight-through helpers and the clip quantizer's autograd function (SPEC section 1)."""
+"""Straight-through helpers and the quantizers' autograd functions (SPEC section 1).
+
+Each function runs the fused CPU kernels of ``native`` where they apply (contiguous float32 CPU
+tensors) and PyTorch's ops elsewhere; both give the same values bit for bit.
+"""
 import math
 
 import torch
+
+from . import native
 
 # grad_scale and round_pass are the reference's definitions of LSQ (SPEC section 1). The model runs
 # the fused LsqQuantize below; the tests check it against these.
@@ -26,6 +32,17 @@ def clip_delta(clip: torch.Tensor, bin_: torch.Tensor) -> torch.Tensor:
     return torch.where(r >= 1, clip, torch.where(r <= 1 / 255, clip / 255, clip * r))
 
 
+def clip_range(clip: torch.Tensor, bin_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clip quantizer's upper bound and step: ``y = round(clamp(x, 0, upper) / delta) * delta``.
+
+    The reference gives 0 for ``c <= 0``. Handled on scalars: with ``c`` clamped at 0 every ``x``
+    clamps to 0, and a step of 1 in place of 0 keeps ``0 / delta`` from being nan.
+    """
+    upper = clip.clamp_min(0)
+    delta = clip_delta(upper, bin_)
+    return upper, torch.where(delta > 0, delta, torch.ones_like(delta))
+
+
 class ClipQuantize(torch.autograd.Function):
     """PACT-style clip-and-round with the reference's straight-through backward.
 
@@ -34,20 +51,30 @@ class ClipQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, clip: torch.Tensor, bin_: torch.Tensor) -> torch.Tensor:
-        # The reference gives 0 for c <= 0. Handled on scalars: with c clamped at 0 every x clamps
-        # to 0, and a step of 1 in place of 0 keeps 0 / step from being nan.
-        upper = clip.clamp_min(0)
-        delta = clip_delta(upper, bin_)
-        delta = torch.where(delta > 0, delta, torch.ones_like(delta))
-        # round(clamp(x, 0, c) / delta) * delta, in this order (bit-exact rounding), in place on
-        # the one new tensor.
-        y = torch.clamp(x, min=torch.zeros_like(upper), max=upper).div_(delta).round_().mul_(delta)
+        upper, delta = clip_range(clip, bin_)
+        # round(clamp(x, 0, c) / delta) * delta, in this order (bit-exact rounding): in one pass,
+        # or in place on the one new tensor.
+        if native.usable(x):
+            y = torch.empty_like(x)
+            native.library().clip_forward(native.ptr(x), native.ptr(y), x.numel(), float(upper),
+                                          float(delta), native.threads())
+        else:
+            y = torch.clamp(x, min=torch.zeros_like(upper), max=upper).div_(delta).round_().mul_(delta)
         ctx.save_for_backward(x, clip)
         return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, clip = ctx.saved_tensors
+        if native.usable(x):
+            grad = grad.contiguous()
+            grad_x = torch.empty_like(x)
+            grad_clip = native.library().clip_backward(native.ptr(x), native.ptr(grad),
+                                                       native.ptr(grad_x), x.numel(), float(clip),
+                                                       native.threads())
+            grad_clip = torch.tensor(grad_clip, dtype=clip.dtype).reshape(clip.shape)
+            return (grad_x if ctx.needs_input_grad[0] else None,
+                    grad_clip if ctx.needs_input_grad[1] else None, None)
         grad_x = grad * ((x > 0) & (x < clip)) if ctx.needs_input_grad[0] else None
         grad_clip = None
         if ctx.needs_input_grad[1]:
@@ -62,8 +89,9 @@ def clip_quantize(x: torch.Tensor, clip: torch.Tensor, bin_: torch.Tensor) -> to
 class LsqQuantize(torch.autograd.Function):
     """``round_pass(clamp(x / a, lo, hi)) * a`` with ``a = grad_scale(s, k)``, in one node.
 
-    Autograd through the composite saves five temporaries and runs a dozen kernels; this saves
-    ``q = x / a`` alone. Same gradients: ``dx = g`` where ``lo <= q <= hi``; ``ds = k * sum(g *
+    Autograd through the composite saves five temporaries and runs a dozen kernels; this saves one
+    tensor (``x`` for the fused CPU kernels of ``native``, ``q = x / a`` for PyTorch's ops). Same
+    gradients: ``dx = g`` where ``lo <= q <= hi``; ``ds = k * sum(g *
     (round(q) - q))`` inside the range and ``k * sum(g * clamp(q))`` outside, summed over all
     dimensions but the channel ``dim``.
     """
@@ -71,19 +99,37 @@ class LsqQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, s: torch.Tensor, lo: float, hi: float, k: float,
                 dim: int) -> torch.Tensor:
+        ctx.lo, ctx.hi, ctx.k, ctx.dim = lo, hi, k, dim
+        if native.usable(x, s):  # one pass; the backward recomputes q from x
+            ctx.save_for_backward(x, s)
+            y = torch.empty_like(x)
+            native.library().lsq_forward(native.ptr(x), native.ptr(s), native.ptr(y),
+                                         *_channel_view(x, dim), lo, hi, native.threads())
+            return y
         shape = [1] * x.dim()
         shape[dim] = -1
         a = s.view(shape)
         q = x / a
-        ctx.lo, ctx.hi, ctx.k, ctx.dim = lo, hi, k, dim
         if not any(ctx.needs_input_grad):  # evaluation: work in place on the one new tensor
             return q.clamp_(lo, hi).round_().mul_(a)
-        ctx.save_for_backward(q)
+        ctx.save_for_backward(q, None)
         return torch.clamp(q, lo, hi).round_().mul_(a)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (q,) = ctx.saved_tensors
+        x_or_q, s = ctx.saved_tensors
+        if s is not None:
+            x, grad = x_or_q, grad.contiguous()
+            grad_x = torch.empty_like(x)
+            grad_s = torch.empty(s.numel(), dtype=torch.float64)
+            native.library().lsq_backward(native.ptr(x), native.ptr(s), native.ptr(grad),
+                                          native.ptr(grad_x), native.ptr(grad_s),
+                                          *_channel_view(x, ctx.dim), ctx.lo, ctx.hi,
+                                          native.threads())
+            return (grad_x if ctx.needs_input_grad[0] else None,
+                    grad_s.to(s.dtype) * ctx.k if ctx.needs_input_grad[1] else None,
+                    None, None, None, None)
+        q = x_or_q
         inside = (q >= ctx.lo) & (q <= ctx.hi)
         grad_x = grad * inside if ctx.needs_input_grad[0] else None
         grad_s = None
@@ -92,6 +138,11 @@ class LsqQuantize(torch.autograd.Function):
             r = torch.round(torch.clamp(q, ctx.lo, ctx.hi))
             grad_s = (grad * torch.where(inside, r - q, r)).sum(dims) * ctx.k
         return grad_x, grad_s, None, None, None, None
+
+
+def _channel_view(x: torch.Tensor, dim: int) -> tuple[int, int, int]:
+    """``x`` as ``[outer, channels, inner]`` around ``dim``."""
+    return math.prod(x.shape[:dim]), x.shape[dim], math.prod(x.shape[dim + 1:])
 
 
 def lsq_quantize(x: torch.Tensor, s: torch.Tensor, lo: float, hi: float, dim: int) -> torch.Tensor:

@@ -21,6 +21,29 @@ def fixtures_dir() -> Path:
     return FIXTURES
 
 
+def require_native() -> None:
+    """Skip without the fused CPU kernels (quant/native.py); CI (``BASQ_REQUIRE_FIXTURES=1``) fails."""
+    from quant import native
+
+    if native.library() is None:
+        why = "the fused CPU kernels did not build here (no working C compiler; see the warning)"
+        if os.environ.get("BASQ_REQUIRE_FIXTURES") == "1":
+            pytest.fail(why)
+        pytest.skip(why)
+
+
+@pytest.fixture(params=["fused", "pytorch"])
+def kernels(request, monkeypatch) -> str:
+    """Run a test with the quantizers' fused CPU kernels, then with PyTorch's ops."""
+    from quant import native
+
+    if request.param == "pytorch":
+        monkeypatch.setattr(native, "usable", lambda *tensors: False)
+    else:
+        require_native()
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def load_fixture(fixtures_dir):
     cache = {}

@@ -29,7 +29,7 @@ def test_imagenet_state_dict_layout(fixtures_dir):
 
 @pytest.mark.parametrize("name", SMALL)
 @pytest.mark.parametrize("mode", MODES)
-def test_eval_logits(load_fixture, name, mode):
+def test_eval_logits(load_fixture, name, mode, kernels):
     f = load_fixture(name)
     model = reference_model(f).eval()
     model.change_precision(*MODES[mode])
@@ -39,7 +39,7 @@ def test_eval_logits(load_fixture, name, mode):
 
 
 @pytest.mark.parametrize("name", SMALL)
-def test_train_step(load_fixture, name):
+def test_train_step(load_fixture, name, kernels):
     f = load_fixture(name)
     t = f["train"]
     model = reference_model(f).train()

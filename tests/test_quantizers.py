@@ -12,7 +12,7 @@ BITS = [2, 3, 4]
 
 
 @pytest.mark.parametrize("bits", BITS)
-def test_clip_activation_matches_reference(load_fixture, bits):
+def test_clip_activation_matches_reference(load_fixture, bits, kernels):
     f = load_fixture("quantizers.pt")[f"clip_act_{bits}bit"]
     assert f["n_lv"] == 2**bits
     q = ClipActivation(bits)
@@ -31,7 +31,7 @@ def test_clip_activation_matches_reference(load_fixture, bits):
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("name, quantizer, inp",
                          [("lsq_act", LsqActivation, "x"), ("lsq_weight", LsqWeight, "w")])
-def test_lsq_matches_reference(load_fixture, bits, name, quantizer, inp):
+def test_lsq_matches_reference(load_fixture, bits, name, quantizer, inp, kernels):
     f = load_fixture("quantizers.pt")[f"{name}_{bits}bit"]
     q = quantizer(bits, f["s"].numel())
     with torch.no_grad():
@@ -50,7 +50,7 @@ def test_kd_loss_matches_reference(load_fixture):
     assert loss.item() == pytest.approx(f["loss"], rel=1e-5)
 
 
-def test_clip_quantizer_by_hand():
+def test_clip_quantizer_by_hand(kernels):
     # 2 bits, c = 3: r = 1 - (1 - 1/3) = 1/3, step 1, levels 0..3.
     x = torch.tensor([-1.0, 0.4, 1.6, 2.4, 3.0, 7.0], requires_grad=True)
     c = torch.tensor(3.0, requires_grad=True)
@@ -61,7 +61,7 @@ def test_clip_quantizer_by_hand():
     assert c.grad.item() == 6.0  # only x > c
 
 
-def test_clip_quantizer_step_limits_and_nonpositive_clip():
+def test_clip_quantizer_step_limits_and_nonpositive_clip(kernels):
     x = torch.linspace(-1, 4, 50)
     c = torch.tensor(2.0)
     # r >= 1 (bin <= 0): one step of c.
@@ -113,7 +113,7 @@ def test_qconv_flat_weights_and_switch():
 
 
 @pytest.mark.parametrize("lo, hi, dim", [(0, 3, 1), (0, 15, 1), (-1, 1, 0), (-7, 7, 0)])
-def test_fused_lsq_equals_the_reference_composite(lo, hi, dim):
+def test_fused_lsq_equals_the_reference_composite(lo, hi, dim, kernels):
     # SPEC: a = grad_scale(s, k), y = round_pass(clamp(x / a, lo, hi)) * a, gradients by autograd.
     torch.manual_seed(0)
     x = (torch.randn(4, 6, 5, 5) * 2).requires_grad_()

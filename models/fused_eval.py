@@ -1,0 +1,78 @@
+"""A unit in evaluation without autograd, as two fused CPU kernels around its convolution.
+
+``BN_pre`` and the quantizer run as one pass over the unit's input; ``BN_post``, ReLU, the skip and
+``BN_last`` as one pass over its output (``quant/kernels.c``), where PyTorch's ops make six to nine.
+The values are PyTorch's bit for bit, which depends on how this machine's PyTorch computes
+BatchNorm: ``models.units`` checks every kind of unit against PyTorch's ops once per process and
+keeps PyTorch's ops if any bit differs.
+"""
+import weakref
+
+import torch
+from torch import nn
+
+from quant import ClipActivation, LsqActivation, native
+from quant.functional import clip_range
+
+
+def _in_evaluation(bn: nn.Module) -> bool:
+    return (type(bn) is nn.BatchNorm2d and not bn.training and bn.running_var is not None
+            and bn.affine and native.usable(bn.running_mean, bn.running_var, bn.weight, bn.bias))
+
+
+def applies(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, bn_post: nn.Module,
+            bn_last: nn.Module) -> bool:
+    """Whether the fused kernels can run this unit: no autograd, eval-mode BatchNorms, CPU float32."""
+    return (not torch.is_grad_enabled() and x.dim() == 4 and native.usable(x)
+            and isinstance(quantizer, (ClipActivation, LsqActivation, nn.Identity))
+            and all(_in_evaluation(bn) for bn in (bn_pre, bn_post, bn_last)))
+
+
+_alphas: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _bn_terms(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``alpha = weight / sqrt(var + eps)`` as PyTorch's kernel rounds it, the mean and the bias.
+
+    ``alpha`` is kept until the variance, the weight or ``eps`` change (evaluation runs the same
+    BatchNorms again and again; three small ops a BatchNorm are a tenth of a 32 px step).
+    """
+    var, weight = bn.running_var, bn.weight
+    if var.is_inference() or weight.is_inference():  # no version counter to key on
+        return torch.rsqrt(var + bn.eps).mul_(weight), bn.running_mean, bn.bias
+    key = (var._version, var.data_ptr(), weight._version, weight.data_ptr(), bn.eps)
+    cached = _alphas.get(bn)
+    if cached is None or cached[0] != key:
+        cached = _alphas[bn] = key, torch.rsqrt(var + bn.eps).mul_(weight)
+    return cached[1], bn.running_mean, bn.bias
+
+
+def _quantizer_args(quantizer: nn.Module) -> tuple:
+    """``bn_quantize``'s quantizer arguments: kind, upper, delta, step, lo, hi."""
+    if isinstance(quantizer, LsqActivation):
+        return 2, 0.0, 0.0, native.ptr(quantizer.s), 0.0, float(quantizer.qp)
+    if isinstance(quantizer, ClipActivation) and quantizer.quantize:
+        upper, delta = clip_range(quantizer.upper_bound, quantizer.bin)
+        return 1, float(upper), float(delta), None, 0.0, 0.0
+    return 0, 0.0, 0.0, None, 0.0, 0.0
+
+
+def unit(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, conv: nn.Module,
+         bn_post: nn.Module, skip: nn.Module, bn_last: nn.Module) -> torch.Tensor:
+    """``models.units.unit_forward`` where ``applies`` holds."""
+    lib, threads = native.library(), native.threads()
+    n, c, h, w = x.shape
+    q = torch.empty_like(x)
+    pre = _bn_terms(bn_pre)  # held here: the kernel reads them
+    lib.bn_quantize(native.ptr(x), native.ptr(q), n, c, h * w, *map(native.ptr, pre),
+                    *_quantizer_args(quantizer), threads)
+    z = conv(q).contiguous()
+    if skip.in_channels > skip.out_channels:  # summed chunks: PyTorch's sum order, then added
+        src, pooled = skip(x).contiguous(), 0
+    else:  # the input itself, repeated (and pooled) by the kernel
+        src, pooled = x, int(skip.stride > 1)
+    terms = _bn_terms(bn_post) + _bn_terms(bn_last)
+    out = torch.empty_like(z)
+    lib.bn_relu_skip_bn(native.ptr(z), native.ptr(src), native.ptr(out), *z.shape, *src.shape[1:],
+                        pooled, *map(native.ptr, terms), threads)
+    return out

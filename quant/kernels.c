@@ -1,0 +1,199 @@
+/* Fused CPU kernels of the quantizers in quant/functional.py: one pass over memory where PyTorch's
+ * ops make four to ten. float32, C-contiguous. Built at first use by quant/native.py with
+ * -ffp-contract=off: every value is the same IEEE operation as in the PyTorch ops it replaces
+ * (compare, divide, round half to even, multiply), so the forward results are the same bit for bit.
+ * The gradients' sums accumulate in double (PyTorch sums in float, in another order).
+ *
+ * A tensor quantized per channel is viewed as [outer, channels, inner]: dim 1 of an activation
+ * (outer = batch, inner = height * width) or dim 0 of a weight (outer = 1). */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* Below this many elements, starting threads costs more than it saves. */
+#define PARALLEL_MIN 32768
+
+/* v where keep is 1, +0 where it is 0: a select the compiler vectorizes (a branch it does not). */
+static inline float keep_if(float v, int keep) {
+    uint32_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    bits &= -(uint32_t)keep;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+/* torch.clamp's order: max with lo first, then min with hi; NaN passes through. */
+static inline float clamp(float v, float lo, float hi) {
+    v = v < lo ? lo : v;
+    return v > hi ? hi : v;
+}
+
+/* y = round(clamp(x, 0, upper) / delta) * delta */
+void clip_forward(const float *x, float *y, int64_t n, float upper, float delta, int threads) {
+#pragma omp parallel for num_threads(threads) if (n >= PARALLEL_MIN) schedule(static)
+    for (int64_t i = 0; i < n; i++)
+        y[i] = rintf(clamp(x[i], 0.0f, upper) / delta) * delta;
+}
+
+/* Sums accumulate in double, in LANES running sums that the compiler keeps in vector registers, and
+ * in CHUNKS fixed pieces combined in order: the same result for any number of threads. */
+#define LANES 8
+#define CHUNKS 64
+
+static inline double sum_lanes(const double *acc) {
+    double total = 0.0;
+    for (int l = 0; l < LANES; l++)
+        total += acc[l];
+    return total;
+}
+
+/* One block of LANES elements of the clip backward: grad_x, and the running sums over x > clip. */
+static inline void clip_backward_lanes(const float *x, const float *g, float *grad_x, float clip,
+                                       int lanes, double *acc) {
+    for (int l = 0; l < lanes; l++) {
+        int inside = (x[l] > 0.0f) & (x[l] < clip), above = x[l] > clip;
+        grad_x[l] = g[l] * (float)inside;
+        acc[l] += keep_if(g[l], above);
+    }
+}
+
+/* grad_x = g where 0 < x < clip; returns the sum of g over x > clip. */
+double clip_backward(const float *x, const float *g, float *grad_x, int64_t n, float clip,
+                     int threads) {
+    double chunk_sums[CHUNKS];
+    int64_t step = (n + CHUNKS - 1) / CHUNKS;
+#pragma omp parallel for num_threads(threads) if (n >= PARALLEL_MIN) schedule(static)
+    for (int k = 0; k < CHUNKS; k++) {
+        int64_t i = k * step, end = i + step < n ? i + step : n;
+        double acc[LANES] = {0.0};
+        for (; i + LANES <= end; i += LANES)
+            clip_backward_lanes(x + i, g + i, grad_x + i, clip, LANES, acc);
+        if (i < end)
+            clip_backward_lanes(x + i, g + i, grad_x + i, clip, (int)(end - i), acc);
+        chunk_sums[k] = sum_lanes(acc);
+    }
+    double grad_clip = 0.0;
+    for (int k = 0; k < CHUNKS; k++)
+        grad_clip += chunk_sums[k];
+    return grad_clip;
+}
+
+/* y = round(clamp(x / s[c], lo, hi)) * s[c] */
+void lsq_forward(const float *x, const float *s, float *y, int64_t outer, int64_t channels,
+                 int64_t inner, float lo, float hi, int threads) {
+    int64_t planes = outer * channels;
+#pragma omp parallel for num_threads(threads) if (planes * inner >= PARALLEL_MIN) schedule(static)
+    for (int64_t p = 0; p < planes; p++) {
+        float a = s[p % channels];
+        const float *xp = x + p * inner;
+        float *yp = y + p * inner;
+        for (int64_t i = 0; i < inner; i++)
+            yp[i] = rintf(clamp(xp[i] / a, lo, hi)) * a;
+    }
+}
+
+/* One block of LANES elements of the LSQ backward, q = x / a. */
+static inline void lsq_backward_lanes(const float *x, const float *g, float *grad_x, float a,
+                                      float lo, float hi, int lanes, double *acc) {
+    for (int l = 0; l < lanes; l++) {
+        float q = x[l] / a;
+        int inside = (q >= lo) & (q <= hi);
+        float r = rintf(clamp(q, lo, hi));
+        grad_x[l] = g[l] * (float)inside;
+        acc[l] += g[l] * (r - keep_if(q, inside)); /* r - q inside, r outside */
+    }
+}
+
+/* With q = x / s[c]: grad_x = g where lo <= q <= hi; grad_s[c] = the sum of g * (round(q) - q)
+ * inside the range and of g * clamp(q) outside. */
+void lsq_backward(const float *x, const float *s, const float *g, float *grad_x, double *grad_s,
+                  int64_t outer, int64_t channels, int64_t inner, float lo, float hi,
+                  int threads) {
+#pragma omp parallel for num_threads(threads) if (outer * channels * inner >= PARALLEL_MIN) \
+    schedule(static)
+    for (int64_t c = 0; c < channels; c++) {
+        double acc[LANES] = {0.0};
+        for (int64_t o = 0; o < outer; o++) {
+            int64_t i = (o * channels + c) * inner, end = i + inner;
+            for (; i + LANES <= end; i += LANES)
+                lsq_backward_lanes(x + i, g + i, grad_x + i, s[c], lo, hi, LANES, acc);
+            if (i < end)
+                lsq_backward_lanes(x + i, g + i, grad_x + i, s[c], lo, hi, (int)(end - i), acc);
+        }
+        grad_s[c] = sum_lanes(acc);
+    }
+}
+
+/* ---- A unit in evaluation (models/units.py), around its convolution ----
+ * PyTorch's CPU BatchNorm in evaluation computes y = x * alpha + beta with one rounding (a fused
+ * multiply-add), where alpha = weight / sqrt(var + eps) and beta = bias - mean * alpha, also fused.
+ * The caller computes alpha with PyTorch's ops and checks the whole unit against PyTorch's at
+ * first use (models/units.py), as this depends on how PyTorch was built. */
+
+static inline float bn_shift(float alpha, float mean, float bias) { return fmaf(-mean, alpha, bias); }
+
+/* y = Q(BN_pre(x)), Q: 0 none, 1 the clip quantizer (upper, delta), 2 LSQ (step[c], lo, hi). */
+void bn_quantize(const float *x, float *y, int64_t outer, int64_t channels, int64_t inner,
+                 const float *alpha, const float *mean, const float *bias, int quantizer,
+                 float upper, float delta, const float *step, float lo, float hi, int threads) {
+    int64_t planes = outer * channels;
+#pragma omp parallel for num_threads(threads) if (planes * inner >= PARALLEL_MIN) schedule(static)
+    for (int64_t p = 0; p < planes; p++) {
+        int64_t c = p % channels;
+        float a = alpha[c], b = bn_shift(alpha[c], mean[c], bias[c]);
+        const float *xp = x + p * inner;
+        float *yp = y + p * inner;
+        if (quantizer == 1) {
+            for (int64_t i = 0; i < inner; i++)
+                yp[i] = rintf(clamp(fmaf(xp[i], a, b), 0.0f, upper) / delta) * delta;
+        } else if (quantizer == 2) {
+            float s = step[c];
+            for (int64_t i = 0; i < inner; i++)
+                yp[i] = rintf(clamp(fmaf(xp[i], a, b) / s, lo, hi)) * s;
+        } else {
+            for (int64_t i = 0; i < inner; i++)
+                yp[i] = fmaf(xp[i], a, b);
+        }
+    }
+}
+
+/* out = BN_last(ReLU(BN_post(z)) + skip), z of shape [batch, channels, height, width]. Output
+ * channel c adds channel c % skip_channels of `skip` (a repeated input); with `pooled`, its 2x2
+ * average (ceil mode) over a skip of skip_height x skip_width: summed row by row, then divided by
+ * the number of pixels, as PyTorch's avg_pool2d does. */
+void bn_relu_skip_bn(const float *z, const float *skip, float *out, int64_t batch, int64_t channels,
+                     int64_t height, int64_t width, int64_t skip_channels, int64_t skip_height,
+                     int64_t skip_width, int pooled, const float *alpha_post,
+                     const float *mean_post, const float *bias_post, const float *alpha_last,
+                     const float *mean_last, const float *bias_last, int threads) {
+    int64_t planes = batch * channels, inner = height * width;
+#pragma omp parallel for num_threads(threads) if (planes * inner >= PARALLEL_MIN) schedule(static)
+    for (int64_t p = 0; p < planes; p++) {
+        int64_t n = p / channels, c = p % channels;
+        float a2 = alpha_post[c], b2 = bn_shift(alpha_post[c], mean_post[c], bias_post[c]);
+        float a3 = alpha_last[c], b3 = bn_shift(alpha_last[c], mean_last[c], bias_last[c]);
+        const float *zp = z + p * inner;
+        const float *sp = skip + (n * skip_channels + c % skip_channels) * skip_height * skip_width;
+        float *op = out + p * inner;
+        if (!pooled) {
+            for (int64_t i = 0; i < inner; i++) {
+                float v = fmaf(zp[i], a2, b2);
+                op[i] = fmaf((v < 0.0f ? 0.0f : v) + sp[i], a3, b3);
+            }
+            continue;
+        }
+        for (int64_t oh = 0; oh < height; oh++) {
+            int64_t h0 = 2 * oh, h1 = h0 + 2 < skip_height ? h0 + 2 : skip_height;
+            for (int64_t ow = 0; ow < width; ow++) {
+                int64_t w0 = 2 * ow, w1 = w0 + 2 < skip_width ? w0 + 2 : skip_width;
+                float sum = 0.0f;
+                for (int64_t ih = h0; ih < h1; ih++)
+                    for (int64_t iw = w0; iw < w1; iw++)
+                        sum += sp[ih * skip_width + iw];
+                float pooled_skip = sum / (float)((h1 - h0) * (w1 - w0));
+                float v = fmaf(zp[oh * width + ow], a2, b2);
+                op[oh * width + ow] = fmaf((v < 0.0f ? 0.0f : v) + pooled_skip, a3, b3);
+            }
+        }
+    }
+}

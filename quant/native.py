@@ -1,0 +1,114 @@
+"""The fused CPU kernels of ``kernels.c``, compiled with the machine's C compiler at first use.
+
+The quantizers call them on contiguous float32 CPU tensors and fall back to PyTorch's ops (same
+forward values, bit for bit; slower) everywhere else: on a GPU, under bfloat16 autocast, with
+``BASQ_NATIVE=0``, or where no compiler works (a warning says so, once). The library is built with
+``-march=native`` into ``$BASQ_CACHE`` (default ``~/.cache/basq``), named by a hash of the source,
+the compiler, its flags and the CPU, and replaced atomically, so processes started together
+(torchrun) can build it at the same time.
+"""
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("kernels.c")
+# -ffp-contract=off: no fused multiply-add, so every value is rounded as PyTorch's ops round it.
+FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+TUNINGS = (["-march=native"], [])  # the second when the compiler does not know -march=native
+
+# Pointers go in as addresses (``ptr``): ctypes converts an int to void* faster than it casts.
+_ptr = ctypes.c_void_p
+_i64, _f32, _int = ctypes.c_int64, ctypes.c_float, ctypes.c_int
+SIGNATURES = {
+    "clip_forward": (None, [_ptr, _ptr, _i64, _f32, _f32, _int]),
+    "clip_backward": (ctypes.c_double, [_ptr, _ptr, _ptr, _i64, _f32, _int]),
+    "lsq_forward": (None, [_ptr, _ptr, _ptr, _i64, _i64, _i64, _f32, _f32, _int]),
+    "lsq_backward": (None, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64,
+                            _f32, _f32, _int]),
+    "bn_quantize": (None, [_ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _int,
+                           _f32, _f32, _ptr, _f32, _f32, _int]),
+    "bn_relu_skip_bn": (None, [_ptr, _ptr, _ptr, *[_i64] * 7, _int, *[_ptr] * 6,
+                               _int]),
+}
+
+
+def _cpu_id() -> str:
+    """What ``-march=native`` depends on: the CPU's model and feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "Features"))}))
+
+
+def _compiler_version(cc: str) -> str:
+    return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+
+
+def _build(cc: str, flags: list[str], cache: Path) -> Path:
+    key = "\n".join([SOURCE.read_text(), cc, _compiler_version(cc), " ".join(flags), platform.machine(),
+                     _cpu_id()])
+    target = cache / f"basq_kernels_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+    if not target.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
+        try:
+            subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], check=True, capture_output=True,
+                           text=True, timeout=300)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or ``None`` (turned off, or no working compiler: warns once)."""
+    if os.environ.get("BASQ_NATIVE", "1") == "0":
+        return None
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    cache = Path(os.environ.get("BASQ_CACHE", Path.home() / ".cache" / "basq"))
+    errors = []
+    for tuning in TUNINGS if cc else ():
+        try:
+            lib = ctypes.CDLL(str(_build(cc, FLAGS + tuning, cache)))
+        except (OSError, subprocess.SubprocessError) as e:
+            errors.append((getattr(e, "stderr", None) or str(e)).strip())
+            continue
+        for name, (restype, argtypes) in SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = restype, argtypes
+        return lib
+    reason = errors[-1] if errors else f"no C compiler ({os.environ.get('CC', 'cc')}) on PATH"
+    warnings.warn(f"BASQ's fused CPU kernels are not available ({reason}); the quantizers use "
+                  f"PyTorch's ops instead: the same results, slower. Set BASQ_NATIVE=0 to silence this.",
+                  stacklevel=2)
+    return None
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels can take these tensors (and are built)."""
+    for t in tensors:
+        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+            return False
+    return library() is not None
+
+
+def ptr(t: torch.Tensor | None) -> int | None:
+    """The address of the tensor's data (NULL for ``None``); the caller holds the tensor."""
+    return None if t is None else t.data_ptr()
+
+
+def threads() -> int:
+    return torch.get_num_threads()

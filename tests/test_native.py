@@ -1,0 +1,250 @@
+"""The fused CPU kernels (quant/kernels.c) against PyTorch's ops: forward values and input gradients
+the same bit for bit, the sums of the step-size and clip gradients to float accuracy."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from quant import native
+from quant.functional import clip_quantize, lsq_quantize
+from tests.conftest import ROOT, require_native
+
+# Values on and next to every boundary, and the non-finite ones.
+EDGES = [0.0, -0.0, 6.0, 3.0, 2.0, 4.0, 1.5, 0.5, 2.5, 3.0000002, 5.9999995, 6.0000005, -1e-30,
+         1e30, -1e30, float("inf"), float("-inf"), float("nan")]
+
+
+def with_edges(shape, scale=3.0, seed=0):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale
+    x.view(-1)[: len(EDGES)] = torch.tensor(EDGES)
+    return x
+
+
+def forward_backward(fn, inputs, fused: bool, monkeypatch):
+    """Outputs and gradients of ``fn`` with the fused kernels or with PyTorch's ops."""
+    with monkeypatch.context() as m:
+        if not fused:
+            m.setattr(native, "usable", lambda *tensors: False)
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        y = fn(*leaves)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
+    return y.detach(), [t.grad for t in leaves]
+
+
+def assert_same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.shape == b.shape
+    assert torch.equal(a.nan_to_num(nan=7.0), b.nan_to_num(nan=7.0))
+    assert torch.equal(a.isnan(), b.isnan())
+
+
+@pytest.fixture(autouse=True)
+def built():
+    require_native()
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (8, 24, 16, 16), (4, 96, 56, 56)])
+@pytest.mark.parametrize("clip, bin_", [(6.0, 2 / 3), (2.5, 6 / 7), (3.0, 14 / 15), (4.0, 0.0),
+                                        (4.0, 1.0), (0.0, 2 / 3), (-1.0, 2 / 3)])
+def test_clip_quantizer_is_pytorch_bit_for_bit(monkeypatch, shape, clip, bin_):
+    x, c = with_edges(shape), torch.tensor(clip)
+    fn = lambda x, c: clip_quantize(x, c, torch.tensor([bin_]))  # noqa: E731
+    (y, (gx, gc)), (y0, (gx0, gc0)) = (forward_backward(fn, [x, c], fused, monkeypatch)
+                                       for fused in (True, False))
+    assert_same_bits(y, y0)
+    assert_same_bits(gx, gx0)
+    torch.testing.assert_close(gc, gc0, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, dim, lo, hi", [
+    ((2, 3, 5, 7), 1, 0, 3), ((8, 24, 16, 16), 1, 0, 15), ((4, 96, 56, 56), 1, 0, 7),
+    ((24, 1, 3, 3), 0, -1, 1), ((64, 32, 1, 1), 0, -7, 7), ((7, 5, 3, 3), 0, -3, 3)])
+def test_lsq_quantizer_is_pytorch_bit_for_bit(monkeypatch, shape, dim, lo, hi):
+    x = with_edges(shape)
+    s = torch.rand(shape[dim], generator=torch.Generator().manual_seed(2)) + 0.05
+    fn = lambda x, s: lsq_quantize(x, s, lo, hi, dim)  # noqa: E731
+    (y, (gx, gs)), (y0, (gx0, gs0)) = (forward_backward(fn, [x, s], fused, monkeypatch)
+                                       for fused in (True, False))
+    assert_same_bits(y, y0)
+    assert_same_bits(gx, gx0)
+    finite = torch.isfinite(gs0)  # a channel holding inf or nan has a nan step gradient in both
+    assert torch.equal(finite, torch.isfinite(gs))
+    torch.testing.assert_close(gs[finite], gs0[finite], rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_sums_do_not_depend_on_the_thread_count():
+    lib = native.library()
+    x, g = with_edges((8, 24, 16, 16)).nan_to_num(0, 0, 0), torch.randn(8, 24, 16, 16)
+    s = torch.rand(24) + 0.1
+    clip_sums, step_sums = [], []
+    for threads in (1, 2, 3):
+        grad_x, grad_s = torch.empty_like(x), torch.empty(24, dtype=torch.float64)
+        clip_sums.append(lib.clip_backward(native.ptr(x), native.ptr(g), native.ptr(grad_x),
+                                           x.numel(), 3.0, threads))
+        lib.lsq_backward(native.ptr(x), native.ptr(s), native.ptr(g), native.ptr(grad_x),
+                         native.ptr(grad_s), 8, 24, 256, 0.0, 3.0, threads)
+        step_sums.append(grad_s)
+    assert clip_sums[0] == clip_sums[1] == clip_sums[2]
+    assert torch.equal(step_sums[0], step_sums[1]) and torch.equal(step_sums[0], step_sums[2])
+
+
+def test_channels_last_and_non_contiguous_inputs_take_pytorchs_ops():
+    x = torch.randn(2, 8, 6, 6).to(memory_format=torch.channels_last)
+    s = torch.rand(8) + 0.1
+    assert not native.usable(x) and native.usable(x.contiguous(), s)
+    torch.testing.assert_close(lsq_quantize(x, s, 0, 3, 1), lsq_quantize(x.contiguous(), s, 0, 3, 1),
+                               rtol=0, atol=0)
+    assert not native.usable(torch.randn(4, 4).t()) and not native.usable(x.contiguous().double())
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+QUANTIZE = ("import torch, warnings; from quant import native; from quant.functional import "
+            "clip_quantize; warnings.simplefilter('always'); "
+            "print(native.library() is None, clip_quantize(torch.tensor([0.4, 1.6, 9.0]), "
+            "torch.tensor(3.0), torch.tensor([0.75])).tolist())")
+
+
+def test_without_a_compiler_the_quantizers_warn_and_use_pytorchs_ops(tmp_path):
+    r = run_python(QUANTIZE, CC="/bin/false", BASQ_CACHE=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[0] == "True [0.75, 1.5, 3.0]"
+    assert "fused CPU kernels are not available" in r.stderr and "BASQ_NATIVE=0" in r.stderr
+
+
+def test_basq_native_0_turns_them_off_silently(tmp_path):
+    r = run_python(QUANTIZE, BASQ_NATIVE="0", BASQ_CACHE=str(tmp_path))
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.stdout.strip() == "True [0.75, 1.5, 3.0]"
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_library_is_built_once_into_the_cache(tmp_path):
+    first = run_python(QUANTIZE, BASQ_CACHE=str(tmp_path))
+    built = sorted(tmp_path.iterdir())
+    second = run_python(QUANTIZE, BASQ_CACHE=str(tmp_path))
+    assert first.stdout == second.stdout == "False [0.75, 1.5, 3.0]\n", first.stderr + second.stderr
+    assert len(built) == 1 and built[0].suffix == ".so" and sorted(tmp_path.iterdir()) == built
+
+
+# ---- A unit in evaluation as two fused kernels (models/fused_eval.py) ----
+
+def randomise_batchnorms(model: torch.nn.Module, seed: int = 0) -> None:
+    """BatchNorm statistics and affine terms far from the identity, as after training."""
+    gen = torch.Generator().manual_seed(seed)
+    for bn in model.modules():
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            bn.running_mean.normal_(0, 1, generator=gen)
+            bn.running_var.uniform_(0.05, 3, generator=gen)
+            bn.weight.data.normal_(1, 0.5, generator=gen)
+            bn.bias.data.normal_(0, 0.5, generator=gen)
+
+
+def supernet(arch: str, width: float):
+    from models import build_supernet
+
+    model = build_supernet(arch, 10, 2, [0.01, 0.001, 0.0001], width_multiplier=width)
+    model.change_precision(True, True)
+    randomise_batchnorms(model)
+    return model.eval()
+
+
+def fused_and_pytorch(model, x, selection, monkeypatch):
+    with torch.no_grad():
+        fused = model(x, selection)
+        with monkeypatch.context() as m:
+            m.setattr(native, "usable", lambda *tensors: False)
+            return fused, model(x, selection)
+
+
+@pytest.fixture
+def exact():
+    from models.units import fused_evaluation_is_exact
+
+    if not fused_evaluation_is_exact():
+        pytest.skip("this machine's PyTorch rounds BatchNorm otherwise: evaluation runs PyTorch's "
+                    "ops (test_evaluation_keeps_pytorchs_ops_where_the_kernels_differ)")
+
+
+@pytest.mark.parametrize("arch, width, size", [("mobilenet_v2", 0.5, 32), ("mobilenet_v2", 0.35, 33),
+                                               ("mobilenet_v2", 1.0, 57), ("resnet18", 0.5, 40)])
+def test_fused_evaluation_is_pytorch_bit_for_bit(exact, monkeypatch, arch, width, size):
+    model = supernet(arch, width)
+    x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(3))
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        selection = torch.randint(0, model.num_branches, (model.num_searchable_layers,),
+                                  generator=gen).tolist()
+        fused, pytorch = fused_and_pytorch(model, x, selection, monkeypatch)
+        assert torch.equal(fused, pytorch)
+
+
+def test_fused_evaluation_runs_only_without_autograd_in_eval_mode(exact, monkeypatch):
+    from models import fused_eval
+
+    calls = []
+    unit = fused_eval.unit
+    monkeypatch.setattr(fused_eval, "unit", lambda *a: calls.append(1) or unit(*a))
+    model = supernet("mobilenet_v2", 0.35)
+    x, selection = torch.randn(2, 3, 32, 32), [0] * model.num_searchable_layers
+    model(x, selection)
+    assert not calls  # autograd on
+    with torch.no_grad():
+        model.train()(x, selection)
+        assert not calls  # BatchNorm in training mode
+        model.eval()(x, selection)
+    assert len(calls) == 51  # every unit: 17 depthwise, 17 project, 16 expand, the last conv
+
+
+def test_fused_evaluation_follows_changed_batchnorm_statistics(exact, monkeypatch):
+    model = supernet("mobilenet_v2", 0.35)
+    x, selection = torch.randn(2, 3, 32, 32), [1] * model.num_searchable_layers
+    before, _ = fused_and_pytorch(model, x, selection, monkeypatch)
+    randomise_batchnorms(model, seed=1)  # in place, as BN recalibration and load_state_dict do
+    after, pytorch = fused_and_pytorch(model, x, selection, monkeypatch)
+    assert torch.equal(after, pytorch) and not torch.equal(after, before)
+
+
+def test_evaluation_keeps_pytorchs_ops_where_the_kernels_differ(monkeypatch):
+    from models import fused_eval, units
+
+    terms = fused_eval._bn_terms
+    monkeypatch.setattr(fused_eval, "_bn_terms",
+                        lambda bn: (terms(bn)[0] * 1.0000001, *terms(bn)[1:]))
+    units.fused_evaluation_is_exact.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="evaluation uses PyTorch's ops"):
+            assert not units.fused_evaluation_is_exact()
+        model = supernet("mobilenet_v2", 0.35)
+        x, selection = torch.randn(2, 3, 32, 32), [2] * model.num_searchable_layers
+        fused, pytorch = fused_and_pytorch(model, x, selection, monkeypatch)
+        assert torch.equal(fused, pytorch)
+    finally:
+        units.fused_evaluation_is_exact.cache_clear()
+
+
+def test_the_check_leaves_the_random_stream_alone():
+    from models import units
+
+    units.fused_evaluation_is_exact.cache_clear()
+    torch.manual_seed(5)
+    units.fused_evaluation_is_exact()
+    drawn = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(drawn, torch.rand(3))
+
+
+def test_fused_evaluation_under_inference_mode(exact, monkeypatch):
+    from models import units
+
+    units.fused_evaluation_is_exact.cache_clear()  # the first check may come under inference_mode
+    model = supernet("mobilenet_v2", 0.35)
+    x, selection = torch.randn(2, 3, 32, 32), [0] * model.num_searchable_layers
+    with torch.inference_mode():
+        fused = model(x, selection)
+    assert units.fused_evaluation_is_exact()
+    assert torch.equal(fused, fused_and_pytorch(model, x, selection, monkeypatch)[1])
