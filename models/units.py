@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant import ClipActivation, LsqActivation, QConv
+from quant import ClipActivation, LsqActivation, QConv, native
 
-from . import fused_eval
+from . import fused_eval, fused_train
 
 
 class FlexibleSkip(nn.Module):
@@ -93,12 +93,23 @@ def unit_forward(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, conv:
     parts = (bn_pre, quantizer, conv, bn_post, skip, bn_last)
     if fused_eval.applies(x, bn_pre, quantizer, bn_post, bn_last) and fused_evaluation_is_exact():
         return fused_eval.unit(x, *parts)
-    return _unit_with_pytorch_ops(x, *parts)
+    return _unit_op_by_op(x, *parts)
 
 
-def _unit_with_pytorch_ops(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, conv: nn.Module,
-                           bn_post: nn.Module, skip: FlexibleSkip, bn_last: nn.Module) -> torch.Tensor:
-    return bn_last(skip.add_to(F.relu(bn_post(conv(quantizer(bn_pre(x))))), x))
+def _unit_op_by_op(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, conv: nn.Module,
+                   bn_post: nn.Module, skip: FlexibleSkip, bn_last: nn.Module) -> torch.Tensor:
+    z = conv(quantizer(_norm(bn_pre, x)))
+    if fused_train.applies(bn_post, z):  # BN_post, ReLU and the sum in one pass
+        repeats = skip.out_channels % skip.in_channels == 0
+        src = (skip.pool(x) if repeats else skip(x)).contiguous()
+        if native.usable(src):
+            return _norm(bn_last, fused_train.batch_norm(bn_post, z, src))
+    return _norm(bn_last, skip.add_to(F.relu(_norm(bn_post, z)), x))
+
+
+def _norm(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``bn(x)``; in training on the CPU with the faster statistics of ``models.fused_train``."""
+    return fused_train.batch_norm(bn, x) if fused_train.applies(bn, x) else bn(x)
 
 
 # Every kind of unit the supernets have: (in, out, kernel, stride, quantizer). The skip repeats,
@@ -133,7 +144,7 @@ def _fused_evaluation_matches() -> bool:
         if kind == "lsq":
             quantizer.init_from(bns[0](x))
         parts = (bns[0], quantizer, conv, bns[1], FlexibleSkip(cin, cout, stride), bns[2])
-        if not torch.equal(fused_eval.unit(x, *parts), _unit_with_pytorch_ops(x, *parts)):
+        if not torch.equal(fused_eval.unit(x, *parts), _unit_op_by_op(x, *parts)):
             warnings.warn("BASQ's fused evaluation kernels do not give PyTorch's BatchNorm values "
                           "bit for bit on this machine; evaluation uses PyTorch's ops instead.",
                           stacklevel=3)

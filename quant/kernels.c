@@ -197,3 +197,130 @@ void bn_relu_skip_bn(const float *z, const float *skip, float *out, int64_t batc
         }
     }
 }
+
+/* ---- BatchNorm in training (models/fused_train.py) ----
+ * PyTorch's CPU kernel sums each channel in double, element after element, once for the mean and
+ * once for the squared deviations: chains of dependent additions. The same sums, in the same order,
+ * run here for LANES channels at once, so that the chains of different channels overlap. */
+
+/* For channels c0 .. c0 + lanes - 1: sums[l] = the sum over the channel of (x - centre[l])^2 if
+ * squared, else of x, in PyTorch's order (batch, then position). */
+static inline void channel_sums(const float *x, int64_t batch, int64_t channels, int64_t inner,
+                                int64_t c0, int lanes, const float *centre, int squared,
+                                double *sums) {
+    for (int l = 0; l < lanes; l++)
+        sums[l] = 0.0;
+    for (int64_t n = 0; n < batch; n++) {
+        const float *xn = x + (n * channels + c0) * inner;
+        for (int64_t i = 0; i < inner; i++)
+            for (int l = 0; l < lanes; l++) {
+                float v = xn[l * inner + i];
+                if (squared) {
+                    float d = v - centre[l];
+                    sums[l] += d * d;
+                } else {
+                    sums[l] += v;
+                }
+            }
+    }
+}
+
+/* y = BN(x) with the batch's statistics; with `relu`, y = ReLU(BN(x)) + skip, channel c adding
+ * channel c % skip_channels of `skip` (a repeated input). save_mean and save_invstd for the
+ * backward; the new running statistics (momentum: the weight of this batch) in new_mean, new_var. */
+void bn_train_forward(const float *x, float *y, int64_t batch, int64_t channels, int64_t inner,
+                      const float *weight, const float *bias, const float *running_mean,
+                      const float *running_var, float momentum, double eps, float *save_mean,
+                      float *save_invstd, float *new_mean, float *new_var, int relu,
+                      const float *skip, int64_t skip_channels, int threads) {
+    int64_t count = batch * inner, blocks = (channels + LANES - 1) / LANES;
+#pragma omp parallel for num_threads(threads) if (batch * channels * inner >= PARALLEL_MIN) \
+    schedule(dynamic)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t c0 = b * LANES;
+        int lanes = channels - c0 < LANES ? (int)(channels - c0) : LANES;
+        double sums[LANES];
+        float mean[LANES];
+        if (lanes == LANES)
+            channel_sums(x, batch, channels, inner, c0, LANES, mean, 0, sums);
+        else
+            channel_sums(x, batch, channels, inner, c0, lanes, mean, 0, sums);
+        for (int l = 0; l < lanes; l++)
+            mean[l] = (float)(sums[l] / (double)count);
+        if (lanes == LANES)
+            channel_sums(x, batch, channels, inner, c0, LANES, mean, 1, sums);
+        else
+            channel_sums(x, batch, channels, inner, c0, lanes, mean, 1, sums);
+        for (int l = 0; l < lanes; l++) {
+            int64_t c = c0 + l;
+            float var_sum = (float)sums[l];
+            float invstd = (float)(1.0 / sqrt((double)(var_sum / (float)count) + eps));
+            save_mean[c] = mean[l];
+            save_invstd[c] = invstd;
+            new_mean[c] = momentum * mean[l] + (1.0f - momentum) * running_mean[c];
+            new_var[c] = fmaf(momentum, var_sum / (float)(count - 1),
+                              (1.0f - momentum) * running_var[c]);
+            float a = invstd * weight[c], s = bn_shift(a, mean[l], bias[c]);
+            for (int64_t n = 0; n < batch; n++) {
+                const float *xp = x + (n * channels + c) * inner;
+                float *yp = y + (n * channels + c) * inner;
+                if (relu) {
+                    const float *sp = skip + (n * skip_channels + c % skip_channels) * inner;
+                    for (int64_t i = 0; i < inner; i++) {
+                        float v = fmaf(xp[i], a, s);
+                        yp[i] = (v < 0.0f ? 0.0f : v) + sp[i];
+                    }
+                } else {
+                    for (int64_t i = 0; i < inner; i++)
+                        yp[i] = fmaf(xp[i], a, s);
+                }
+            }
+        }
+    }
+}
+
+/* The gradient reaching BN(x): g, or with `relu` g where BN(x) > 0 (PyTorch's ReLU backward). */
+static inline float grad_bn(float g, float x, float a, float s, int relu) {
+    return relu ? keep_if(g, !(fmaf(x, a, s) <= 0.0f)) : g;
+}
+
+/* The gradients of bn_train_forward with respect to x, weight and bias. */
+void bn_train_backward(const float *x, const float *g, float *grad_x, int64_t batch,
+                       int64_t channels, int64_t inner, const float *weight, const float *bias,
+                       const float *save_mean, const float *save_invstd, int relu,
+                       float *grad_weight, float *grad_bias, int threads) {
+    int64_t count = batch * inner;
+#pragma omp parallel for num_threads(threads) if (batch * channels * inner >= PARALLEL_MIN) \
+    schedule(static)
+    for (int64_t c = 0; c < channels; c++) {
+        float mean = save_mean[c], invstd = save_invstd[c];
+        float a = invstd * weight[c], s = bn_shift(a, mean, bias[c]);
+        double acc_g[LANES] = {0.0}, acc_dot[LANES] = {0.0};
+        for (int64_t n = 0; n < batch; n++) {
+            const float *xp = x + (n * channels + c) * inner, *gp = g + (n * channels + c) * inner;
+            int64_t i = 0;
+            for (; i + LANES <= inner; i += LANES)
+                for (int l = 0; l < LANES; l++) {
+                    float gi = grad_bn(gp[i + l], xp[i + l], a, s, relu);
+                    acc_g[l] += gi;
+                    acc_dot[l] += gi * (xp[i + l] - mean);
+                }
+            for (; i < inner; i++) {
+                float gi = grad_bn(gp[i], xp[i], a, s, relu);
+                acc_g[0] += gi;
+                acc_dot[0] += gi * (xp[i] - mean);
+            }
+        }
+        double sum_g = sum_lanes(acc_g), dot = sum_lanes(acc_dot);
+        grad_bias[c] = (float)sum_g;
+        grad_weight[c] = (float)(dot * invstd);
+        float k = (float)(dot * invstd * invstd / (double)count);
+        float grad_mean = (float)(sum_g / (double)count), scale = invstd * weight[c];
+        for (int64_t n = 0; n < batch; n++) {
+            const float *xp = x + (n * channels + c) * inner, *gp = g + (n * channels + c) * inner;
+            float *dp = grad_x + (n * channels + c) * inner;
+            for (int64_t i = 0; i < inner; i++)
+                dp[i] = (grad_bn(gp[i], xp[i], a, s, relu) - grad_mean - (xp[i] - mean) * k) * scale;
+        }
+    }
+}

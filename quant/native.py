@@ -38,6 +38,10 @@ SIGNATURES = {
                            _f32, _f32, _ptr, _f32, _f32, _int]),
     "bn_relu_skip_bn": (None, [_ptr, _ptr, _ptr, *[_i64] * 7, _int, *[_ptr] * 6,
                                _int]),
+    "bn_train_forward": (None, [_ptr, _ptr, _i64, _i64, _i64, *[_ptr] * 4, _f32, ctypes.c_double,
+                                *[_ptr] * 4, _int, _ptr, _i64, _int]),
+    "bn_train_backward": (None, [_ptr, _ptr, _ptr, _i64, _i64, _i64, *[_ptr] * 4, _int, _ptr, _ptr,
+                                 _int]),
 }
 
 

@@ -248,3 +248,96 @@ def test_fused_evaluation_under_inference_mode(exact, monkeypatch):
         fused = model(x, selection)
     assert units.fused_evaluation_is_exact()
     assert torch.equal(fused, fused_and_pytorch(model, x, selection, monkeypatch)[1])
+
+
+# ---- BatchNorm in training with faster statistics (models/fused_train.py) ----
+
+@pytest.fixture
+def exact_train():
+    from models import fused_train
+
+    if not fused_train.is_exact():
+        pytest.skip("this machine's PyTorch computes training-mode BatchNorm otherwise: training "
+                    "runs nn.BatchNorm2d (test_training_keeps_pytorchs_batchnorm_where_the_kernel_differs)")
+
+
+@pytest.mark.parametrize("shape, momentum", [((8, 24, 9, 7), 0.1), ((3, 13, 16, 16), None),
+                                             ((1, 96, 28, 28), 0.1), ((5, 7, 2, 3), 0.3)])
+def test_training_batchnorm_is_pytorch_bit_for_bit(exact_train, shape, momentum):
+    from models import fused_train
+
+    gen = torch.Generator().manual_seed(0)
+    ours, theirs = (torch.nn.BatchNorm2d(shape[1], momentum=momentum) for _ in range(2))
+    with torch.no_grad():
+        for name in ("running_mean", "running_var", "weight", "bias"):
+            value = torch.rand(shape[1], generator=gen) + 0.5
+            getattr(ours, name).copy_(value)
+            getattr(theirs, name).copy_(value)
+    for _ in range(3):
+        x = (torch.randn(shape, generator=gen) * 4 + 2).requires_grad_()
+        g = torch.randn(shape, generator=gen)
+        assert fused_train.applies(ours, x)
+        y = fused_train.batch_norm(ours, x)
+        (grad_x, grad_w, grad_b) = torch.autograd.grad(y, (x, ours.weight, ours.bias), g)
+        y0 = theirs(x)
+        assert torch.equal(y, y0)
+        for a, b in zip(ours.buffers(), theirs.buffers(), strict=True):
+            assert torch.equal(a, b)
+        for ours_grad, theirs_grad in zip((grad_x, grad_w, grad_b),
+                                          torch.autograd.grad(y0, (x, theirs.weight, theirs.bias), g),
+                                          strict=True):
+            torch.testing.assert_close(ours_grad, theirs_grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v2", "resnet18"])
+def test_training_step_is_pytorchs(exact_train, monkeypatch, arch):
+    import copy
+
+    import torch.nn.functional as F
+
+    model = supernet(arch, 0.5).train()
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(8, 3, 40, 40), torch.randint(0, 10, (8,))
+    selection = [1] * model.num_searchable_layers
+    outputs = []
+    for net, fused in ((model, True), (reference, False)):
+        with monkeypatch.context() as m:
+            if not fused:
+                m.setattr(native, "usable", lambda *tensors: False)
+            torch.manual_seed(1)  # the classifier's dropout
+            outputs.append(net(x, selection))
+            F.cross_entropy(outputs[-1], y).backward()
+    assert torch.equal(*outputs)
+    for a, b in zip(model.buffers(), reference.buffers(), strict=True):
+        assert torch.equal(a, b)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_training_batchnorm_applies_only_where_pytorch_sums_the_same_way(exact_train):
+    from models import fused_train
+
+    bn = torch.nn.BatchNorm2d(4)
+    assert fused_train.applies(bn, torch.randn(2, 4, 3, 3))
+    assert not fused_train.applies(bn, torch.randn(8, 4, 1, 1))  # also channels-last contiguous
+    assert not fused_train.applies(torch.nn.BatchNorm2d(1), torch.randn(8, 1, 3, 3))
+    assert not fused_train.applies(bn, torch.randn(2, 4, 3, 3).to(memory_format=torch.channels_last))
+    assert not fused_train.applies(bn.eval(), torch.randn(2, 4, 3, 3))
+    bn.train().register_forward_hook(lambda *args: None)
+    assert not fused_train.applies(bn, torch.randn(2, 4, 3, 3))
+
+
+def test_training_keeps_pytorchs_batchnorm_where_the_kernel_differs(monkeypatch):
+    from models import fused_train
+
+    batch_norm = fused_train.batch_norm
+    monkeypatch.setattr(fused_train, "batch_norm", lambda bn, x: batch_norm(bn, x) * 1.0000001)
+    fused_train.is_exact.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="training uses PyTorch's BatchNorm"):
+            assert not fused_train.is_exact()
+        assert not fused_train.applies(torch.nn.BatchNorm2d(4), torch.randn(2, 4, 3, 3))
+    finally:
+        fused_train.is_exact.cache_clear()

@@ -1,0 +1,116 @@
+"""BatchNorm in training on the CPU: PyTorch's values bit for bit, with faster batch statistics.
+
+PyTorch's CPU kernel sums every channel in double, one element after the other: a chain of
+dependent additions that takes most of a training-mode BatchNorm's time. ``quant/kernels.c`` runs
+the same sums in the same order for eight channels at once, so that their chains overlap; the
+output, the saved statistics and the running statistics are PyTorch's bit for bit (checked once per
+process against ``nn.BatchNorm2d``, which is used instead if any bit differs). The backward computes
+PyTorch's formula with its sums in double.
+"""
+import functools
+import warnings
+
+import torch
+from torch import nn
+
+from quant import native
+
+
+def applies(bn: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``batch_norm`` can stand in for ``bn(x)``: a plain BatchNorm2d in training, CPU
+    float32, no hooks, and this machine's check passed. A tensor with one channel or one position
+    per image is also channels-last contiguous, and PyTorch sums those in another order."""
+    return (bn.training and type(bn) is nn.BatchNorm2d and bn.track_running_stats and bn.affine
+            and x.dim() == 4 and x.shape[1] > 1 and x.shape[2] * x.shape[3] > 1
+            and not (bn._forward_hooks or bn._forward_pre_hooks)
+            and native.usable(x, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+            and is_exact())
+
+
+def batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+    """``bn(x)`` in training mode (``nn.BatchNorm2d.forward``'s bookkeeping included); given
+    ``skip``, ``ReLU(bn(x)) + skip`` in the same pass, channel ``c`` of the output adding channel
+    ``c % C`` of a ``skip`` of ``C`` channels (an input repeated along channels)."""
+    bn.num_batches_tracked.add_(1)
+    factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    return _BatchNormTrain.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, factor,
+                                 bn.eps, skip)
+
+
+class _BatchNormTrain(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                running_mean: torch.Tensor, running_var: torch.Tensor, momentum: float,
+                eps: float, skip: torch.Tensor | None) -> torch.Tensor:
+        n, c, h, w = x.shape
+        y = torch.empty_like(x)
+        mean, invstd, new_mean, new_var = stats = torch.empty(4, c)
+        relu = skip is not None
+        native.library().bn_train_forward(
+            native.ptr(x), native.ptr(y), n, c, h * w, native.ptr(weight), native.ptr(bias),
+            native.ptr(running_mean), native.ptr(running_var), momentum, eps, *map(native.ptr, stats),
+            relu, native.ptr(skip), skip.shape[1] if relu else 0, native.threads())
+        # Through PyTorch, so that the buffers' version counters move (models.fused_eval keys on them).
+        running_mean.copy_(new_mean)
+        running_var.copy_(new_var)
+        ctx.relu, ctx.skip_channels = relu, skip.shape[1] if relu else 0
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        grad = grad.contiguous()
+        n, c, h, w = x.shape
+        grad_x = torch.empty_like(x)
+        grad_weight, grad_bias = torch.empty_like(weight), torch.empty_like(weight)
+        native.library().bn_train_backward(
+            native.ptr(x), native.ptr(grad), native.ptr(grad_x), n, c, h * w, native.ptr(weight),
+            native.ptr(bias), native.ptr(mean), native.ptr(invstd), ctx.relu,
+            native.ptr(grad_weight), native.ptr(grad_bias), native.threads())
+        needs = ctx.needs_input_grad
+        grad_skip = None
+        if needs[7]:  # the adjoint of repeating the skip along channels
+            grad_skip = grad.unflatten(1, (c // ctx.skip_channels, ctx.skip_channels)).sum(1)
+        return (grad_x if needs[0] else None, grad_weight if needs[1] else None,
+                grad_bias if needs[2] else None, None, None, None, None, grad_skip)
+
+
+# Shapes that cover whole and partial groups of eight channels, one image, two positions per image,
+# and the momenta of training (0.1) and of BN re-estimation (1 / batches seen).
+_CHECKED = [((4, 24, 9, 7), 0.1), ((3, 13, 5, 5), None), ((1, 8, 3, 3), 0.1), ((16, 5, 2, 1), None),
+            ((2, 40, 16, 16), 0.1)]
+
+
+@functools.cache
+def is_exact() -> bool:
+    """Whether ``batch_norm`` gives ``nn.BatchNorm2d``'s values bit for bit here (once per process)."""
+    with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.no_grad():
+        return _matches()
+
+
+def _matches() -> bool:
+    gen = torch.Generator().manual_seed(0)
+    for shape, momentum in _CHECKED:
+        ours, theirs = (nn.BatchNorm2d(shape[1], momentum=momentum) for _ in range(2))
+        for t in ("running_mean", "running_var", "weight", "bias"):
+            value = torch.rand(shape[1], generator=gen) + 0.5
+            getattr(ours, t).copy_(value)
+            getattr(theirs, t).copy_(value)
+        for step in range(3):  # three batches: the cumulative momentum takes three values
+            x = torch.randn(shape, generator=gen) * 3 + torch.randn(1, generator=gen)
+            if step < 2:
+                y, expected = batch_norm(ours, x), theirs(x)
+            else:  # with ReLU and a skip, repeated twice where the channels are even
+                repeats = 2 if shape[1] % 2 == 0 else 1
+                skip = torch.randn(shape[0], shape[1] // repeats, *shape[2:], generator=gen)
+                y = batch_norm(ours, x, skip)
+                expected = torch.relu(theirs(x)) + skip.repeat(1, repeats, 1, 1)
+            same = torch.equal(y, expected) and all(
+                torch.equal(a, b) for a, b in zip(ours.buffers(), theirs.buffers(), strict=True))
+            if not same:
+                warnings.warn("BASQ's training-mode BatchNorm kernel does not give PyTorch's values "
+                              "bit for bit on this machine; training uses PyTorch's BatchNorm.",
+                              stacklevel=4)
+                return False
+    return True
