@@ -59,7 +59,8 @@ def measure(width: float, size: int, batch: int, args: argparse.Namespace) -> di
         train = mode == "train"
         for net in (model, baseline):
             net.train(train)
-        optimizers = [torch.optim.Adam(net.parameters(), lr=1e-4) for net in (model, baseline)]
+        # Stage 1's Adam (foreach) for both models.
+        optimizers = [torch.optim.Adam(net.parameters(), lr=1e-4, foreach=True) for net in (model, baseline)]
         ours, theirs = steps(model, baseline, optimizers, x, y, train, args.amp, device)
         for _ in range(args.warmup):
             ours(), theirs()

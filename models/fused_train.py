@@ -7,13 +7,16 @@ output, the saved statistics and the running statistics are PyTorch's bit for bi
 process against ``nn.BatchNorm2d``, which is used instead if any bit differs). The backward computes
 PyTorch's formula with its sums in double.
 """
+import ctypes
 import functools
+import math
 import warnings
 
 import torch
 from torch import nn
 
-from quant import native
+from quant import ClipActivation, LsqActivation, native
+from quant.functional import clip_range
 
 
 def applies(bn: nn.Module, x: torch.Tensor) -> bool:
@@ -27,53 +30,89 @@ def applies(bn: nn.Module, x: torch.Tensor) -> bool:
             and is_exact())
 
 
-def batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
-    """``bn(x)`` in training mode (``nn.BatchNorm2d.forward``'s bookkeeping included); given
-    ``skip``, ``ReLU(bn(x)) + skip`` in the same pass, channel ``c`` of the output adding channel
-    ``c % C`` of a ``skip`` of ``C`` channels (an input repeated along channels)."""
+def batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, skip: torch.Tensor | None = None,
+               quantizer: nn.Module | None = None) -> torch.Tensor:
+    """``bn(x)`` in training mode (``nn.BatchNorm2d.forward``'s bookkeeping included), followed in
+    the same pass by ``ReLU(.) + skip`` (channel ``c`` adding channel ``c % C`` of a ``skip`` of
+    ``C`` channels: an input repeated along channels) or by ``quantizer`` (``quantizes_after``)."""
     bn.num_batches_tracked.add_(1)
     factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    clip = bin_ = step = None
+    kind, hi = native.After.NONE, 0.0
+    if skip is not None:
+        kind = native.After.RELU_SKIP
+    elif isinstance(quantizer, ClipActivation) and quantizer.quantize:
+        kind, clip, bin_ = native.After.CLIP, quantizer.upper_bound, quantizer.bin
+    elif isinstance(quantizer, LsqActivation):
+        kind, step, hi = native.After.LSQ, quantizer.s, float(quantizer.qp)
     return _BatchNormTrain.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, factor,
-                                 bn.eps, skip)
+                                 bn.eps, kind, skip, clip, bin_, step, hi)
+
+
+def quantizes_after(quantizer: nn.Module) -> bool:
+    """Whether ``batch_norm`` can run ``quantizer`` in its pass (no hooks: LSQ's initialisation
+    from the first batch is a forward pre-hook)."""
+    return (isinstance(quantizer, (ClipActivation, LsqActivation, nn.Identity))
+            and not (quantizer._forward_hooks or quantizer._forward_pre_hooks))
 
 
 class _BatchNormTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                running_mean: torch.Tensor, running_var: torch.Tensor, momentum: float,
-                eps: float, skip: torch.Tensor | None) -> torch.Tensor:
+                running_mean: torch.Tensor, running_var: torch.Tensor, momentum: float, eps: float,
+                kind: int, skip: torch.Tensor | None, clip: torch.Tensor | None,
+                bin_: torch.Tensor | None, step: torch.Tensor | None, hi: float) -> torch.Tensor:
         n, c, h, w = x.shape
+        after = native.After(kind=kind, lo=0.0, hi=hi, step=native.ptr(step))
+        if skip is not None:
+            after.skip, after.skip_channels = native.ptr(skip), skip.shape[1]
+        if clip is not None:
+            upper, delta = clip_range(clip, bin_)
+            after.upper, after.delta, after.clip = float(upper), float(delta), float(clip)
         y = torch.empty_like(x)
         mean, invstd, new_mean, new_var = stats = torch.empty(4, c)
-        relu = skip is not None
         native.library().bn_train_forward(
             native.ptr(x), native.ptr(y), n, c, h * w, native.ptr(weight), native.ptr(bias),
             native.ptr(running_mean), native.ptr(running_var), momentum, eps, *map(native.ptr, stats),
-            relu, native.ptr(skip), skip.shape[1] if relu else 0, native.threads())
+            ctypes.byref(after), native.threads())
         # Through PyTorch, so that the buffers' version counters move (models.fused_eval keys on them).
         running_mean.copy_(new_mean)
         running_var.copy_(new_var)
-        ctx.relu, ctx.skip_channels = relu, skip.shape[1] if relu else 0
-        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        after.skip = None
+        ctx.after, ctx.eps, ctx.clip_shape = after, eps, None if clip is None else clip.shape
+        ctx.skip_channels = skip.shape[1] if skip is not None else 0
+        ctx.save_for_backward(x, weight, bias, mean, invstd, step)
         return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, weight, bias, mean, invstd = ctx.saved_tensors
+        x, weight, bias, mean, invstd, step = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        if ctx.after.kind == native.After.NONE:  # PyTorch's own backward is as fast
+            grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+                grad, x, weight, None, None, mean, invstd, True, ctx.eps, list(needs[:3]))
+            return grad_x, grad_weight, grad_bias, *[None] * 10
         grad = grad.contiguous()
         n, c, h, w = x.shape
         grad_x = torch.empty_like(x)
         grad_weight, grad_bias = torch.empty_like(weight), torch.empty_like(weight)
+        grad_after = torch.empty(c, dtype=torch.float64)
+        after = ctx.after
+        after.step = native.ptr(step)
         native.library().bn_train_backward(
             native.ptr(x), native.ptr(grad), native.ptr(grad_x), n, c, h * w, native.ptr(weight),
-            native.ptr(bias), native.ptr(mean), native.ptr(invstd), ctx.relu,
-            native.ptr(grad_weight), native.ptr(grad_bias), native.threads())
-        needs = ctx.needs_input_grad
-        grad_skip = None
-        if needs[7]:  # the adjoint of repeating the skip along channels
+            native.ptr(bias), native.ptr(mean), native.ptr(invstd), ctypes.byref(after),
+            native.ptr(grad_weight), native.ptr(grad_bias), native.ptr(grad_after), native.threads())
+        grad_skip = grad_clip = grad_step = None
+        if needs[8]:  # the adjoint of repeating the skip along channels
             grad_skip = grad.unflatten(1, (c // ctx.skip_channels, ctx.skip_channels)).sum(1)
+        if needs[9]:  # the clip: the sum of g over the outputs above it
+            grad_clip = grad_after.sum().to(weight.dtype).reshape(ctx.clip_shape)
+        if needs[11]:  # LSQ's step, with its gradient scale k (quant.functional.lsq_quantize)
+            grad_step = grad_after.to(weight.dtype) * (1 / math.sqrt(x.numel() * after.hi))
         return (grad_x if needs[0] else None, grad_weight if needs[1] else None,
-                grad_bias if needs[2] else None, None, None, None, None, grad_skip)
+                grad_bias if needs[2] else None, None, None, None, None, None, grad_skip, grad_clip,
+                None, grad_step, None)
 
 
 # Shapes that cover whole and partial groups of eight channels, one image, two positions per image,
@@ -91,21 +130,28 @@ def is_exact() -> bool:
 
 def _matches() -> bool:
     gen = torch.Generator().manual_seed(0)
-    for shape, momentum in _CHECKED:
+    clip, lsq = ClipActivation(2), LsqActivation(2, 1)
+    clip.quantize = True
+    clip.upper_bound.fill_(1.5)
+    for index, (shape, momentum) in enumerate(_CHECKED):
         ours, theirs = (nn.BatchNorm2d(shape[1], momentum=momentum) for _ in range(2))
         for t in ("running_mean", "running_var", "weight", "bias"):
             value = torch.rand(shape[1], generator=gen) + 0.5
             getattr(ours, t).copy_(value)
             getattr(theirs, t).copy_(value)
+        lsq.s = nn.Parameter(torch.rand(shape[1], generator=gen) + 0.1)
         for step in range(3):  # three batches: the cumulative momentum takes three values
             x = torch.randn(shape, generator=gen) * 3 + torch.randn(1, generator=gen)
-            if step < 2:
-                y, expected = batch_norm(ours, x), theirs(x)
-            else:  # with ReLU and a skip, repeated twice where the channels are even
+            after = ("none", "relu and skip", "clip", "lsq")[(index + step) % 4]
+            if after == "relu and skip":  # a skip repeated twice where the channels are even
                 repeats = 2 if shape[1] % 2 == 0 else 1
                 skip = torch.randn(shape[0], shape[1] // repeats, *shape[2:], generator=gen)
                 y = batch_norm(ours, x, skip)
                 expected = torch.relu(theirs(x)) + skip.repeat(1, repeats, 1, 1)
+            else:
+                quantizer = {"clip": clip, "lsq": lsq}.get(after)
+                y = batch_norm(ours, x, quantizer=quantizer)
+                expected = quantizer(theirs(x)) if quantizer else theirs(x)
             same = torch.equal(y, expected) and all(
                 torch.equal(a, b) for a, b in zip(ours.buffers(), theirs.buffers(), strict=True))
             if not same:

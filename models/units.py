@@ -98,7 +98,10 @@ def unit_forward(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, conv:
 
 def _unit_op_by_op(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, conv: nn.Module,
                    bn_post: nn.Module, skip: FlexibleSkip, bn_last: nn.Module) -> torch.Tensor:
-    z = conv(quantizer(_norm(bn_pre, x)))
+    if fused_train.applies(bn_pre, x) and fused_train.quantizes_after(quantizer):
+        z = conv(fused_train.batch_norm(bn_pre, x, quantizer=quantizer))  # BN_pre and Q in one pass
+    else:
+        z = conv(quantizer(_norm(bn_pre, x)))
     if fused_train.applies(bn_post, z):  # BN_post, ReLU and the sum in one pass
         repeats = skip.out_channels % skip.in_channels == 0
         src = (skip.pool(x) if repeats else skip(x)).contiguous()

@@ -39,6 +39,8 @@ void clip_forward(const float *x, float *y, int64_t n, float upper, float delta,
  * in CHUNKS fixed pieces combined in order: the same result for any number of threads. */
 #define LANES 8
 #define CHUNKS 64
+#define ROW_LANES 16 /* one 512-bit vector of floats */
+#define FLUSH_EVERY 4096 /* elements a float sum takes before it goes into the double */
 
 static inline double sum_lanes(const double *acc) {
     double total = 0.0;
@@ -225,14 +227,27 @@ static inline void channel_sums(const float *x, int64_t batch, int64_t channels,
     }
 }
 
-/* y = BN(x) with the batch's statistics; with `relu`, y = ReLU(BN(x)) + skip, channel c adding
- * channel c % skip_channels of `skip` (a repeated input). save_mean and save_invstd for the
+/* What follows BN in the same pass: nothing, ReLU and a skip (BN_post of a unit), or a quantizer
+ * (BN_pre of a unit): the clip quantizer or LSQ. */
+enum { AFTER_NONE, AFTER_RELU_SKIP, AFTER_CLIP, AFTER_LSQ };
+
+typedef struct {
+    int kind;
+    const float *skip;     /* AFTER_RELU_SKIP: channel c adds channel c % skip_channels */
+    int64_t skip_channels;
+    float upper, delta;    /* AFTER_CLIP: round(clamp(v, 0, upper) / delta) * delta */
+    float clip;            /*   the clip value itself, for the backward */
+    const float *step;     /* AFTER_LSQ: round(clamp(v / step[c], lo, hi)) * step[c] */
+    float lo, hi;
+} after_t;
+
+/* y = BN(x) with the batch's statistics, then `after`. save_mean and save_invstd for the
  * backward; the new running statistics (momentum: the weight of this batch) in new_mean, new_var. */
 void bn_train_forward(const float *x, float *y, int64_t batch, int64_t channels, int64_t inner,
                       const float *weight, const float *bias, const float *running_mean,
                       const float *running_var, float momentum, double eps, float *save_mean,
-                      float *save_invstd, float *new_mean, float *new_var, int relu,
-                      const float *skip, int64_t skip_channels, int threads) {
+                      float *save_invstd, float *new_mean, float *new_var, const after_t *after,
+                      int threads) {
     int64_t count = batch * inner, blocks = (channels + LANES - 1) / LANES;
 #pragma omp parallel for num_threads(threads) if (batch * channels * inner >= PARALLEL_MIN) \
     schedule(dynamic)
@@ -264,12 +279,21 @@ void bn_train_forward(const float *x, float *y, int64_t batch, int64_t channels,
             for (int64_t n = 0; n < batch; n++) {
                 const float *xp = x + (n * channels + c) * inner;
                 float *yp = y + (n * channels + c) * inner;
-                if (relu) {
-                    const float *sp = skip + (n * skip_channels + c % skip_channels) * inner;
+                if (after->kind == AFTER_RELU_SKIP) {
+                    const float *sp = after->skip
+                        + (n * after->skip_channels + c % after->skip_channels) * inner;
                     for (int64_t i = 0; i < inner; i++) {
                         float v = fmaf(xp[i], a, s);
                         yp[i] = (v < 0.0f ? 0.0f : v) + sp[i];
                     }
+                } else if (after->kind == AFTER_CLIP) {
+                    float upper = after->upper, delta = after->delta;
+                    for (int64_t i = 0; i < inner; i++)
+                        yp[i] = rintf(clamp(fmaf(xp[i], a, s), 0.0f, upper) / delta) * delta;
+                } else if (after->kind == AFTER_LSQ) {
+                    float st = after->step[c], lo = after->lo, hi = after->hi;
+                    for (int64_t i = 0; i < inner; i++)
+                        yp[i] = rintf(clamp(fmaf(xp[i], a, s) / st, lo, hi)) * st;
                 } else {
                     for (int64_t i = 0; i < inner; i++)
                         yp[i] = fmaf(xp[i], a, s);
@@ -279,48 +303,106 @@ void bn_train_forward(const float *x, float *y, int64_t batch, int64_t channels,
     }
 }
 
-/* The gradient reaching BN(x): g, or with `relu` g where BN(x) > 0 (PyTorch's ReLU backward). */
-static inline float grad_bn(float g, float x, float a, float s, int relu) {
-    return relu ? keep_if(g, !(fmaf(x, a, s) <= 0.0f)) : g;
+/* The gradient reaching BN(x) = v from the gradient g of the output, through what followed it;
+ * *term is what the quantizer's own parameter collects from this element (its sum over the
+ * channel). Inlined with `kind` a constant, so that each kind compiles to a vectorized loop. */
+static inline __attribute__((always_inline)) float grad_through(int kind, float g, float v,
+                                                                float clip, float step, float lo,
+                                                                float hi, float *term) {
+    if (kind == AFTER_RELU_SKIP) {  /* PyTorch's ReLU backward: nothing where the output is 0 */
+        *term = 0.0f;
+        return keep_if(g, !(v <= 0.0f));
+    }
+    if (kind == AFTER_CLIP) {
+        *term = keep_if(g, v > clip);
+        return g * (float)((v > 0.0f) & (v < clip));
+    }
+    if (kind == AFTER_LSQ) {
+        float q = v / step;
+        int inside = (q >= lo) & (q <= hi);
+        *term = g * (rintf(clamp(q, lo, hi)) - keep_if(q, inside));
+        return g * (float)inside;
+    }
+    *term = 0.0f;
+    return g;
 }
 
-/* The gradients of bn_train_forward with respect to x, weight and bias. */
+/* One channel of bn_train_backward. */
+static inline __attribute__((always_inline)) void backward_channel(
+    int kind, const float *x, const float *g, float *grad_x, int64_t batch, int64_t channels,
+    int64_t inner, int64_t c, float weight, float bias, float mean, float invstd, float clip,
+    float step, float lo, float hi, float *grad_weight, float *grad_bias, double *grad_after) {
+    float a = invstd * weight, s = bn_shift(a, mean, bias);
+    double sum_g = 0.0, dot = 0.0, sum_term = 0.0;
+    float row_g[ROW_LANES] = {0.0f}, row_dot[ROW_LANES] = {0.0f}, row_term[ROW_LANES] = {0.0f};
+    int64_t pending = 0;
+    for (int64_t n = 0; n < batch; n++) {
+        const float *xp = x + (n * channels + c) * inner, *gp = g + (n * channels + c) * inner;
+        int64_t i = 0;
+        for (; i + ROW_LANES <= inner; i += ROW_LANES)
+            for (int l = 0; l < ROW_LANES; l++) {
+                float term, gi = grad_through(kind, gp[i + l], fmaf(xp[i + l], a, s), clip, step,
+                                              lo, hi, &term);
+                row_g[l] += gi;
+                row_dot[l] += gi * (xp[i + l] - mean);
+                row_term[l] += term;
+            }
+        for (; i < inner; i++) {
+            float term, gi = grad_through(kind, gp[i], fmaf(xp[i], a, s), clip, step, lo, hi, &term);
+            row_g[0] += gi;
+            row_dot[0] += gi * (xp[i] - mean);
+            row_term[0] += term;
+        }
+        pending += inner;
+        if (pending < FLUSH_EVERY && n + 1 < batch)
+            continue;
+        for (int l = 0; l < ROW_LANES; l++) {
+            sum_g += row_g[l];
+            dot += row_dot[l];
+            sum_term += row_term[l];
+            row_g[l] = row_dot[l] = row_term[l] = 0.0f;
+        }
+        pending = 0;
+    }
+    *grad_bias = (float)sum_g;
+    *grad_weight = (float)(dot * invstd);
+    *grad_after = sum_term;
+    float k = (float)(dot * invstd * invstd / (double)(batch * inner));
+    float grad_mean = (float)(sum_g / (double)(batch * inner)), scale = invstd * weight;
+    for (int64_t n = 0; n < batch; n++) {
+        const float *xp = x + (n * channels + c) * inner, *gp = g + (n * channels + c) * inner;
+        float *dp = grad_x + (n * channels + c) * inner;
+        for (int64_t i = 0; i < inner; i++) {
+            float term, gi = grad_through(kind, gp[i], fmaf(xp[i], a, s), clip, step, lo, hi, &term);
+            dp[i] = (gi - grad_mean - (xp[i] - mean) * k) * scale;
+        }
+    }
+}
+
+/* The gradients of bn_train_forward with respect to x, weight and bias, and per channel the sum
+ * that the quantizer's parameter collects (grad_after: the clip's terms, or LSQ's step gradient
+ * before its scale k). The channel sums run in ROW_LANES float sums along the channel's rows,
+ * added into double sums every FLUSH_EVERY elements. */
 void bn_train_backward(const float *x, const float *g, float *grad_x, int64_t batch,
                        int64_t channels, int64_t inner, const float *weight, const float *bias,
-                       const float *save_mean, const float *save_invstd, int relu,
-                       float *grad_weight, float *grad_bias, int threads) {
-    int64_t count = batch * inner;
+                       const float *save_mean, const float *save_invstd, const after_t *after,
+                       float *grad_weight, float *grad_bias, double *grad_after, int threads) {
+    int kind = after->kind;
+    float clip = after->clip, lo = after->lo, hi = after->hi;
 #pragma omp parallel for num_threads(threads) if (batch * channels * inner >= PARALLEL_MIN) \
     schedule(static)
     for (int64_t c = 0; c < channels; c++) {
-        float mean = save_mean[c], invstd = save_invstd[c];
-        float a = invstd * weight[c], s = bn_shift(a, mean, bias[c]);
-        double acc_g[LANES] = {0.0}, acc_dot[LANES] = {0.0};
-        for (int64_t n = 0; n < batch; n++) {
-            const float *xp = x + (n * channels + c) * inner, *gp = g + (n * channels + c) * inner;
-            int64_t i = 0;
-            for (; i + LANES <= inner; i += LANES)
-                for (int l = 0; l < LANES; l++) {
-                    float gi = grad_bn(gp[i + l], xp[i + l], a, s, relu);
-                    acc_g[l] += gi;
-                    acc_dot[l] += gi * (xp[i + l] - mean);
-                }
-            for (; i < inner; i++) {
-                float gi = grad_bn(gp[i], xp[i], a, s, relu);
-                acc_g[0] += gi;
-                acc_dot[0] += gi * (xp[i] - mean);
-            }
+        float step = kind == AFTER_LSQ ? after->step[c] : 1.0f;
+#define CHANNEL(KIND)                                                                              \
+    backward_channel(KIND, x, g, grad_x, batch, channels, inner, c, weight[c], bias[c],             \
+                     save_mean[c], save_invstd[c], clip, step, lo, hi, grad_weight + c,             \
+                     grad_bias + c, grad_after + c)
+        switch (kind) {
+        case AFTER_RELU_SKIP: CHANNEL(AFTER_RELU_SKIP); break;
+        case AFTER_CLIP: CHANNEL(AFTER_CLIP); break;
+        case AFTER_LSQ: CHANNEL(AFTER_LSQ); break;
+        default: CHANNEL(AFTER_NONE);
         }
-        double sum_g = sum_lanes(acc_g), dot = sum_lanes(acc_dot);
-        grad_bias[c] = (float)sum_g;
-        grad_weight[c] = (float)(dot * invstd);
-        float k = (float)(dot * invstd * invstd / (double)count);
-        float grad_mean = (float)(sum_g / (double)count), scale = invstd * weight[c];
-        for (int64_t n = 0; n < batch; n++) {
-            const float *xp = x + (n * channels + c) * inner, *gp = g + (n * channels + c) * inner;
-            float *dp = grad_x + (n * channels + c) * inner;
-            for (int64_t i = 0; i < inner; i++)
-                dp[i] = (grad_bn(gp[i], xp[i], a, s, relu) - grad_mean - (xp[i] - mean) * k) * scale;
-        }
+#undef CHANNEL
     }
 }

@@ -28,6 +28,15 @@ TUNINGS = (["-march=native"], [])  # the second when the compiler does not know 
 # Pointers go in as addresses (``ptr``): ctypes converts an int to void* faster than it casts.
 _ptr = ctypes.c_void_p
 _i64, _f32, _int = ctypes.c_int64, ctypes.c_float, ctypes.c_int
+
+
+class After(ctypes.Structure):
+    """``after_t`` of kernels.c: what follows a training-mode BatchNorm in the same pass."""
+    NONE, RELU_SKIP, CLIP, LSQ = range(4)
+    _fields_ = [("kind", _int), ("skip", _ptr), ("skip_channels", _i64), ("upper", _f32),
+                ("delta", _f32), ("clip", _f32), ("step", _ptr), ("lo", _f32), ("hi", _f32)]
+
+
 SIGNATURES = {
     "clip_forward": (None, [_ptr, _ptr, _i64, _f32, _f32, _int]),
     "clip_backward": (ctypes.c_double, [_ptr, _ptr, _ptr, _i64, _f32, _int]),
@@ -39,9 +48,9 @@ SIGNATURES = {
     "bn_relu_skip_bn": (None, [_ptr, _ptr, _ptr, *[_i64] * 7, _int, *[_ptr] * 6,
                                _int]),
     "bn_train_forward": (None, [_ptr, _ptr, _i64, _i64, _i64, *[_ptr] * 4, _f32, ctypes.c_double,
-                                *[_ptr] * 4, _int, _ptr, _i64, _int]),
-    "bn_train_backward": (None, [_ptr, _ptr, _ptr, _i64, _i64, _i64, *[_ptr] * 4, _int, _ptr, _ptr,
-                                 _int]),
+                                *[_ptr] * 4, ctypes.POINTER(After), _int]),
+    "bn_train_backward": (None, [_ptr, _ptr, _ptr, _i64, _i64, _i64, *[_ptr] * 4,
+                                 ctypes.POINTER(After), *[_ptr] * 3, _int]),
 }
 
 

@@ -333,7 +333,8 @@ def test_training_keeps_pytorchs_batchnorm_where_the_kernel_differs(monkeypatch)
     from models import fused_train
 
     batch_norm = fused_train.batch_norm
-    monkeypatch.setattr(fused_train, "batch_norm", lambda bn, x: batch_norm(bn, x) * 1.0000001)
+    monkeypatch.setattr(fused_train, "batch_norm",
+                        lambda *args, **kwargs: batch_norm(*args, **kwargs) * 1.0000001)
     fused_train.is_exact.cache_clear()
     try:
         with pytest.warns(UserWarning, match="training uses PyTorch's BatchNorm"):
@@ -341,3 +342,45 @@ def test_training_keeps_pytorchs_batchnorm_where_the_kernel_differs(monkeypatch)
         assert not fused_train.applies(torch.nn.BatchNorm2d(4), torch.randn(2, 4, 3, 3))
     finally:
         fused_train.is_exact.cache_clear()
+
+
+@pytest.mark.parametrize("after", ["relu and skip", "clip", "lsq"])
+def test_training_batchnorm_with_what_follows_it_is_pytorchs(exact_train, after):
+    from models import fused_train
+    from quant import ClipActivation, LsqActivation
+
+    gen = torch.Generator().manual_seed(4)
+    shape = (6, 12, 10, 9)
+    ours, theirs = torch.nn.BatchNorm2d(12), torch.nn.BatchNorm2d(12)
+    x = (torch.randn(shape, generator=gen) * 2 + 1).requires_grad_()
+    g = torch.randn(shape, generator=gen)
+    if after == "relu and skip":  # a skip of 4 channels, repeated 3 times
+        skip = torch.randn(6, 4, 10, 9, generator=gen).requires_grad_()
+        y = fused_train.batch_norm(ours, x, skip)
+        y0 = torch.relu(theirs(x)) + skip.repeat(1, 3, 1, 1)
+        own = skip
+    else:
+        quantizer = LsqActivation(2, 12) if after == "lsq" else ClipActivation(2)
+        if after == "clip":
+            quantizer.quantize = True
+            quantizer.upper_bound.data.fill_(1.2)
+        else:
+            quantizer.s.data.copy_(torch.rand(12, generator=gen) * 0.5 + 0.2)
+        assert fused_train.quantizes_after(quantizer)
+        y = fused_train.batch_norm(ours, x, quantizer=quantizer)
+        y0 = quantizer(theirs(x))
+        own = quantizer.upper_bound if after == "clip" else quantizer.s
+    grads = torch.autograd.grad(y, [x, ours.weight, ours.bias, own], g)
+    grads0 = torch.autograd.grad(y0, [x, theirs.weight, theirs.bias, own], g)
+    assert torch.equal(y, y0)
+    for a, b in zip(grads, grads0, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_lsq_initialisation_hook_keeps_the_quantizer_separate(exact_train):
+    from models import fused_train
+    from quant import LsqActivation
+
+    quantizer = LsqActivation(2, 4)
+    quantizer.register_forward_pre_hook(lambda module, args: None)
+    assert not fused_train.quantizes_after(quantizer)
