@@ -3,15 +3,15 @@
 ``BN_pre`` and the quantizer run as one pass over the unit's input; ``BN_post``, ReLU, the skip and
 ``BN_last`` as one pass over its output (``quant/kernels.c``), where PyTorch's ops make six to nine.
 The values are PyTorch's bit for bit, which depends on how this machine's PyTorch computes
-BatchNorm: ``models.units`` checks every kind of unit against PyTorch's ops once per process and
-keeps PyTorch's ops if any bit differs.
+BatchNorm: ``is_exact`` checks every kind of unit against PyTorch's ops once per process, and the
+units keep PyTorch's ops if any bit differs.
 """
 import weakref
 
 import torch
 from torch import nn
 
-from quant import ClipActivation, LsqActivation, native
+from quant import ClipActivation, LsqActivation, QConv, native
 from quant.functional import clip_range
 
 
@@ -25,7 +25,7 @@ def applies(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, bn_post: n
     """Whether the fused kernels can run this unit: no autograd, eval-mode BatchNorms, CPU float32."""
     return (not torch.is_grad_enabled() and x.dim() == 4 and native.usable(x)
             and isinstance(quantizer, (ClipActivation, LsqActivation, nn.Identity))
-            and all(_in_evaluation(bn) for bn in (bn_pre, bn_post, bn_last)))
+            and all(_in_evaluation(bn) for bn in (bn_pre, bn_post, bn_last)) and is_exact())
 
 
 _alphas: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
@@ -76,3 +76,39 @@ def unit(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, conv: nn.Modu
     lib.bn_relu_skip_bn(native.ptr(z), native.ptr(src), native.ptr(out), *z.shape, *src.shape[1:],
                         pooled, *map(native.ptr, terms), threads)
     return out
+
+
+# Every kind of unit the supernets have: (in, out, kernel, stride, quantizer). The skip repeats,
+# repeats and truncates, sums chunks (with and without padding), and pools odd sizes.
+_CHECKED_UNITS = [(8, 24, 1, 1, "lsq"), (24, 24, 3, 2, "clip"), (24, 24, 3, 1, "clip off"),
+                  (24, 8, 1, 1, "lsq"), (20, 8, 1, 2, "lsq"), (8, 20, 1, 2, "none"), (16, 16, 3, 1, "none")]
+
+
+def _matches() -> bool:
+    from .units import FlexibleSkip, unit_op_by_op  # the units call this module
+
+    gen = torch.Generator().manual_seed(0)
+    for cin, cout, kernel, stride, kind in _CHECKED_UNITS:
+        quantizer = {"lsq": LsqActivation(2, cin), "none": nn.Identity()}.get(kind) or ClipActivation(2)
+        if kind == "clip":
+            quantizer.quantize = True
+            quantizer.upper_bound.data.fill_(2.5)
+        conv = QConv(cin, cout, kernel, 2, stride, cin if kernel == 3 else 1)
+        conv.quantize_weights = True
+        bns = [nn.BatchNorm2d(c).eval() for c in (cin, cout, cout)]
+        for bn in bns:
+            for t in (bn.running_mean, bn.weight.data, bn.bias.data):
+                t.copy_(torch.randn(t.shape, generator=gen))
+            bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=gen) * 3 + 1e-3)
+        x = torch.randn(3, cin, 9, 7, generator=gen) * 3
+        if kind == "lsq":
+            quantizer.init_from(bns[0](x))
+        parts = (bns[0], quantizer, conv, bns[1], FlexibleSkip(cin, cout, stride), bns[2])
+        if not torch.equal(unit(x, *parts), unit_op_by_op(x, *parts)):
+            return False
+    return True
+
+
+is_exact = native.checked_once(
+    _matches, "BASQ's fused evaluation kernels do not give PyTorch's BatchNorm values bit for bit "
+              "on this machine; evaluation uses PyTorch's ops instead.")

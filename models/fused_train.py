@@ -8,9 +8,7 @@ process against ``nn.BatchNorm2d``, which is used instead if any bit differs). T
 PyTorch's formula with its sums in double.
 """
 import ctypes
-import functools
 import math
-import warnings
 
 import torch
 from torch import nn
@@ -121,13 +119,6 @@ _CHECKED = [((4, 24, 9, 7), 0.1), ((3, 13, 5, 5), None), ((1, 8, 3, 3), 0.1), ((
             ((2, 40, 16, 16), 0.1)]
 
 
-@functools.cache
-def is_exact() -> bool:
-    """Whether ``batch_norm`` gives ``nn.BatchNorm2d``'s values bit for bit here (once per process)."""
-    with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.no_grad():
-        return _matches()
-
-
 def _matches() -> bool:
     gen = torch.Generator().manual_seed(0)
     clip, lsq = ClipActivation(2), LsqActivation(2, 1)
@@ -155,8 +146,10 @@ def _matches() -> bool:
             same = torch.equal(y, expected) and all(
                 torch.equal(a, b) for a, b in zip(ours.buffers(), theirs.buffers(), strict=True))
             if not same:
-                warnings.warn("BASQ's training-mode BatchNorm kernel does not give PyTorch's values "
-                              "bit for bit on this machine; training uses PyTorch's BatchNorm.",
-                              stacklevel=4)
                 return False
     return True
+
+
+is_exact = native.checked_once(
+    _matches, "BASQ's training-mode BatchNorm kernel does not give PyTorch's values bit for bit on "
+              "this machine; training uses PyTorch's BatchNorm.")

@@ -9,9 +9,7 @@ indexed by the unit's position (``bn_qconv_bn_relu_0``, ``bn0_last``, ``branch_b
 ...). So a unit is not a sub-module: it registers its parts on its ``owner`` block under those names
 and looks them up there at every call.
 """
-import functools
 import math
-import warnings
 from collections.abc import Sequence
 
 import torch
@@ -87,17 +85,19 @@ def unit_forward(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, conv:
                  bn_post: nn.Module, skip: FlexibleSkip, bn_last: nn.Module) -> torch.Tensor:
     """``U(x) = BN_last(ReLU(BN_post(QConv(Q(BN_pre(x))))) + Skip(x))``, for every unit and branch.
 
-    In evaluation without autograd on the CPU, as two fused kernels around the convolution
-    (``models.fused_eval``), where they give PyTorch's values bit for bit on this machine.
+    On the CPU, the fused kernels do the elementwise work where they give PyTorch's values bit for
+    bit on this machine: in evaluation without autograd, two passes around the convolution
+    (``models.fused_eval``); in training, BatchNorm with what follows it (``models.fused_train``).
     """
     parts = (bn_pre, quantizer, conv, bn_post, skip, bn_last)
-    if fused_eval.applies(x, bn_pre, quantizer, bn_post, bn_last) and fused_evaluation_is_exact():
+    if fused_eval.applies(x, bn_pre, quantizer, bn_post, bn_last):
         return fused_eval.unit(x, *parts)
-    return _unit_op_by_op(x, *parts)
+    return unit_op_by_op(x, *parts)
 
 
-def _unit_op_by_op(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, conv: nn.Module,
-                   bn_post: nn.Module, skip: FlexibleSkip, bn_last: nn.Module) -> torch.Tensor:
+def unit_op_by_op(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, conv: nn.Module,
+                  bn_post: nn.Module, skip: FlexibleSkip, bn_last: nn.Module) -> torch.Tensor:
+    """``unit_forward`` one part after the other (training-mode BatchNorms fused with what follows)."""
     if fused_train.applies(bn_pre, x) and fused_train.quantizes_after(quantizer):
         z = conv(fused_train.batch_norm(bn_pre, x, quantizer=quantizer))  # BN_pre and Q in one pass
     else:
@@ -113,46 +113,6 @@ def _unit_op_by_op(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, con
 def _norm(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``bn(x)``; in training on the CPU with the faster statistics of ``models.fused_train``."""
     return fused_train.batch_norm(bn, x) if fused_train.applies(bn, x) else bn(x)
-
-
-# Every kind of unit the supernets have: (in, out, kernel, stride, quantizer). The skip repeats,
-# repeats and truncates, sums chunks (with and without padding), and pools odd sizes.
-_CHECKED_UNITS = [(8, 24, 1, 1, "lsq"), (24, 24, 3, 2, "clip"), (24, 24, 3, 1, "clip off"),
-                  (24, 8, 1, 1, "lsq"), (20, 8, 1, 2, "lsq"), (8, 20, 1, 2, "none"), (16, 16, 3, 1, "none")]
-
-
-@functools.cache
-def fused_evaluation_is_exact() -> bool:
-    """Whether ``fused_eval`` gives PyTorch's values bit for bit here (checked once per process)."""
-    # Leaves the caller's random stream as it was; builds ordinary tensors under inference_mode.
-    with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.no_grad():
-        return _fused_evaluation_matches()
-
-
-def _fused_evaluation_matches() -> bool:
-    gen = torch.Generator().manual_seed(0)
-    for cin, cout, kernel, stride, kind in _CHECKED_UNITS:
-        quantizer = {"lsq": LsqActivation(2, cin), "none": nn.Identity()}.get(kind) or ClipActivation(2)
-        if kind == "clip":
-            quantizer.quantize = True
-            quantizer.upper_bound.data.fill_(2.5)
-        conv = QConv(cin, cout, kernel, 2, stride, cin if kernel == 3 else 1)
-        conv.quantize_weights = True
-        bns = [nn.BatchNorm2d(c).eval() for c in (cin, cout, cout)]
-        for bn in bns:
-            for t in (bn.running_mean, bn.weight.data, bn.bias.data):
-                t.copy_(torch.randn(t.shape, generator=gen))
-            bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=gen) * 3 + 1e-3)
-        x = torch.randn(3, cin, 9, 7, generator=gen) * 3
-        if kind == "lsq":
-            quantizer.init_from(bns[0](x))
-        parts = (bns[0], quantizer, conv, bns[1], FlexibleSkip(cin, cout, stride), bns[2])
-        if not torch.equal(fused_eval.unit(x, *parts), _unit_op_by_op(x, *parts)):
-            warnings.warn("BASQ's fused evaluation kernels do not give PyTorch's BatchNorm values "
-                          "bit for bit on this machine; evaluation uses PyTorch's ops instead.",
-                          stacklevel=3)
-            return False
-    return True
 
 
 class Unit:

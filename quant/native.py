@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -125,3 +126,17 @@ def ptr(t: torch.Tensor | None) -> int | None:
 
 def threads() -> int:
     return torch.get_num_threads()
+
+
+def checked_once(matches: Callable[[], bool], warning: str) -> Callable[[], bool]:
+    """``matches`` (a comparison of kernels with PyTorch's ops) run once per process, leaving the
+    caller's random stream as it was and making ordinary tensors even under ``inference_mode``;
+    ``warning`` when it fails. The result has ``cache_clear``, for tests."""
+    @functools.cache
+    def is_exact() -> bool:
+        with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.no_grad():
+            if matches():
+                return True
+        warnings.warn(warning, stacklevel=3)
+        return False
+    return is_exact

@@ -163,9 +163,9 @@ def fused_and_pytorch(model, x, selection, monkeypatch):
 
 @pytest.fixture
 def exact():
-    from models.units import fused_evaluation_is_exact
+    from models import fused_eval
 
-    if not fused_evaluation_is_exact():
+    if not fused_eval.is_exact():
         pytest.skip("this machine's PyTorch rounds BatchNorm otherwise: evaluation runs PyTorch's "
                     "ops (test_evaluation_keeps_pytorchs_ops_where_the_kernels_differ)")
 
@@ -210,43 +210,43 @@ def test_fused_evaluation_follows_changed_batchnorm_statistics(exact, monkeypatc
 
 
 def test_evaluation_keeps_pytorchs_ops_where_the_kernels_differ(monkeypatch):
-    from models import fused_eval, units
+    from models import fused_eval
 
     terms = fused_eval._bn_terms
     monkeypatch.setattr(fused_eval, "_bn_terms",
                         lambda bn: (terms(bn)[0] * 1.0000001, *terms(bn)[1:]))
-    units.fused_evaluation_is_exact.cache_clear()
+    fused_eval.is_exact.cache_clear()
     try:
         with pytest.warns(UserWarning, match="evaluation uses PyTorch's ops"):
-            assert not units.fused_evaluation_is_exact()
+            assert not fused_eval.is_exact()
         model = supernet("mobilenet_v2", 0.35)
         x, selection = torch.randn(2, 3, 32, 32), [2] * model.num_searchable_layers
         fused, pytorch = fused_and_pytorch(model, x, selection, monkeypatch)
         assert torch.equal(fused, pytorch)
     finally:
-        units.fused_evaluation_is_exact.cache_clear()
+        fused_eval.is_exact.cache_clear()
 
 
 def test_the_check_leaves_the_random_stream_alone():
-    from models import units
+    from models import fused_eval
 
-    units.fused_evaluation_is_exact.cache_clear()
+    fused_eval.is_exact.cache_clear()
     torch.manual_seed(5)
-    units.fused_evaluation_is_exact()
+    fused_eval.is_exact()
     drawn = torch.rand(3)
     torch.manual_seed(5)
     assert torch.equal(drawn, torch.rand(3))
 
 
 def test_fused_evaluation_under_inference_mode(exact, monkeypatch):
-    from models import units
+    from models import fused_eval
 
-    units.fused_evaluation_is_exact.cache_clear()  # the first check may come under inference_mode
+    fused_eval.is_exact.cache_clear()  # the first check may come under inference_mode
     model = supernet("mobilenet_v2", 0.35)
     x, selection = torch.randn(2, 3, 32, 32), [0] * model.num_searchable_layers
     with torch.inference_mode():
         fused = model(x, selection)
-    assert units.fused_evaluation_is_exact()
+    assert fused_eval.is_exact()
     assert torch.equal(fused, fused_and_pytorch(model, x, selection, monkeypatch)[1])
 
 
