@@ -176,3 +176,27 @@ def test_bad_input(tmp_path, image_folder, earlier_run, flags, words):
         load_file(earlier_run / rewritten)
         before.pop(rewritten), after.pop(rewritten)
     assert after == before
+
+
+def test_foreach_adam_gives_the_per_parameter_loops_values():
+    import copy
+
+    from utils.param_groups import stage1_param_groups
+
+    torch.manual_seed(0)
+    model = build_supernet("mobilenet_v2", 10, 2, [0.5, 0.05, 0.005], width_multiplier=0.25,
+                           width_divisor=8)
+    model.change_precision(True, True)
+    twin = copy.deepcopy(model)
+    foreach, _ = stage1.phase_optimizer(model, 1e-3, 0.01, total_iters=10)
+    loop = torch.optim.Adam(stage1_param_groups(twin, 0.01), lr=1e-3, foreach=False)
+    x, target = torch.randn(4, 3, 32, 32), torch.randn(4, 10)
+    for step in range(3):
+        selection = [(i + step) % 3 for i in range(model.num_searchable_layers)]
+        for net, optimizer in ((model, foreach), (twin, loop)):
+            optimizer.zero_grad()
+            torch.manual_seed(step)  # the same dropout
+            kd_loss(net(x, selection), target).backward()
+            optimizer.step()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q), name
