@@ -24,6 +24,7 @@ class QConv(nn.Module):
         self.w_quantize = LsqWeight(bits, out_channels)
         self.w_quantize.init_from(self.weight)
         self.quantize_weights = False
+        self._kept: tuple | None = None  # (key, quantized weight), see effective_weight
 
     @property
     def weight(self) -> torch.Tensor:
@@ -33,8 +34,24 @@ class QConv(nn.Module):
         self.w_quantize.init_from(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.w_quantize(self.weight) if self.quantize_weights else self.weight
-        return F.conv2d(x, w, None, self.stride, self.kernel_size // 2, 1, self.groups)
+        return F.conv2d(x, self.effective_weight(), None, self.stride, self.kernel_size // 2, 1,
+                        self.groups)
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the convolution uses: quantized while ``quantize_weights`` is on.
+
+        Without autograd, the quantized weight is kept until the weights or the steps change:
+        stage 2 evaluates thousands of candidates with the same weights.
+        """
+        if not self.quantize_weights:
+            return self.weight
+        w, s = self.weights, self.w_quantize.s
+        if torch.is_grad_enabled() or w.is_inference() or s.is_inference():
+            return self.w_quantize(self.weight)
+        key = (w._version, w.data_ptr(), s._version, s.data_ptr(), torch.is_inference_mode_enabled())
+        if self._kept is None or self._kept[0] != key:
+            self._kept = key, self.w_quantize(self.weight)
+        return self._kept[1]
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

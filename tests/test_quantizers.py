@@ -130,3 +130,19 @@ def test_fused_lsq_equals_the_reference_composite(lo, hi, dim, kernels):
     torch.testing.assert_close(lsq_quantize(x, s, lo, hi, dim), y, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(fused[0], x.grad, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(fused[1], s.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_quantized_weights_are_kept_without_autograd_until_they_change():
+    torch.manual_seed(0)
+    conv = QConv(4, 6, 3, 2)
+    conv.quantize_weights = True
+    fresh = lambda: conv.w_quantize(conv.weight).detach()  # noqa: E731
+    with torch.no_grad():
+        kept = conv.effective_weight()
+        assert torch.equal(kept, fresh()) and conv.effective_weight() is kept
+        conv.weights.add_(0.003)  # an optimizer step, in place
+        assert torch.equal(conv.effective_weight(), fresh()) and conv.effective_weight() is not kept
+        kept = conv.effective_weight()
+        conv.load_state_dict({k: v * 2 for k, v in conv.state_dict().items()})
+        assert torch.equal(conv.effective_weight(), fresh()) and conv.effective_weight() is not kept
+    assert conv.effective_weight().requires_grad  # with autograd: quantized anew, in the graph
