@@ -4,8 +4,10 @@ PyTorch's CPU kernel sums every channel in double, one element after the other: 
 dependent additions that takes most of a training-mode BatchNorm's time. ``quant/kernels.c`` runs
 the same sums in the same order for eight channels at once, so that their chains overlap; the
 output, the saved statistics and the running statistics are PyTorch's bit for bit (checked once per
-process against ``nn.BatchNorm2d``, which is used instead if any bit differs). The backward computes
-PyTorch's formula with its sums in double.
+process against ``nn.BatchNorm2d``, which is used instead if any bit differs). A unit's BN_pre runs
+with its quantizer, and BN_post with ReLU and the skip's sum, in the same pass; their backward is
+one kernel too (PyTorch's formula, its sums in float lanes added up in double), while a plain
+BatchNorm's backward is PyTorch's own.
 """
 import ctypes
 import math
@@ -51,7 +53,8 @@ def quantizes_after(quantizer: nn.Module) -> bool:
     """Whether ``batch_norm`` can run ``quantizer`` in its pass (no hooks: LSQ's initialisation
     from the first batch is a forward pre-hook)."""
     return (isinstance(quantizer, (ClipActivation, LsqActivation, nn.Identity))
-            and not (quantizer._forward_hooks or quantizer._forward_pre_hooks))
+            and not (quantizer._forward_hooks or quantizer._forward_pre_hooks)
+            and (not isinstance(quantizer, LsqActivation) or native.usable(quantizer.s)))
 
 
 class _BatchNormTrain(torch.autograd.Function):
