@@ -6,25 +6,30 @@ The values are PyTorch's bit for bit, which depends on how this machine's PyTorc
 BatchNorm: ``is_exact`` checks every kind of unit against PyTorch's ops once per process, and the
 units keep PyTorch's ops if any bit differs.
 """
+import ctypes
 import weakref
 
 import torch
 from torch import nn
 
 from quant import ClipActivation, LsqActivation, QConv, native
-from quant.functional import clip_range
+from quant.functional import values_key
+
+from . import fused_train
 
 
 def _in_evaluation(bn: nn.Module) -> bool:
     return (type(bn) is nn.BatchNorm2d and not bn.training and bn.running_var is not None
-            and bn.affine and native.usable(bn.running_mean, bn.running_var, bn.weight, bn.bias))
+            and bn.affine and not fused_train.has_hooks(bn)
+            and native.usable(bn.running_mean, bn.running_var, bn.weight, bn.bias))
 
 
 def applies(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, bn_post: nn.Module,
             bn_last: nn.Module) -> bool:
-    """Whether the fused kernels can run this unit: no autograd, eval-mode BatchNorms, CPU float32."""
+    """Whether the fused kernels can run this unit: no autograd, eval-mode BatchNorms, CPU float32,
+    no hooks on the parts the kernels stand in for."""
     return (not torch.is_grad_enabled() and x.dim() == 4 and native.usable(x)
-            and isinstance(quantizer, (ClipActivation, LsqActivation, nn.Identity))
+            and fused_train.quantizes_after(quantizer)
             and all(_in_evaluation(bn) for bn in (bn_pre, bn_post, bn_last)) and is_exact())
 
 
@@ -38,23 +43,14 @@ def _bn_terms(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     BatchNorms again and again; three small ops a BatchNorm are a tenth of a 32 px step).
     """
     var, weight = bn.running_var, bn.weight
-    if var.is_inference() or weight.is_inference():  # no version counter to key on
+    key = values_key(var, weight)
+    if key is None:
         return torch.rsqrt(var + bn.eps).mul_(weight), bn.running_mean, bn.bias
-    key = (var._version, var.data_ptr(), weight._version, weight.data_ptr(), bn.eps)
+    key += (bn.eps,)
     cached = _alphas.get(bn)
     if cached is None or cached[0] != key:
         cached = _alphas[bn] = key, torch.rsqrt(var + bn.eps).mul_(weight)
     return cached[1], bn.running_mean, bn.bias
-
-
-def _quantizer_args(quantizer: nn.Module) -> tuple:
-    """``bn_quantize``'s quantizer arguments: kind, upper, delta, step, lo, hi."""
-    if isinstance(quantizer, LsqActivation):
-        return 2, 0.0, 0.0, native.ptr(quantizer.s), 0.0, float(quantizer.qp)
-    if isinstance(quantizer, ClipActivation) and quantizer.quantize:
-        upper, delta = clip_range(quantizer.upper_bound, quantizer.bin)
-        return 1, float(upper), float(delta), None, 0.0, 0.0
-    return 0, 0.0, 0.0, None, 0.0, 0.0
 
 
 def unit(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, conv: nn.Module,
@@ -64,8 +60,9 @@ def unit(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, conv: nn.Modu
     n, c, h, w = x.shape
     q = torch.empty_like(x)
     pre = _bn_terms(bn_pre)  # held here: the kernel reads them
+    after = fused_train.after_quantizer(*fused_train.quantizer_tensors(quantizer))
     lib.bn_quantize(native.ptr(x), native.ptr(q), n, c, h * w, *map(native.ptr, pre),
-                    *_quantizer_args(quantizer), threads)
+                    ctypes.byref(after), threads)
     z = conv(q).contiguous()
     if skip.in_channels > skip.out_channels:  # summed chunks: PyTorch's sum order, then added
         src, pooled = skip(x).contiguous(), 0

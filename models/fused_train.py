@@ -25,9 +25,14 @@ def applies(bn: nn.Module, x: torch.Tensor) -> bool:
     per image is also channels-last contiguous, and PyTorch sums those in another order."""
     return (bn.training and type(bn) is nn.BatchNorm2d and bn.track_running_stats and bn.affine
             and x.dim() == 4 and x.shape[1] > 1 and x.shape[2] * x.shape[3] > 1
-            and not (bn._forward_hooks or bn._forward_pre_hooks)
+            and not has_hooks(bn)
             and native.usable(x, bn.weight, bn.bias, bn.running_mean, bn.running_var)
             and is_exact())
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward hooks: then it runs as itself, so that they fire."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, skip: torch.Tensor | None = None,
@@ -37,23 +42,38 @@ def batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, skip: torch.Tensor | None = 
     ``C`` channels: an input repeated along channels) or by ``quantizer`` (``quantizes_after``)."""
     bn.num_batches_tracked.add_(1)
     factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    clip = bin_ = step = None
-    kind, hi = native.After.NONE, 0.0
-    if skip is not None:
-        kind = native.After.RELU_SKIP
-    elif isinstance(quantizer, ClipActivation) and quantizer.quantize:
-        kind, clip, bin_ = native.After.CLIP, quantizer.upper_bound, quantizer.bin
-    elif isinstance(quantizer, LsqActivation):
-        kind, step, hi = native.After.LSQ, quantizer.s, float(quantizer.qp)
     return _BatchNormTrain.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, factor,
-                                 bn.eps, kind, skip, clip, bin_, step, hi)
+                                 bn.eps, skip, *quantizer_tensors(quantizer))
+
+
+def quantizer_tensors(quantizer: nn.Module | None) -> tuple:
+    """What the kernels need of a unit's activation quantizer: ``clip, bin, step, hi``, the clip
+    and bin of a clip quantizer that is on, or LSQ's steps and top level (``None`` otherwise)."""
+    if isinstance(quantizer, ClipActivation) and quantizer.quantize:
+        return quantizer.upper_bound, quantizer.bin, None, 0.0
+    if isinstance(quantizer, LsqActivation):
+        return None, None, quantizer.s, float(quantizer.qp)
+    return None, None, None, 0.0
+
+
+def after_quantizer(clip: torch.Tensor | None, bin_: torch.Tensor | None,
+                    step: torch.Tensor | None, hi: float) -> native.After:
+    """The kernels' description of the quantizer ``quantizer_tensors`` gave (kept alive by the
+    caller while a kernel runs)."""
+    if clip is not None:
+        upper, delta = clip_range(clip, bin_)
+        return native.After(kind=native.After.CLIP, upper=float(upper), delta=float(delta),
+                            clip=float(clip))
+    if step is not None:
+        return native.After(kind=native.After.LSQ, step=native.ptr(step), lo=0.0, hi=hi)
+    return native.After(kind=native.After.NONE)
 
 
 def quantizes_after(quantizer: nn.Module) -> bool:
     """Whether ``batch_norm`` can run ``quantizer`` in its pass (no hooks: LSQ's initialisation
     from the first batch is a forward pre-hook)."""
     return (isinstance(quantizer, (ClipActivation, LsqActivation, nn.Identity))
-            and not (quantizer._forward_hooks or quantizer._forward_pre_hooks)
+            and not has_hooks(quantizer)
             and (not isinstance(quantizer, LsqActivation) or native.usable(quantizer.s)))
 
 
@@ -61,15 +81,14 @@ class _BatchNormTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                 running_mean: torch.Tensor, running_var: torch.Tensor, momentum: float, eps: float,
-                kind: int, skip: torch.Tensor | None, clip: torch.Tensor | None,
-                bin_: torch.Tensor | None, step: torch.Tensor | None, hi: float) -> torch.Tensor:
+                skip: torch.Tensor | None, clip: torch.Tensor | None, bin_: torch.Tensor | None,
+                step: torch.Tensor | None, hi: float) -> torch.Tensor:
         n, c, h, w = x.shape
-        after = native.After(kind=kind, lo=0.0, hi=hi, step=native.ptr(step))
-        if skip is not None:
-            after.skip, after.skip_channels = native.ptr(skip), skip.shape[1]
-        if clip is not None:
-            upper, delta = clip_range(clip, bin_)
-            after.upper, after.delta, after.clip = float(upper), float(delta), float(clip)
+        if skip is None:
+            after = after_quantizer(clip, bin_, step, hi)
+        else:
+            after = native.After(kind=native.After.RELU_SKIP, skip=native.ptr(skip),
+                                 skip_channels=skip.shape[1])
         y = torch.empty_like(x)
         mean, invstd, new_mean, new_var = stats = torch.empty(4, c)
         native.library().bn_train_forward(
@@ -92,7 +111,7 @@ class _BatchNormTrain(torch.autograd.Function):
         if ctx.after.kind == native.After.NONE:  # PyTorch's own backward is as fast
             grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
                 grad, x, weight, None, None, mean, invstd, True, ctx.eps, list(needs[:3]))
-            return grad_x, grad_weight, grad_bias, *[None] * 10
+            return grad_x, grad_weight, grad_bias, *[None] * 9
         grad = grad.contiguous()
         n, c, h, w = x.shape
         grad_x = torch.empty_like(x)
@@ -105,14 +124,14 @@ class _BatchNormTrain(torch.autograd.Function):
             native.ptr(bias), native.ptr(mean), native.ptr(invstd), ctypes.byref(after),
             native.ptr(grad_weight), native.ptr(grad_bias), native.ptr(grad_after), native.threads())
         grad_skip = grad_clip = grad_step = None
-        if needs[8]:  # the adjoint of repeating the skip along channels
+        if needs[7]:  # the adjoint of repeating the skip along channels
             grad_skip = grad.unflatten(1, (c // ctx.skip_channels, ctx.skip_channels)).sum(1)
-        if needs[9]:  # the clip: the sum of g over the outputs above it
+        if needs[8]:  # the clip: the sum of g over the outputs above it
             grad_clip = grad_after.sum().to(weight.dtype).reshape(ctx.clip_shape)
-        if needs[11]:  # LSQ's step, with its gradient scale k (quant.functional.lsq_quantize)
+        if needs[10]:  # LSQ's step, with its gradient scale k (quant.functional.lsq_quantize)
             grad_step = grad_after.to(weight.dtype) * (1 / math.sqrt(x.numel() * after.hi))
         return (grad_x if needs[0] else None, grad_weight if needs[1] else None,
-                grad_bias if needs[2] else None, None, None, None, None, None, grad_skip, grad_clip,
+                grad_bias if needs[2] else None, None, None, None, None, grad_skip, grad_clip,
                 None, grad_step, None)
 
 

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .functional import values_key
 from .lsq import LsqWeight
 
 
@@ -45,10 +46,10 @@ class QConv(nn.Module):
         """
         if not self.quantize_weights:
             return self.weight
-        w, s = self.weights, self.w_quantize.s
-        if torch.is_grad_enabled() or w.is_inference() or s.is_inference():
+        key = values_key(self.weights, self.w_quantize.s)
+        if torch.is_grad_enabled() or key is None:
             return self.w_quantize(self.weight)
-        key = (w._version, w.data_ptr(), s._version, s.data_ptr(), torch.is_inference_mode_enabled())
+        key += (torch.is_inference_mode_enabled(),)
         if self._kept is None or self._kept[0] != key:
             self._kept = key, self.w_quantize(self.weight)
         return self._kept[1]

@@ -32,6 +32,14 @@ def clip_delta(clip: torch.Tensor, bin_: torch.Tensor) -> torch.Tensor:
     return torch.where(r >= 1, clip, torch.where(r <= 1 / 255, clip / 255, clip * r))
 
 
+def values_key(*tensors: torch.Tensor) -> tuple | None:
+    """What identifies the tensors' current values: their storage and in-place version (for values
+    kept until their inputs change). ``None`` for inference tensors, which keep no version."""
+    if any(t.is_inference() for t in tensors):
+        return None
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
 def clip_range(clip: torch.Tensor, bin_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The clip quantizer's upper bound and step: ``y = round(clamp(x, 0, upper) / delta) * delta``.
 

@@ -1,8 +1,10 @@
-/* Fused CPU kernels of the quantizers in quant/functional.py: one pass over memory where PyTorch's
- * ops make four to ten. float32, C-contiguous. Built at first use by quant/native.py with
+/* Fused CPU kernels of the quantizers (quant/functional.py) and of a unit's BatchNorms with what
+ * follows them (models/fused_eval.py, models/fused_train.py): one pass over memory where PyTorch's
+ * ops make several. float32, C-contiguous. Built at first use by quant/native.py with
  * -ffp-contract=off: every value is the same IEEE operation as in the PyTorch ops it replaces
- * (compare, divide, round half to even, multiply), so the forward results are the same bit for bit.
- * The gradients' sums accumulate in double (PyTorch sums in float, in another order).
+ * (compare, divide, round half to even, multiply; a fused multiply-add only where PyTorch's
+ * BatchNorm has one), so the forward results are the same bit for bit. The gradients' sums run in
+ * another order than PyTorch's.
  *
  * A tensor quantized per channel is viewed as [outer, channels, inner]: dim 1 of an activation
  * (outer = batch, inner = height * width) or dim 0 of a weight (outer = 1). */
@@ -28,11 +30,41 @@ static inline float clamp(float v, float lo, float hi) {
     return v > hi ? hi : v;
 }
 
+/* The clip quantizer: round(clamp(v, 0, upper) / delta) * delta, in this order. */
+static inline float clip_level(float v, float upper, float delta) {
+    return rintf(clamp(v, 0.0f, upper) / delta) * delta;
+}
+
+/* LSQ: round(clamp(v / step, lo, hi)) * step. */
+static inline float lsq_level(float v, float step, float lo, float hi) {
+    return rintf(clamp(v / step, lo, hi)) * step;
+}
+
+/* PyTorch's ReLU: NaN passes through. */
+static inline float relu(float v) { return v < 0.0f ? 0.0f : v; }
+
+/* The clip quantizer's backward for one element: the gradient passed on to v (g where
+ * 0 < v < clip); *term is v's share of the clip's gradient (g where v > clip). */
+static inline float clip_grad(float g, float v, float clip, float *term) {
+    *term = keep_if(g, v > clip);
+    return g * (float)((v > 0.0f) & (v < clip));
+}
+
+/* LSQ's backward for one element, q = v / step: the gradient passed on to v (g where
+ * lo <= q <= hi); *term is v's share of the step's gradient before its scale k: g * (round(q) - q)
+ * inside the range, g * clamp(q) outside. */
+static inline float lsq_grad(float g, float v, float step, float lo, float hi, float *term) {
+    float q = v / step;
+    int inside = (q >= lo) & (q <= hi);
+    *term = g * (rintf(clamp(q, lo, hi)) - keep_if(q, inside));
+    return g * (float)inside;
+}
+
 /* y = round(clamp(x, 0, upper) / delta) * delta */
 void clip_forward(const float *x, float *y, int64_t n, float upper, float delta, int threads) {
 #pragma omp parallel for num_threads(threads) if (n >= PARALLEL_MIN) schedule(static)
     for (int64_t i = 0; i < n; i++)
-        y[i] = rintf(clamp(x[i], 0.0f, upper) / delta) * delta;
+        y[i] = clip_level(x[i], upper, delta);
 }
 
 /* Sums accumulate in double, in LANES running sums that the compiler keeps in vector registers, and
@@ -53,9 +85,9 @@ static inline double sum_lanes(const double *acc) {
 static inline void clip_backward_lanes(const float *x, const float *g, float *grad_x, float clip,
                                        int lanes, double *acc) {
     for (int l = 0; l < lanes; l++) {
-        int inside = (x[l] > 0.0f) & (x[l] < clip), above = x[l] > clip;
-        grad_x[l] = g[l] * (float)inside;
-        acc[l] += keep_if(g[l], above);
+        float term;
+        grad_x[l] = clip_grad(g[l], x[l], clip, &term);
+        acc[l] += term;
     }
 }
 
@@ -90,19 +122,17 @@ void lsq_forward(const float *x, const float *s, float *y, int64_t outer, int64_
         const float *xp = x + p * inner;
         float *yp = y + p * inner;
         for (int64_t i = 0; i < inner; i++)
-            yp[i] = rintf(clamp(xp[i] / a, lo, hi)) * a;
+            yp[i] = lsq_level(xp[i], a, lo, hi);
     }
 }
 
-/* One block of LANES elements of the LSQ backward, q = x / a. */
+/* One block of LANES elements of the LSQ backward. */
 static inline void lsq_backward_lanes(const float *x, const float *g, float *grad_x, float a,
                                       float lo, float hi, int lanes, double *acc) {
     for (int l = 0; l < lanes; l++) {
-        float q = x[l] / a;
-        int inside = (q >= lo) & (q <= hi);
-        float r = rintf(clamp(q, lo, hi));
-        grad_x[l] = g[l] * (float)inside;
-        acc[l] += g[l] * (r - keep_if(q, inside)); /* r - q inside, r outside */
+        float term;
+        grad_x[l] = lsq_grad(g[l], x[l], a, lo, hi, &term);
+        acc[l] += term;
     }
 }
 
@@ -126,36 +156,57 @@ void lsq_backward(const float *x, const float *s, const float *g, float *grad_x,
     }
 }
 
-/* ---- A unit in evaluation (models/units.py), around its convolution ----
+/* What follows a BatchNorm in the same pass: nothing, ReLU and a skip (BN_post of a unit in
+ * training), or a quantizer (BN_pre of a unit): the clip quantizer or LSQ. */
+enum { AFTER_NONE, AFTER_RELU_SKIP, AFTER_CLIP, AFTER_LSQ };
+
+typedef struct {
+    int kind;
+    const float *skip;     /* AFTER_RELU_SKIP: channel c adds channel c % skip_channels */
+    int64_t skip_channels;
+    float upper, delta;    /* AFTER_CLIP: round(clamp(v, 0, upper) / delta) * delta */
+    float clip;            /*   the clip value itself, for the backward */
+    const float *step;     /* AFTER_LSQ: round(clamp(v / step[c], lo, hi)) * step[c] */
+    float lo, hi;
+} after_t;
+
+/* yp = Q(x * a + b) over a row of channel c (one rounding: PyTorch's BatchNorm), Q the quantizer
+ * of `after` (AFTER_CLIP, AFTER_LSQ; anything else: none). The kind is tested once a row, so that
+ * each loop vectorizes on its own. */
+static inline void bn_quantize_row(const after_t *after, const float *xp, float *yp, int64_t inner,
+                                   float a, float b, int64_t c) {
+    if (after->kind == AFTER_CLIP) {
+        float upper = after->upper, delta = after->delta;
+        for (int64_t i = 0; i < inner; i++)
+            yp[i] = clip_level(fmaf(xp[i], a, b), upper, delta);
+    } else if (after->kind == AFTER_LSQ) {
+        float step = after->step[c], lo = after->lo, hi = after->hi;
+        for (int64_t i = 0; i < inner; i++)
+            yp[i] = lsq_level(fmaf(xp[i], a, b), step, lo, hi);
+    } else {
+        for (int64_t i = 0; i < inner; i++)
+            yp[i] = fmaf(xp[i], a, b);
+    }
+}
+
+/* ---- A unit in evaluation (models/fused_eval.py), around its convolution ----
  * PyTorch's CPU BatchNorm in evaluation computes y = x * alpha + beta with one rounding (a fused
  * multiply-add), where alpha = weight / sqrt(var + eps) and beta = bias - mean * alpha, also fused.
  * The caller computes alpha with PyTorch's ops and checks the whole unit against PyTorch's at
- * first use (models/units.py), as this depends on how PyTorch was built. */
+ * first use (models/fused_eval.py), as this depends on how PyTorch was built. */
 
 static inline float bn_shift(float alpha, float mean, float bias) { return fmaf(-mean, alpha, bias); }
 
-/* y = Q(BN_pre(x)), Q: 0 none, 1 the clip quantizer (upper, delta), 2 LSQ (step[c], lo, hi). */
+/* y = Q(BN_pre(x)), Q the quantizer of `after` (or none). */
 void bn_quantize(const float *x, float *y, int64_t outer, int64_t channels, int64_t inner,
-                 const float *alpha, const float *mean, const float *bias, int quantizer,
-                 float upper, float delta, const float *step, float lo, float hi, int threads) {
+                 const float *alpha, const float *mean, const float *bias, const after_t *after,
+                 int threads) {
     int64_t planes = outer * channels;
 #pragma omp parallel for num_threads(threads) if (planes * inner >= PARALLEL_MIN) schedule(static)
     for (int64_t p = 0; p < planes; p++) {
         int64_t c = p % channels;
         float a = alpha[c], b = bn_shift(alpha[c], mean[c], bias[c]);
-        const float *xp = x + p * inner;
-        float *yp = y + p * inner;
-        if (quantizer == 1) {
-            for (int64_t i = 0; i < inner; i++)
-                yp[i] = rintf(clamp(fmaf(xp[i], a, b), 0.0f, upper) / delta) * delta;
-        } else if (quantizer == 2) {
-            float s = step[c];
-            for (int64_t i = 0; i < inner; i++)
-                yp[i] = rintf(clamp(fmaf(xp[i], a, b) / s, lo, hi)) * s;
-        } else {
-            for (int64_t i = 0; i < inner; i++)
-                yp[i] = fmaf(xp[i], a, b);
-        }
+        bn_quantize_row(after, x + p * inner, y + p * inner, inner, a, b, c);
     }
 }
 
@@ -180,7 +231,7 @@ void bn_relu_skip_bn(const float *z, const float *skip, float *out, int64_t batc
         if (!pooled) {
             for (int64_t i = 0; i < inner; i++) {
                 float v = fmaf(zp[i], a2, b2);
-                op[i] = fmaf((v < 0.0f ? 0.0f : v) + sp[i], a3, b3);
+                op[i] = fmaf(relu(v) + sp[i], a3, b3);
             }
             continue;
         }
@@ -194,7 +245,7 @@ void bn_relu_skip_bn(const float *z, const float *skip, float *out, int64_t batc
                         sum += sp[ih * skip_width + iw];
                 float pooled_skip = sum / (float)((h1 - h0) * (w1 - w0));
                 float v = fmaf(zp[oh * width + ow], a2, b2);
-                op[oh * width + ow] = fmaf((v < 0.0f ? 0.0f : v) + pooled_skip, a3, b3);
+                op[oh * width + ow] = fmaf(relu(v) + pooled_skip, a3, b3);
             }
         }
     }
@@ -226,20 +277,6 @@ static inline void channel_sums(const float *x, int64_t batch, int64_t channels,
             }
     }
 }
-
-/* What follows BN in the same pass: nothing, ReLU and a skip (BN_post of a unit), or a quantizer
- * (BN_pre of a unit): the clip quantizer or LSQ. */
-enum { AFTER_NONE, AFTER_RELU_SKIP, AFTER_CLIP, AFTER_LSQ };
-
-typedef struct {
-    int kind;
-    const float *skip;     /* AFTER_RELU_SKIP: channel c adds channel c % skip_channels */
-    int64_t skip_channels;
-    float upper, delta;    /* AFTER_CLIP: round(clamp(v, 0, upper) / delta) * delta */
-    float clip;            /*   the clip value itself, for the backward */
-    const float *step;     /* AFTER_LSQ: round(clamp(v / step[c], lo, hi)) * step[c] */
-    float lo, hi;
-} after_t;
 
 /* y = BN(x) with the batch's statistics, then `after`. save_mean and save_invstd for the
  * backward; the new running statistics (momentum: the weight of this batch) in new_mean, new_var. */
@@ -282,21 +319,10 @@ void bn_train_forward(const float *x, float *y, int64_t batch, int64_t channels,
                 if (after->kind == AFTER_RELU_SKIP) {
                     const float *sp = after->skip
                         + (n * after->skip_channels + c % after->skip_channels) * inner;
-                    for (int64_t i = 0; i < inner; i++) {
-                        float v = fmaf(xp[i], a, s);
-                        yp[i] = (v < 0.0f ? 0.0f : v) + sp[i];
-                    }
-                } else if (after->kind == AFTER_CLIP) {
-                    float upper = after->upper, delta = after->delta;
                     for (int64_t i = 0; i < inner; i++)
-                        yp[i] = rintf(clamp(fmaf(xp[i], a, s), 0.0f, upper) / delta) * delta;
-                } else if (after->kind == AFTER_LSQ) {
-                    float st = after->step[c], lo = after->lo, hi = after->hi;
-                    for (int64_t i = 0; i < inner; i++)
-                        yp[i] = rintf(clamp(fmaf(xp[i], a, s) / st, lo, hi)) * st;
+                        yp[i] = relu(fmaf(xp[i], a, s)) + sp[i];
                 } else {
-                    for (int64_t i = 0; i < inner; i++)
-                        yp[i] = fmaf(xp[i], a, s);
+                    bn_quantize_row(after, xp, yp, inner, a, s, c);
                 }
             }
         }
@@ -309,22 +335,12 @@ void bn_train_forward(const float *x, float *y, int64_t batch, int64_t channels,
 static inline __attribute__((always_inline)) float grad_through(int kind, float g, float v,
                                                                 float clip, float step, float lo,
                                                                 float hi, float *term) {
-    if (kind == AFTER_RELU_SKIP) {  /* PyTorch's ReLU backward: nothing where the output is 0 */
-        *term = 0.0f;
-        return keep_if(g, !(v <= 0.0f));
-    }
-    if (kind == AFTER_CLIP) {
-        *term = keep_if(g, v > clip);
-        return g * (float)((v > 0.0f) & (v < clip));
-    }
-    if (kind == AFTER_LSQ) {
-        float q = v / step;
-        int inside = (q >= lo) & (q <= hi);
-        *term = g * (rintf(clamp(q, lo, hi)) - keep_if(q, inside));
-        return g * (float)inside;
-    }
-    *term = 0.0f;
-    return g;
+    if (kind == AFTER_CLIP)
+        return clip_grad(g, v, clip, term);
+    if (kind == AFTER_LSQ)
+        return lsq_grad(g, v, step, lo, hi, term);
+    *term = 0.0f;  /* AFTER_RELU_SKIP: PyTorch's ReLU backward, nothing where the output is 0 */
+    return keep_if(g, !(v <= 0.0f));
 }
 
 /* One channel of bn_train_backward. */
@@ -381,8 +397,9 @@ static inline __attribute__((always_inline)) void backward_channel(
 
 /* The gradients of bn_train_forward with respect to x, weight and bias, and per channel the sum
  * that the quantizer's parameter collects (grad_after: the clip's terms, or LSQ's step gradient
- * before its scale k). The channel sums run in ROW_LANES float sums along the channel's rows,
- * added into double sums every FLUSH_EVERY elements. */
+ * before its scale k), for `after` a quantizer or ReLU and skip (a plain BatchNorm's backward is
+ * PyTorch's own). The channel sums run in ROW_LANES float sums along the channel's rows, added
+ * into double sums every FLUSH_EVERY elements. */
 void bn_train_backward(const float *x, const float *g, float *grad_x, int64_t batch,
                        int64_t channels, int64_t inner, const float *weight, const float *bias,
                        const float *save_mean, const float *save_invstd, const after_t *after,
@@ -398,10 +415,9 @@ void bn_train_backward(const float *x, const float *g, float *grad_x, int64_t ba
                      save_mean[c], save_invstd[c], clip, step, lo, hi, grad_weight + c,             \
                      grad_bias + c, grad_after + c)
         switch (kind) {
-        case AFTER_RELU_SKIP: CHANNEL(AFTER_RELU_SKIP); break;
         case AFTER_CLIP: CHANNEL(AFTER_CLIP); break;
         case AFTER_LSQ: CHANNEL(AFTER_LSQ); break;
-        default: CHANNEL(AFTER_NONE);
+        default: CHANNEL(AFTER_RELU_SKIP);
         }
 #undef CHANNEL
     }

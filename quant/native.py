@@ -1,11 +1,11 @@
 """The fused CPU kernels of ``kernels.c``, compiled with the machine's C compiler at first use.
 
-The quantizers call them on contiguous float32 CPU tensors and fall back to PyTorch's ops (same
-forward values, bit for bit; slower) everywhere else: on a GPU, under bfloat16 autocast, with
-``BASQ_NATIVE=0``, or where no compiler works (a warning says so, once). The library is built with
-``-march=native`` into ``$BASQ_CACHE`` (default ``~/.cache/basq``), named by a hash of the source,
-the compiler, its flags and the CPU, and replaced atomically, so processes started together
-(torchrun) can build it at the same time.
+The quantizers and the units call them on contiguous float32 CPU tensors and fall back to
+PyTorch's ops (same forward values, bit for bit; slower) everywhere else: on a GPU, under bfloat16
+autocast, with ``BASQ_NATIVE=0``, or where no compiler works (a warning says so, once). The library
+is built with ``-march=native`` into ``$BASQ_CACHE`` (default ``~/.cache/basq``), named by a hash
+of the source, the compiler, its flags and the CPU, and replaced atomically, so processes started
+together (torchrun) can build it at the same time.
 """
 import ctypes
 import functools
@@ -32,7 +32,7 @@ _i64, _f32, _int = ctypes.c_int64, ctypes.c_float, ctypes.c_int
 
 
 class After(ctypes.Structure):
-    """``after_t`` of kernels.c: what follows a training-mode BatchNorm in the same pass."""
+    """``after_t`` of kernels.c: what follows a BatchNorm in the same pass."""
     NONE, RELU_SKIP, CLIP, LSQ = range(4)
     _fields_ = [("kind", _int), ("skip", _ptr), ("skip_channels", _i64), ("upper", _f32),
                 ("delta", _f32), ("clip", _f32), ("step", _ptr), ("lo", _f32), ("hi", _f32)]
@@ -44,8 +44,8 @@ SIGNATURES = {
     "lsq_forward": (None, [_ptr, _ptr, _ptr, _i64, _i64, _i64, _f32, _f32, _int]),
     "lsq_backward": (None, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64,
                             _f32, _f32, _int]),
-    "bn_quantize": (None, [_ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, _int,
-                           _f32, _f32, _ptr, _f32, _f32, _int]),
+    "bn_quantize": (None, [_ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr, ctypes.POINTER(After),
+                           _int]),
     "bn_relu_skip_bn": (None, [_ptr, _ptr, _ptr, *[_i64] * 7, _int, *[_ptr] * 6,
                                _int]),
     "bn_train_forward": (None, [_ptr, _ptr, _i64, _i64, _i64, *[_ptr] * 4, _f32, ctypes.c_double,

@@ -384,3 +384,13 @@ def test_lsq_initialisation_hook_keeps_the_quantizer_separate(exact_train):
     quantizer = LsqActivation(2, 4)
     quantizer.register_forward_pre_hook(lambda module, args: None)
     assert not fused_train.quantizes_after(quantizer)
+
+
+def test_parts_with_hooks_run_as_themselves_in_evaluation(exact):
+    model = supernet("mobilenet_v2", 0.35)
+    called = []
+    bn_last = model.feature[2].bn0_last
+    bn_last.register_forward_hook(lambda *args: called.append("bn"))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32), [0] * model.num_searchable_layers)
+    assert called == ["bn"]
