@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from quant import ClipActivation, LsqActivation, QConv, native
-from quant.functional import values_key
+from quant.functional import lsq_scale, lsq_step, values_key
 
 from . import fused_train
 
@@ -60,7 +60,10 @@ def unit(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, conv: nn.Modu
     n, c, h, w = x.shape
     q = torch.empty_like(x)
     pre = _bn_terms(bn_pre)  # held here: the kernel reads them
-    after = fused_train.after_quantizer(*fused_train.quantizer_tensors(quantizer))
+    clip, bin_, step, hi = fused_train.quantizer_tensors(quantizer)
+    if step is not None:  # held here: the kernel reads it
+        step = lsq_step(step, lsq_scale(x.numel(), hi))
+    after = fused_train.after_quantizer(clip, bin_, step, hi)
     lib.bn_quantize(native.ptr(x), native.ptr(q), n, c, h * w, *map(native.ptr, pre),
                     ctypes.byref(after), threads)
     z = conv(q).contiguous()

@@ -10,13 +10,12 @@ one kernel too (PyTorch's formula, its sums in float lanes added up in double), 
 BatchNorm's backward is PyTorch's own.
 """
 import ctypes
-import math
 
 import torch
 from torch import nn
 
 from quant import ClipActivation, LsqActivation, native
-from quant.functional import clip_range
+from quant.functional import clip_range, lsq_scale, lsq_step
 
 
 def applies(bn: nn.Module, x: torch.Tensor) -> bool:
@@ -48,7 +47,8 @@ def batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, skip: torch.Tensor | None = 
 
 def quantizer_tensors(quantizer: nn.Module | None) -> tuple:
     """What the kernels need of a unit's activation quantizer: ``clip, bin, step, hi``, the clip
-    and bin of a clip quantizer that is on, or LSQ's steps and top level (``None`` otherwise)."""
+    and bin of a clip quantizer that is on, or LSQ's step parameter and top level (``None``
+    otherwise). The kernels quantize with ``lsq_step`` of the step (``after_quantizer``)."""
     if isinstance(quantizer, ClipActivation) and quantizer.quantize:
         return quantizer.upper_bound, quantizer.bin, None, 0.0
     if isinstance(quantizer, LsqActivation):
@@ -58,8 +58,9 @@ def quantizer_tensors(quantizer: nn.Module | None) -> tuple:
 
 def after_quantizer(clip: torch.Tensor | None, bin_: torch.Tensor | None,
                     step: torch.Tensor | None, hi: float) -> native.After:
-    """The kernels' description of the quantizer ``quantizer_tensors`` gave (kept alive by the
-    caller while a kernel runs)."""
+    """The kernels' description of a quantizer: the tensors ``quantizer_tensors`` gave, LSQ's
+    ``step`` being the value it quantizes with (``lsq_step``; kept alive by the caller while a
+    kernel runs)."""
     if clip is not None:
         upper, delta = clip_range(clip, bin_)
         return native.After(kind=native.After.CLIP, upper=float(upper), delta=float(delta),
@@ -84,6 +85,8 @@ class _BatchNormTrain(torch.autograd.Function):
                 skip: torch.Tensor | None, clip: torch.Tensor | None, bin_: torch.Tensor | None,
                 step: torch.Tensor | None, hi: float) -> torch.Tensor:
         n, c, h, w = x.shape
+        if step is not None:  # LSQ quantizes with the reference's value of its step
+            step = lsq_step(step, lsq_scale(x.numel(), hi))
         if skip is None:
             after = after_quantizer(clip, bin_, step, hi)
         else:
@@ -129,7 +132,7 @@ class _BatchNormTrain(torch.autograd.Function):
         if needs[8]:  # the clip: the sum of g over the outputs above it
             grad_clip = grad_after.sum().to(weight.dtype).reshape(ctx.clip_shape)
         if needs[10]:  # LSQ's step, with its gradient scale k (quant.functional.lsq_quantize)
-            grad_step = grad_after.to(weight.dtype) * (1 / math.sqrt(x.numel() * after.hi))
+            grad_step = grad_after.to(weight.dtype) * lsq_scale(x.numel(), after.hi)
         return (grad_x if needs[0] else None, grad_weight if needs[1] else None,
                 grad_bias if needs[2] else None, None, None, None, None, grad_skip, grad_clip,
                 None, grad_step, None)

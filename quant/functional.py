@@ -32,6 +32,21 @@ def clip_delta(clip: torch.Tensor, bin_: torch.Tensor) -> torch.Tensor:
     return torch.where(r >= 1, clip, torch.where(r <= 1 / 255, clip / 255, clip * r))
 
 
+def lsq_scale(numel: int, hi: float) -> float:
+    """LSQ's step-size gradient scale ``k = 1 / sqrt(numel * Qp)`` for a tensor of ``numel`` values."""
+    return 1 / math.sqrt(numel * hi)
+
+
+def lsq_step(s: torch.Tensor, k: float) -> torch.Tensor:
+    """The step LSQ quantizes with: the forward value of the reference's ``grad_scale(s, k)``.
+
+    ``(s - s*k) + s*k`` in ``s``'s dtype is not always ``s``: it differs in the last bit for a few
+    per cent of channels, and ``x / a`` must round as the reference's does (SPEC section 1).
+    """
+    s = s.detach()
+    return (s - s * k) + s * k
+
+
 def values_key(*tensors: torch.Tensor) -> tuple | None:
     """What identifies the tensors' current values: their storage and in-place version (for values
     kept until their inputs change). ``None`` for inference tensors, which keep no version."""
@@ -97,6 +112,8 @@ def clip_quantize(x: torch.Tensor, clip: torch.Tensor, bin_: torch.Tensor) -> to
 class LsqQuantize(torch.autograd.Function):
     """``round_pass(clamp(x / a, lo, hi)) * a`` with ``a = grad_scale(s, k)``, in one node.
 
+    ``a`` takes the reference's forward value (``lsq_step``).
+
     Autograd through the composite saves five temporaries and runs a dozen kernels; this saves one
     tensor (``x`` for the fused CPU kernels of ``native``, ``q = x / a`` for PyTorch's ops). Same
     gradients: ``dx = g`` where ``lo <= q <= hi``; ``ds = k * sum(g *
@@ -108,15 +125,16 @@ class LsqQuantize(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, s: torch.Tensor, lo: float, hi: float, k: float,
                 dim: int) -> torch.Tensor:
         ctx.lo, ctx.hi, ctx.k, ctx.dim = lo, hi, k, dim
-        if native.usable(x, s):  # one pass; the backward recomputes q from x
-            ctx.save_for_backward(x, s)
+        a = lsq_step(s, k)
+        if native.usable(x, a):  # one pass; the backward recomputes q from x
+            ctx.save_for_backward(x, a)
             y = torch.empty_like(x)
-            native.library().lsq_forward(native.ptr(x), native.ptr(s), native.ptr(y),
+            native.library().lsq_forward(native.ptr(x), native.ptr(a), native.ptr(y),
                                          *_channel_view(x, dim), lo, hi, native.threads())
             return y
         shape = [1] * x.dim()
         shape[dim] = -1
-        a = s.view(shape)
+        a = a.view(shape)
         q = x / a
         if not any(ctx.needs_input_grad):  # evaluation: work in place on the one new tensor
             return q.clamp_(lo, hi).round_().mul_(a)
@@ -125,17 +143,17 @@ class LsqQuantize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x_or_q, s = ctx.saved_tensors
-        if s is not None:
+        x_or_q, a = ctx.saved_tensors
+        if a is not None:
             x, grad = x_or_q, grad.contiguous()
             grad_x = torch.empty_like(x)
-            grad_s = torch.empty(s.numel(), dtype=torch.float64)
-            native.library().lsq_backward(native.ptr(x), native.ptr(s), native.ptr(grad),
+            grad_s = torch.empty(a.numel(), dtype=torch.float64)
+            native.library().lsq_backward(native.ptr(x), native.ptr(a), native.ptr(grad),
                                           native.ptr(grad_x), native.ptr(grad_s),
                                           *_channel_view(x, ctx.dim), ctx.lo, ctx.hi,
                                           native.threads())
             return (grad_x if ctx.needs_input_grad[0] else None,
-                    grad_s.to(s.dtype) * ctx.k if ctx.needs_input_grad[1] else None,
+                    grad_s.to(a.dtype) * ctx.k if ctx.needs_input_grad[1] else None,
                     None, None, None, None)
         q = x_or_q
         inside = (q >= ctx.lo) & (q <= ctx.hi)
@@ -155,5 +173,4 @@ def _channel_view(x: torch.Tensor, dim: int) -> tuple[int, int, int]:
 
 def lsq_quantize(x: torch.Tensor, s: torch.Tensor, lo: float, hi: float, dim: int) -> torch.Tensor:
     """LSQ fake quantization of ``x`` with one step per index of ``dim``, levels ``lo .. hi``."""
-    k = 1 / math.sqrt(x.numel() * hi)
-    return LsqQuantize.apply(x, s, lo, hi, k, dim)
+    return LsqQuantize.apply(x, s, lo, hi, lsq_scale(x.numel(), hi), dim)

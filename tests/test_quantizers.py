@@ -146,3 +146,56 @@ def test_quantized_weights_are_kept_without_autograd_until_they_change():
         conv.load_state_dict({k: v * 2 for k, v in conv.state_dict().items()})
         assert torch.equal(conv.effective_weight(), fresh()) and conv.effective_weight() is not kept
     assert conv.effective_weight().requires_grad  # with autograd: quantized anew, in the graph
+
+
+def boundary_inputs(s: torch.Tensor, hi: int) -> torch.Tensor:
+    """Per channel, values on the rounding boundaries of ``x / s`` (``(m + 0.5) * s`` as float32),
+    shape ``[2, C, hi, 3]``."""
+    levels = torch.arange(hi, dtype=torch.float32) + 0.5
+    return (levels[None, :, None] * s[None, None, :]).permute(0, 2, 1)[..., None].repeat(2, 1, 1, 3)
+
+
+def steps_off_by_a_bit(channels: int, hi: int, seed: int) -> torch.Tensor:
+    """Steps ``s`` whose reference value ``(s - s*k) + s*k`` differs from ``s`` (SPEC 1) for the
+    ``k`` of ``boundary_inputs``: half of them, the other half plain."""
+    k = 1 / math.sqrt(2 * channels * hi * 3 * hi)
+    pool = torch.rand(100_000, generator=torch.Generator().manual_seed(seed)) + 0.05
+    off = pool[grad_scale(pool, k) != pool]
+    assert off.numel() >= channels // 2
+    return torch.cat([off[: channels // 2], pool[: channels - channels // 2]])
+
+
+@pytest.mark.parametrize("hi", [3, 15])
+def test_lsq_quantizes_with_the_references_value_of_the_step(hi, kernels):
+    s = steps_off_by_a_bit(64, hi, seed=0)
+    x = boundary_inputs(s, hi)
+    a = grad_scale(s, 1 / math.sqrt(x.numel() * hi)).view(1, -1, 1, 1)  # the reference's step
+    expected = round_pass(torch.clamp(x / a, 0, hi)) * a
+    plain_step = torch.round(torch.clamp(x / s.view(1, -1, 1, 1), 0, hi)) * s.view(1, -1, 1, 1)
+    assert not torch.equal(expected, plain_step)  # the inputs do reach the boundary
+    q = LsqActivation(hi.bit_length(), s.numel())
+    with torch.no_grad():
+        q.s.copy_(s)
+        assert torch.equal(q(x), expected)
+    assert torch.equal(q(x.clone().requires_grad_()), expected)
+
+
+def test_fused_batch_norm_quantizes_with_the_references_step(kernels):
+    from models import fused_train
+
+    s = steps_off_by_a_bit(64, 3, seed=1)
+    x = boundary_inputs(s, 3)
+    q = LsqActivation(2, s.numel())
+    bn = torch.nn.BatchNorm2d(s.numel(), affine=True)
+    with torch.no_grad():
+        q.s.copy_(s)
+        # A BatchNorm that passes its input through: y = (x - mean) / sqrt(var + eps) * w + b.
+        mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+        bn.weight.copy_(torch.sqrt(var + bn.eps))
+        bn.bias.copy_(mean)
+    normalised = torch.nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.1, bn.eps)
+    expected = q(normalised)
+    if fused_train.applies(bn, x):
+        assert torch.equal(fused_train.batch_norm(bn, x, quantizer=q), expected)
+    else:
+        assert kernels == "pytorch"
