@@ -23,31 +23,51 @@ from .checkpoint import CheckpointError, load_file, save_file
 from .cli import UsageError, fail_cleanly, pick_device
 from .data import build_datasets, resolution, val_loader
 
+REFERENCE_WEIGHTS = "IMAGENET1K_V1"  # what ``pretrained=True`` gave the authors
 
-def _torchvision_model(name: str, num_classes: int, pretrained: bool = False) -> nn.Module:
-    """A torchvision classifier; ``pretrained`` takes its ImageNet weights, which must predict
-    ``num_classes`` classes (checked before anything is downloaded)."""
+
+def _torchvision_model(name: str, num_classes: int, weights: str | None = None) -> nn.Module:
+    """A torchvision classifier; ``weights`` names its pretrained weights (``IMAGENET1K_V1``,
+    ``DEFAULT``...), which must predict ``num_classes`` classes (checked before any download)."""
     if name not in torchvision.models.list_models(module=torchvision.models):
         raise UsageError(f"--teacher {name}: neither a file nor a torchvision classification model; "
                          "give a model name such as resnet50, a checkpoint path, or 'none'")
-    if not pretrained:
+    if weights is None:
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-    weights = torchvision.models.get_model_weights(name).DEFAULT
-    if (classes := len(weights.meta["categories"])) != num_classes:
+    choices = torchvision.models.get_model_weights(name)
+    try:
+        chosen = choices[weights] if weights != "DEFAULT" else choices.DEFAULT
+    except KeyError:
+        raise UsageError(f"--teacher_weights {weights}: {name} has "
+                         f"{', '.join(['DEFAULT', *choices.__members__])}") from None
+    if (classes := len(chosen.meta["categories"])) != num_classes:
         raise UsageError(f"--teacher {name} predicts {classes} classes, the data has {num_classes}: "
                          "train a teacher on this data (python -m utils.teacher) or use --teacher none")
     try:
-        return torchvision.models.get_model(name, weights=weights)
+        return torchvision.models.get_model(name, weights=chosen)
     except Exception as e:  # no network and nothing cached, most often
         raise UsageError(f"--teacher {name}: its ImageNet weights cannot be had ({type(e).__name__}: {e}); "
                          "give a path to a teacher checkpoint, or --teacher none") from None
 
 
-def load_teacher(spec: str, num_classes: int, device: torch.device,
-                 trust_pickle: bool = False) -> nn.Module | None:
-    """The teacher for ``--teacher spec``, frozen and in eval mode; ``None`` for ``none``."""
+def weights_description(name: str, weights: str) -> str:
+    """``resnet50 (IMAGENET1K_V1, 76.13 % ImageNet top-1)``: the log's name of a torchvision teacher."""
+    choices = torchvision.models.get_model_weights(name)
+    chosen = choices.DEFAULT if weights == "DEFAULT" else choices[weights]
+    top1 = chosen.meta.get("_metrics", {}).get("ImageNet-1K", {}).get("acc@1")
+    return f"{name} ({str(chosen).split('.')[-1]}" + (f", {top1} % ImageNet top-1)" if top1 else ")")
+
+
+def load_teacher(spec: str, num_classes: int, device: torch.device, trust_pickle: bool = False,
+                 weights: str = REFERENCE_WEIGHTS) -> tuple[nn.Module | None, str]:
+    """The teacher for ``--teacher spec``, frozen and in eval mode (``None`` for ``none``), and a
+    description for the log that names the weights used.
+
+    A torchvision model name takes its ``weights`` (``IMAGENET1K_V1``: the reference's
+    ``pretrained=True``, not today's ``DEFAULT``); a path, a checkpoint of ``python -m utils.teacher``.
+    """
     if spec.lower() == "none":
-        return None
+        return None, "none (cross-entropy on the labels)"
     if Path(spec).exists():
         ckpt = load_file(spec, trust_pickle)
         if not isinstance(ckpt, dict) or not {"arch", "num_classes", "model_state_dict"} <= set(ckpt):
@@ -61,12 +81,14 @@ def load_teacher(spec: str, num_classes: int, device: torch.device,
         if ckpt["num_classes"] != num_classes:
             raise UsageError(f"--teacher {spec} predicts {ckpt['num_classes']} classes, the data has "
                              f"{num_classes}: train a teacher on this data (python -m utils.teacher)")
+        description = f"{ckpt['arch']} from {spec}"
     else:
-        model = _torchvision_model(spec, num_classes, pretrained=True)
+        model = _torchvision_model(spec, num_classes, weights)
+        description = weights_description(spec, weights)
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return model
+    return model, description
 
 
 def train_teacher(args: argparse.Namespace) -> None:
