@@ -16,6 +16,7 @@ import json
 import random
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from utils import distributed
@@ -63,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def search(args: argparse.Namespace) -> dict:
     seed_everything(args.seed)  # seeds 0 for torch, numpy and random, as the reference
+    torch.backends.cudnn.deterministic = True  # as the reference: a candidate scores the same each time
     device = distributed.setup(args.device, args.dist_timeout)
     save = Path(args.save)
     data = stage_datasets(args)
@@ -104,7 +106,7 @@ def search(args: argparse.Namespace) -> dict:
     for fold in mine:
         fold_file = save / "folds" / f"fold{fold}.json"
         done = _read_json(fold_file)
-        if done is not None and done.get("settings") == settings:
+        if done is not None and done.get("settings") == settings and "num_candidates" in done:
             log.info(f"fold {fold}: finished earlier, kept ({fold_file})")
             searched.append(done)
             bar.update(1)
@@ -130,7 +132,7 @@ def search(args: argparse.Namespace) -> dict:
         candidates.close()
         full_acc = accuracy(result.best, full)
         done = {"fold": fold, "fold_acc": result.best_acc, "full_acc": full_acc,
-                "arch": list(result.best), "evaluated": result.num_evaluated, "settings": settings}
+                "arch": list(result.best), "num_candidates": result.num_evaluated, "settings": settings}
         write_json(done, fold_file)
         log.info(fold_line(done))
         searched.append(done)
@@ -144,7 +146,7 @@ def search(args: argparse.Namespace) -> dict:
     folds = [by_fold[fold] for fold in folds_to_search]
     summary = {"folds": folds_to_search, "fold_accs": [f["fold_acc"] for f in folds],
                "full_accs": [f["full_acc"] for f in folds], "archs": [f["arch"] for f in folds]}
-    result = {**summary, **settings}
+    result = {**summary, "num_candidates": [f["num_candidates"] for f in folds], **settings}
     if distributed.is_main():
         write_json(result, save / "search_result.json")
         print(format_block("total-result", summary))
@@ -155,7 +157,7 @@ def search(args: argparse.Namespace) -> dict:
 
 def fold_line(done: dict) -> str:
     return (f"fold {done['fold']}: fold_acc {done['fold_acc']:.2f} full_acc {done['full_acc']:.2f} "
-            f"arch {tuple(done['arch'])} ({done['evaluated']} candidates)")
+            f"arch {tuple(done['arch'])} ({done['num_candidates']} candidates)")
 
 
 def fold_list(text: str) -> list[int]:

@@ -129,13 +129,29 @@ def test_tiny_space_search_ends_with_every_candidate_scored_once():
     result = make(num_layers=2, num_branches=2, score_fn=score).run()  # population 45 > 4
     assert result.best == (1, 0) and result.best_acc == 100.0
     assert calls == {(0, 0): 1, (0, 1): 1, (1, 0): 1, (1, 1): 1}
-    assert len(result.history) == 20
+    assert len(result.history) == 21
 
 
-def test_one_epoch_only_scores_the_initial_population():
-    result = make(max_epochs=1, population_num=12).run()
-    assert result.num_evaluated == 12
-    assert len(result.history) == 1 and len(result.history[0]) == 10
+def test_one_epoch_scores_the_initial_population_and_one_bred_generation():
+    result = make(max_epochs=1, population_num=12, mutation_num=4, crossover_num=4).run()
+    assert result.num_evaluated == 24
+    assert len(result.history) == 2 and all(len(top) == 10 for top in result.history)
+
+
+def test_the_generation_bred_after_the_last_epoch_can_win():
+    """The reference ranks the last generation with the rest: its best can be the winner."""
+    scores: dict = {}
+
+    def score(cand):  # every new candidate scores higher than all before it
+        scores.setdefault(cand, float(len(scores)))
+        return scores[cand]
+
+    s = make(max_epochs=2, population_num=6, select_num=3, mutation_num=2, crossover_num=2,
+             score_fn=score)
+    result = s.run()
+    last_generation = list(scores)[-6:]
+    assert result.num_evaluated == 18 and result.best in last_generation
+    assert result.best_acc == max(scores.values())
 
 
 # -- whole searches ---------------------------------------------------------------------------
@@ -144,7 +160,7 @@ def test_search_finds_the_hidden_target_and_never_gets_worse():
     result = make(seed=0).run()
     assert isinstance(result, SearchResult)
     assert result.best == TARGET and result.best_acc == 100.0
-    assert len(result.history) == 20
+    assert len(result.history) == 21
     for before, after in zip(result.history, result.history[1:], strict=False):
         assert all(a >= b for (_, a), (_, b) in zip(after, before, strict=False))
     for top in result.history:
@@ -167,8 +183,9 @@ def test_search_respects_the_population_and_breeding_sizes():
     s = make(seed=4, num_layers=20, num_branches=4, score_fn=lambda c: float(sum(c)),
              max_epochs=3, progress=lambda cand, acc: evaluated.append(cand))
     result = s.run()
-    # 4**20 candidates: breeding never runs out, so every generation has exactly 45 new ones
-    assert result.num_evaluated == len(evaluated) == 3 * 45
+    # 4**20 candidates: breeding never runs out, so every generation has exactly 45 new ones: the
+    # initial population and one bred after each epoch, the last included (945 at 20 epochs)
+    assert result.num_evaluated == len(evaluated) == (3 + 1) * 45
 
 
 def test_progress_accepts_a_tqdm_like_bar():

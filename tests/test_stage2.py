@@ -139,7 +139,9 @@ def test_search_result_json(search_run, supernet):
         assert per_fold["fold_acc"] == found["fold_accs"][fold]
         assert per_fold["full_acc"] == found["full_accs"][fold]
         assert per_fold["arch"] == found["archs"][fold]
-        assert 1 <= per_fold["evaluated"] <= 3 ** 17
+        assert per_fold["num_candidates"] == found["num_candidates"][fold]
+    # population x (epochs + 1): the generation bred after the last epoch is evaluated too
+    assert found["num_candidates"] == [4 * (2 + 1)] * K
     assert (save / "log.txt").is_file()
 
 
@@ -287,7 +289,7 @@ def check_uniform_result(save: Path, found: dict, num_branches: int) -> None:
         assert len(arch) == 17 and len(set(arch)) == 1 and 0 <= arch[0] < num_branches
         per_fold = json.loads((save / "folds" / f"fold{fold}.json").read_text())
         assert per_fold["arch"] == arch
-        assert per_fold["evaluated"] == num_branches
+        assert per_fold["num_candidates"] == num_branches
         assert per_fold["settings"]["uniform"] is True
 
 
