@@ -12,8 +12,6 @@ processes; every process draws the same selection each iteration (one shared see
 writes the checkpoints, log.txt and TensorBoard.
 """
 import argparse
-import contextlib
-import math
 import random
 import time
 from pathlib import Path
@@ -35,11 +33,12 @@ from utils.cli import (
     stage_datasets,
     stage_parser,
 )
-from utils.data import batch_stream
+from utils.data import batch_stream, initialisation_batch
 from utils.logs import RunLog
 from utils.losses import kd_loss
 from utils.param_groups import stage1_param_groups
 from utils.teacher import load_teacher
+from utils.training import RunningStats, train_step
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,6 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weight_decay_wbin", type=float, default=5e-6)
     parser.add_argument("--teacher", default="resnet50",
                         help="torchvision model name (ImageNet weights), teacher checkpoint path, or none")
+    parser.add_argument("--teacher_weights", default="IMAGENET1K_V1",
+                        help="which torchvision weights of a named teacher: IMAGENET1K_V1 (the default) "
+                             "is what the reference's pretrained=True loaded (76.13 %% for resnet50); "
+                             "DEFAULT or any other name of that model's weights")
     parser.add_argument("--report_freq", type=int, default=100)
     parser.add_argument("--resume", default=None, help="a checkpoint of this stage to continue from")
     parser.add_argument("--sync_bn", action="store_true",
@@ -110,6 +113,11 @@ def restore_rng(state: dict, selection_rng: random.Random) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def draw_selection(model: torch.nn.Module, rng: random.Random) -> list[int]:
+    """One branch per searchable layer, uniformly (the same on every rank: one shared seed)."""
+    return [rng.randrange(model.num_branches) for _ in range(model.num_searchable_layers)]
+
+
 def clip_values(model: torch.nn.Module) -> dict[str, float]:
     """Every clip value, tagged by searchable layer and branch, for TensorBoard."""
     values, layer = {}, -1
@@ -127,6 +135,7 @@ def train(args: argparse.Namespace) -> None:
         raise UsageError(f"--batch_size {args.batch_size} does not split evenly over {world} processes; "
                          f"give a multiple of {world}")
     seed_everything(args.seed, rank)
+    torch.backends.cudnn.benchmark = True  # as the reference: fixed shapes, the fastest kernels
     save = Path(args.save)
     data = stage_datasets(args)
     config = model_config(args, data.num_classes)
@@ -148,18 +157,20 @@ def train(args: argparse.Namespace) -> None:
         epoch, batch = resumed["epoch"], resumed["batch"]
         meters = dict(resumed["meters"])
     with distributed.main_first():
-        teacher = load_teacher(args.teacher, data.num_classes, device, args.trust_pickle)
+        teacher, teacher_name = load_teacher(args.teacher, data.num_classes, device, args.trust_pickle,
+                                             args.teacher_weights)
     trainer = distributed.wrap(model, device, args.sync_bn)  # the training forward; ``model`` for the rest
     if resumed is not None:  # after everything that draws random numbers while setting up
         restore_rng(resumed["rng"], selection_rng)
     log = RunLog(save, enabled=distributed.is_main())
     log.info(f"stage 1: {config['arch']} supernet, {model.num_searchable_layers} searchable layers x "
              f"{model.num_branches} branches, {config['bits']}-bit, {data.num_classes} classes, "
-             f"teacher {args.teacher}, device {device}"
+             f"teacher {teacher_name}, device {device}"
              + (f", {world} processes of {args.batch_size // world} images" if world > 1 else "")
              + (f", resumed from {args.resume} (phase {start_phase}, iteration {iteration})"
                 if resumed else ""))
-    stream = batch_stream(data.train, args.batch_size // world, args.workers, args.seed, epoch, batch,
+    per_rank = args.batch_size // world
+    stream = batch_stream(data.train, per_rank, args.workers, args.seed, epoch, batch,
                           num_replicas=world, rank=rank)
     selections = save / "selections" / f"rank{rank}.txt"
     if args.record_selections:
@@ -171,6 +182,10 @@ def train(args: argparse.Namespace) -> None:
     for phase in range(start_phase, 3):
         total = totals[phase]
         model.change_precision(True, phase == 2)
+        if phase == 1 and iteration == 0:  # the reference's initialize(), on a batch of its own
+            images, _ = initialisation_batch(data.train, per_rank, args.workers, args.seed, world, rank)
+            model.initialize_activation_steps(images.to(device), draw_selection(model, selection_rng),
+                                              distributed.average_over_ranks)
         if phase == 2 and iteration == 0:
             model.init_weight_steps()
         optimizer, scheduler = phase_optimizer(model, lrs[phase], decays[phase], total)
@@ -178,6 +193,7 @@ def train(args: argparse.Namespace) -> None:
             optimizer.load_state_dict(resumed["optimizer"])
             scheduler.load_state_dict(resumed["scheduler"])
         model.train()
+        stats = RunningStats(device, **meters)
         bar = tqdm(total=total, initial=iteration, desc=f"phase {phase} ({PHASES[phase]})",
                    dynamic_ncols=True, disable=not distributed.is_main())
         tick, tick_iter = time.time(), iteration
@@ -185,68 +201,65 @@ def train(args: argparse.Namespace) -> None:
             epoch, batch, (images, labels) = next(stream)
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            selection = [selection_rng.randrange(model.num_branches)
-                         for _ in range(model.num_searchable_layers)]
+            selection = draw_selection(model, selection_rng)
             if args.record_selections:
                 with open(selections, "a") as f:
                     f.write(f"{phase} {iteration + 1} {','.join(map(str, selection))}\n")
-            init_steps = (model.init_activation_steps(distributed.average_over_ranks)
-                          if phase == 1 and iteration == 0 else contextlib.nullcontext())
-            with init_steps:
-                logits = trainer(images, selection)
             if teacher is None:
-                loss = F.cross_entropy(logits, labels)
+                def criterion(logits, labels=labels):
+                    return F.cross_entropy(logits, labels)
             else:
                 with torch.no_grad():
                     teacher_logits = teacher(images)
-                loss = kd_loss(logits, teacher_logits)
-            # One sum over the ranks: the global loss (each rank's is the mean of an equal share),
-            # the running top-1, and a non-finite loss seen by every rank at once, so all stop together.
-            stats = torch.stack([loss.detach().double(), (logits.argmax(1) == labels).sum().double(),
-                                 torch.tensor(labels.numel(), dtype=torch.float64, device=device)])
-            loss_sum, correct, seen = distributed.all_reduce_sum(stats).tolist()
-            loss_value = loss_sum / world
-            if not math.isfinite(loss_value):
-                raise UsageError(
-                    f"the loss is {loss_value} at phase {phase} iteration {iteration + 1}; stopping. "
-                    + (f"The last checkpoint, {last_saved}, is intact." if last_saved else
-                       "No checkpoint was written yet."))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-            optimizer.step()
+
+                def criterion(logits, teacher_logits=teacher_logits):
+                    return kd_loss(logits, teacher_logits)
+            logits, loss, _ = train_step(trainer, images, selection, criterion, optimizer)
             scheduler.step()
             iteration += 1
-            meters["correct"] += correct
-            meters["seen"] += seen
-            top1 = 100.0 * meters["correct"] / meters["seen"]
-            lr = optimizer.param_groups[-1]["lr"]
+            stats.add(loss, logits, labels, iteration)
             bar.update(1)
-            if iteration % args.report_freq == 0 or iteration == total:
+            report = iteration % args.report_freq == 0 or iteration == total
+            checkpoint = iteration == 1 or iteration % args.save_interval == 0 or iteration == total
+            if not (report or checkpoint):
+                continue
+            # The one wait for the device: sums over the ranks, and a non-finite loss seen by every
+            # rank at once, so all stop together and no checkpoint holds a diverged model.
+            reading = stats.read()
+            if reading.nonfinite_at:
+                raise UsageError(
+                    f"the loss is not finite (nan or inf) at phase {phase} iteration "
+                    f"{reading.nonfinite_at}; stopping. "
+                    + (f"The last checkpoint, {last_saved}, is intact." if last_saved else
+                       "No checkpoint was written yet."))
+            lr = optimizer.param_groups[-1]["lr"]
+            if report:
                 speed = (iteration - tick_iter) * args.batch_size / (time.time() - tick)
                 tick, tick_iter = time.time(), iteration
-                bar.set_postfix(loss=f"{loss_value:.3f}", top1=f"{top1:.2f}", lr=f"{lr:.2e}",
+                bar.set_postfix(loss=f"{reading.loss:.3f}", top1=f"{reading.top1:.2f}", lr=f"{lr:.2e}",
                                 img_s=f"{speed:.0f}")
-                log.info(f"phase {phase} iter {iteration}/{total} loss {loss_value:.4f} "
-                         f"top1 {top1:.2f} lr {lr:.3e} {speed:.0f} img/s")
+                log.info(f"phase {phase} iter {iteration}/{total} loss {reading.loss:.4f} "
+                         f"top1 {reading.top1:.2f} lr {lr:.3e} {speed:.0f} img/s")
                 step = iteration + (totals[1] if phase == 2 else 0)
-                log.scalars(step, {f"{PHASES[phase]}/loss": loss_value, f"{PHASES[phase]}/top1": top1,
-                                   f"{PHASES[phase]}/lr": lr, **clip_values(model)})
-            if iteration == 1 or iteration % args.save_interval == 0 or iteration == total:
+                log.scalars(step, {f"{PHASES[phase]}/loss": reading.loss,
+                                   f"{PHASES[phase]}/top1": reading.top1, f"{PHASES[phase]}/lr": lr,
+                                   **clip_values(model)})
+                stats.new_window()
+            if checkpoint:
                 last_saved = save / checkpoint_name(phase, iteration)
                 rng = rng_state(selection_rng)  # a collective: every rank takes part
                 if distributed.is_main():
                     save_file({
                         "iter": iteration,
                         "model_state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                        "best_top1_acc": top1,
+                        "best_top1_acc": reading.top1,
                         "config": config,
                         "phase": phase,
                         "epoch": epoch,
                         "batch": batch + 1,
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
-                        "meters": meters,
+                        "meters": reading.meters,
                         "rng": rng,
                         "args": {k: v for k, v in vars(args).items()},
                     }, last_saved)

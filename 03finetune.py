@@ -16,6 +16,8 @@ which this stage re-estimates, keep the whole --batch_size of one process. It st
 one process per arch (k).
 """
 import argparse
+import itertools
+import math
 import time
 from pathlib import Path
 
@@ -23,15 +25,24 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils import distributed
+from utils import distributed, reference_results
 from utils.bn_recalibration import recalibrate_bn
 from utils.checkpoint import load_supernet, save_file
-from utils.cli import add_eval_args, boolean, fail_cleanly, model_config, stage_datasets, stage_parser
-from utils.data import batch_stream, cache_batches, val_loader
+from utils.cli import (
+    UsageError,
+    add_eval_args,
+    boolean,
+    fail_cleanly,
+    model_config,
+    stage_datasets,
+    stage_parser,
+)
+from utils.data import batch_stream, cache_batches, epoch_loader, val_loader
 from utils.folds import accuracy_on, fold_batches
 from utils.logs import RunLog
-from utils.param_groups import stage3_trainable
-from utils.results import format_block, read_search_result, write_json
+from utils.param_groups import stage3_param_groups
+from utils.results import check_search_result, format_block, parse_block, read_search_result, write_json
+from utils.training import RunningStats, train_step
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,19 +50,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # arch's fine-tuning (hours on ImageNet), hence the long --dist_timeout.
     parser = stage_parser(__doc__, save="eval-blast", dist_timeout=24 * 60)
     add_eval_args(parser)
-    parser.add_argument("--search-result", default="eval-kfold-evolution/search_result.json",
-                        help="search_result.json written by 02kfold_evolution.py")
+    parser.add_argument("--search-result", default=None,
+                        help="search_result.json written by 02kfold_evolution.py, or a text file holding "
+                             "its printed ===total-result=== block (from a terminal or a log). Default: "
+                             "the authors' published archs, for the model they belong to (the ImageNet "
+                             "defaults, k = 10)")
     parser.add_argument("--bn_epochs", type=int, default=3)
     parser.add_argument("--learning_rate_bnstabilize", type=float, default=7.5e-6)
     parser.add_argument("--train_clip", type=boolean, default=True, help="train the clips too")
-    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--batch_size", type=int, default=768)
     parser.add_argument("--iters_per_epoch", type=int, default=0,
-                        help="training iterations per epoch (0: one pass over the training set)")
+                        help="training iterations per epoch, for small runs (0: whole epochs, the last "
+                             "partial batch included, as the reference)")
     return parser.parse_args(argv)
+
+
+def bn_stabilize_optimizer(model: torch.nn.Module, lr: float, train_clip: bool = True) -> torch.optim.SGD:
+    """The reference's SGD (Nesterov, momentum 0.9) over every parameter: biases and clips at
+    ``lr``, everything else at lr 0 (``stage3_param_groups``)."""
+    return torch.optim.SGD(stage3_param_groups(model, lr, train_clip), lr=lr, momentum=0.9, nesterov=True)
+
+
+def search_result(args: argparse.Namespace, config: dict, model: torch.nn.Module) -> tuple[dict, str]:
+    """The archs to fine-tune and where they come from: ``--search-result``, or without it the
+    authors' published archs when the flags describe the model they belong to."""
+    if args.search_result is not None:
+        return (read_search_result(args.search_result, config, model.num_searchable_layers,
+                                   model.num_branches, args.k), str(args.search_result))
+    if not reference_results.belongs_to(config, args.k):
+        raise UsageError("no --search-result: give stage 2's eval-kfold-evolution/search_result.json "
+                         "(or a file holding its printed ===total-result=== block). The authors' "
+                         "published archs belong to the ImageNet defaults only (MobileNet-v2, width 1.0, "
+                         "divisor 1, 224 px, 2-bit, the seven reference decays, 1000 classes, --k 10)")
+    found = parse_block(reference_results.TOTAL_RESULT)
+    return (check_search_result(found, "the published search result", None, model.num_searchable_layers,
+                                model.num_branches, args.k), reference_results.SOURCE)
 
 
 def finetune(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
+    torch.backends.cudnn.benchmark = True  # as the reference: fixed shapes, the fastest kernels
     device = distributed.setup(args.device, args.dist_timeout)
     save = Path(args.save)
     data = stage_datasets(args)
@@ -61,21 +99,17 @@ def finetune(args: argparse.Namespace) -> dict:
     supernet_state = {k: v.clone() for k, v in model.state_dict().items()}
     batches, num_batches = cache_batches(val_loader(data.val, args.val_batch_size, args.workers),
                                          args.max_val_iters)
-    found = read_search_result(args.search_result, config, model.num_searchable_layers,
-                               model.num_branches)
-    if "k" not in found and len(found["archs"]) != args.k:
-        raise ValueError(f"--search-result {args.search_result} has {len(found['archs'])} folds, "
-                         f"--k is {args.k}")
+    found, source = search_result(args, config, model)
     for fold in found["folds"]:  # refuses a --k larger than the number of batches, or a bad fold
         fold_batches(num_batches, args.k, fold)
     # The folds are batch indices: stage 3 must split the validation set as stage 2 did.
     for key, ours in (("k", args.k), ("val_batch_size", args.val_batch_size), ("num_batches", num_batches)):
         if key in found and found[key] != ours:
-            raise ValueError(f"--search-result {args.search_result} was searched with {key}={found[key]}, "
+            raise UsageError(f"--search-result {args.search_result} was searched with {key}={found[key]}, "
                              f"here it is {ours}: use stage 2's --k, --val_batch_size and --max_val_iters")
-    iters = args.iters_per_epoch or len(data.train) // args.batch_size
+    iters = args.iters_per_epoch or math.ceil(len(data.train) / args.batch_size)
     log = RunLog(save, enabled=distributed.is_main())
-    log.info(f"stage 3: {len(found['archs'])} archs from {args.search_result}, supernet {args.supernet}, "
+    log.info(f"stage 3: {len(found['archs'])} archs from {source}, supernet {args.supernet}, "
              f"{args.bn_epochs} epochs of {iters} iterations, lr {args.learning_rate_bnstabilize}"
              + (f", spread over {distributed.world_size()} processes" if distributed.is_distributed()
                 else ""))
@@ -100,30 +134,35 @@ def finetune(args: argparse.Namespace) -> dict:
                            device)
         accs = [searched_acc, evaluate()]
         log.info(f"arch {fold}: stage-2 full_acc {accs[0]:.2f}, loaded {accs[1]:.2f}")
-        groups = stage3_trainable(model, args.train_clip)
-        optimizer = torch.optim.SGD(groups, lr=args.learning_rate_bnstabilize, momentum=0.9, nesterov=True)
+        optimizer = bn_stabilize_optimizer(model, args.learning_rate_bnstabilize, args.train_clip)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(args.bn_epochs, 1))
-        for epoch in range(1, args.bn_epochs + 1):
+        for epoch in range(args.bn_epochs):
             model.train()
             start = time.time()
-            bar = tqdm(range(iters), desc=f"arch {fold} epoch {epoch}", position=1, leave=False,
-                       dynamic_ncols=True, disable=not distributed.is_main())
-            for _ in bar:
-                _, _, (images, labels) = next(stream)
-                loss = F.cross_entropy(model(images.to(device), arch), labels.to(device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-                optimizer.step()
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+            if args.iters_per_epoch:
+                epoch_batches = (item for _, _, item in itertools.islice(stream, iters))
+            else:  # a whole epoch, its last partial batch included
+                epoch_batches = epoch_loader(data.train, args.batch_size, args.workers, args.seed + fold,
+                                             epoch, drop_last=False)
+            stats = RunningStats(device, over_ranks=False)
+            for images, labels in tqdm(epoch_batches, total=iters, desc=f"arch {fold} epoch {epoch}",
+                                       position=1, leave=False, dynamic_ncols=True,
+                                       disable=not distributed.is_main()):
+                labels = labels.to(device, non_blocking=True)
+                logits, loss, _ = train_step(model, images.to(device, non_blocking=True), arch,
+                                             lambda logits, labels=labels: F.cross_entropy(logits, labels),
+                                             optimizer)
+                stats.add(loss, logits, labels, 0)
             scheduler.step()
+            trained = stats.read()
             acc = evaluate()
             accs.append(acc)
             path = save / f"arch{fold}_model_actwbin_{args.bits}_{args.bits}_bn_{epoch}ep.pth"
-            save_file({"iter": epoch, "model_state_dict": {k: v.detach().cpu()
-                                                           for k, v in model.state_dict().items()},
+            save_file({"epoch": epoch, "model_state_dict": {k: v.detach().cpu()
+                                                            for k, v in model.state_dict().items()},
                        "best_top1_acc": acc, "config": config, "selection": list(arch), "fold": fold}, path)
-            log.info(f"arch {fold} epoch {epoch}: full_acc {acc:.2f} ({time.time() - start:.0f} s) -> {path}")
+            log.info(f"arch {fold} epoch {epoch}: train loss {trained.loss:.4f} top1 {trained.top1:.2f}, "
+                     f"full_acc {acc:.2f} ({time.time() - start:.0f} s) -> {path}")
         finished.append({"fold": fold, "accs": accs,
                          "bnfull_acc": max(accs[:1] + accs[2:]) if args.bn_epochs else accs[0]})
     shares = distributed.gather_objects(finished)
@@ -137,8 +176,7 @@ def finetune(args: argparse.Namespace) -> dict:
     if distributed.is_main():
         write_json({"folds": found["folds"], "fold_accs": found["fold_accs"], "full_accs": found["full_accs"],
                     "bnfull_accs": bnfull_accs, "archs": found["archs"], "config": config,
-                    "supernet": str(args.supernet), "search_result": str(args.search_result)},
-                   save / "final_result.json")
+                    "supernet": str(args.supernet), "search_result": source}, save / "final_result.json")
         print(format_block("final-result", summary))
     log.info(f"final result: {save / 'final_result.json'}; fine-tuned checkpoints and log.txt in {save}")
     log.close()

@@ -42,8 +42,7 @@ def main() -> None:
     model = build_supernet(args.arch, 10, 2, l2_vals, width_multiplier=args.width).to(device)
     model.change_precision(True, True)
     images = lambda n: torch.randn(n, 3, args.size, args.size, device=device)  # noqa: E731
-    with model.init_activation_steps():
-        model(images(128), [0] * model.num_searchable_layers)
+    model.initialize_activation_steps(images(128), [0] * model.num_searchable_layers)
     model.eval()
     fold = [(images(200), torch.randint(0, 10, (200,), device=device)) for _ in range(args.fold_batches)]
     calibration = [(images(128), None) for _ in range(args.recalibration_batches)]

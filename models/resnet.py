@@ -11,7 +11,8 @@ ResNet-18. This module is the project's reading of the paper:
   there are no full-precision 1x1 downsample convolutions.
 
 Each block has two searchable layers: 16 for ResNet-18, 32 for ResNet-34. No unit has an LSQ
-activation quantizer, so ``init_activation_steps`` has nothing to initialise here.
+activation quantizer (but the ``lsq`` baseline), so ``initialize_activation_steps`` only
+updates the BatchNorm statistics here.
 """
 import math
 from collections.abc import Sequence

@@ -1,5 +1,4 @@
 """What every BASQ supernet shares: selections, precision switches and quantizer initialisation."""
-import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -83,25 +82,31 @@ class Supernet(nn.Module):
             if isinstance(m, QConv):
                 m.init_weight_steps()
 
-    @contextlib.contextmanager
-    def init_activation_steps(self, reduce: Callable[[torch.Tensor], Any] | None = None) -> Iterator[None]:
-        """Inside this context, each LSQ activation quantizer sets its steps from its first input.
+    @torch.no_grad()
+    def initialize_activation_steps(self, images: torch.Tensor, selection: Sequence[int],
+                                    reduce: Callable[[torch.Tensor], Any] | None = None) -> None:
+        """Set every LSQ activation step from data, as the reference's ``initialize()`` (SPEC 1).
 
-        Used around stage 1's first forward pass, so the steps come from the first training batch.
-        Under data parallelism each process sees only its share of that batch: ``reduce`` (an
-        in-place average over the processes) is applied to each freshly set step tensor, so that
-        every process gets the same steps, set from the mean |x| over the whole batch (the shares
-        are equal-sized, so the mean of their per-channel means is the mean over all of them).
+        One no-grad, train-mode forward of ``images`` (a batch drawn for this, before the first
+        training step) with a hook that runs after each LSQ activation quantizer: the quantizer
+        quantizes with the step it has (1 when new), then sets its step from its input. The pass
+        updates every BatchNorm's running statistics once. Under data parallelism each process
+        sees its share of the batch: ``reduce`` (an in-place average over the processes) is
+        applied to each step tensor once set, so every process gets the mean over the whole
+        batch (the shares are equal-sized, so the mean of their per-channel means is that mean).
         """
-        def init_hook(module: LsqActivation, args: tuple) -> None:
+        def init_hook(module: LsqActivation, args: tuple, output: torch.Tensor) -> None:
             module.init_from(args[0])
             if reduce is not None:
                 reduce(module.s.detach())
 
-        handles = [m.register_forward_pre_hook(init_hook)
+        handles = [m.register_forward_hook(init_hook)
                    for m in self.modules() if isinstance(m, LsqActivation)]
+        was_training = self.training
         try:
-            yield
+            self.train()
+            self(images, selection)
         finally:
+            self.train(was_training)
             for h in handles:
                 h.remove()

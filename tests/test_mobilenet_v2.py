@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from models import build_supernet
 from models.units import FlexibleSkip
-from utils.param_groups import stage1_param_groups, stage3_trainable
+from utils.param_groups import stage1_param_groups, stage3_param_groups
 
 SMALL = ["mbv2_small_2bit.pt", "mbv2_small_4bit.pt"]
 MODES = {"a1w1": (True, True), "a1w0": (True, False), "a0w0": (False, False)}
@@ -81,13 +81,21 @@ def test_stage1_groups(load_fixture, name):
 def test_stage3_trainable(load_fixture, name):
     f = load_fixture(name)
     model = build_supernet("mobilenet_v2", **f["config"])
-    groups = stage3_trainable(model)
-    assert sorted(n for g in groups for n in g["names"]) == sorted(f["trainable_stage3"])
-    assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == sorted(f["trainable_stage3"])
-    for g in groups[1:]:
+    groups = stage3_param_groups(model, lr=7.5e-6)
+    trained = [n for g in groups if g["lr"] > 0 for n in g["names"]]
+    assert sorted(trained) == sorted(f["trainable_stage3"])
+    # The rest is frozen at lr 0 (the reference's way): it has gradients, and ``bin`` is left out.
+    frozen = groups[-1]
+    assert frozen["lr"] == 0 and not set(frozen["names"]) & set(trained)
+    optimized = {n for g in groups for n in g["names"]}
+    assert optimized == {n for n, p in model.named_parameters() if p.requires_grad}
+    never = set(f["optimizer_groups_stage1"]["not_optimized"])
+    assert {n for n, p in model.named_parameters()} - optimized == never
+    for g in groups[1:-1]:
         assert all(n.endswith("upper_bound") for n in g["names"])
-    no_clip = stage3_trainable(build_supernet("mobilenet_v2", **f["config"]), train_clip=False)
-    assert [n for g in no_clip for n in g["names"]] == [n for n in f["trainable_stage3"] if "bias" in n]
+    no_clip = stage3_param_groups(build_supernet("mobilenet_v2", **f["config"]), lr=7.5e-6, train_clip=False)
+    assert [n for g in no_clip if g["lr"] > 0 for n in g["names"]] == [
+        n for n in f["trainable_stage3"] if "bias" in n]
 
 
 def small(**kw):
@@ -188,18 +196,25 @@ def test_bad_selection(selection):
         small()(torch.randn(1, 3, 32, 32), selection)
 
 
-def test_activation_step_init_from_first_batch():
-    model = small()
+def test_activation_steps_initialised_as_the_references_initialize():
+    """One no-grad train-mode pass; each quantizer quantizes with step 1, then takes its step."""
+    model = small().eval()
     x = torch.randn(4, 3, 32, 32)
     first = model.feature[2].bn_qconv_bn_relu_0
+    second = model.feature[2].bn_qconv_bn_relu_2
     seen = {}
     first[1].register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0].detach().clone()))
-    with model.init_activation_steps():
-        model(x, [0] * 17)
+    first[1].register_forward_hook(lambda m, a, y: seen.setdefault("y", y.detach().clone()))
+    bn = model.feature[2].bn0_last
+    model.initialize_activation_steps(x, [0] * 17)
     expected = 2 * seen["x"].abs().mean((0, 2, 3)) / 3**0.5
     torch.testing.assert_close(first[1].s.data, expected)
+    assert torch.equal(seen["y"], seen["x"].clamp(0, 3).round())  # quantized with the initial step 1
+    assert not torch.equal(second[1].s.data, torch.ones_like(second[1].s))
+    assert int(bn.num_batches_tracked) == 1  # the pass updated the running statistics once
+    assert not model.training and not seen["x"].requires_grad  # back in eval mode; no autograd
     before = first[1].s.detach().clone()
-    model(x * 3, [0] * 17)  # outside the context the steps stay
+    model(x * 3, [0] * 17)  # afterwards the steps stay
     assert torch.equal(first[1].s.data, before)
 
 

@@ -26,8 +26,7 @@ def trained_like(arch: str):
     model = build_supernet(arch, 10, 2, [1e-2, 1e-3, 1e-4], width_multiplier=0.25, width_divisor=8,
                            small_input_stem=True)
     model.change_precision(True, True)
-    with model.init_activation_steps():
-        model(torch.randn(32, 3, 12, 12), [0] * model.num_searchable_layers)
+    model.initialize_activation_steps(torch.randn(32, 3, 12, 12), [0] * model.num_searchable_layers)
     for branch in range(model.num_branches):  # running statistics of every branch
         model(torch.randn(32, 3, 12, 12) * (1 + branch), [branch] * model.num_searchable_layers)
     return model.eval()

@@ -10,7 +10,7 @@ from torch import nn
 from models import ARCHS, build_supernet
 from models.resnet import BasicBlock, ResNetSupernet
 from quant import ClipActivation, QConv
-from utils.param_groups import stage1_param_groups, stage3_trainable
+from utils.param_groups import stage1_param_groups, stage3_param_groups
 
 L2 = [0.01, 0.001, 0.0001]
 WIDTH = 0.125  # channels 8, 16, 32, 64: keeps every test fast
@@ -178,8 +178,8 @@ def test_precision_switches_and_step_init():
     conv = model.blocks[0].conv0
     expected = 2 * conv.weight.abs().flatten(1).mean(1) / math.sqrt(conv.w_quantize.qp)
     assert torch.allclose(conv.w_quantize.s, expected)
-    with model.init_activation_steps():  # no LSQ activation quantizers: nothing to do, no error
-        model(torch.randn(2, 3, 32, 32), [0] * model.num_searchable_layers)
+    # no LSQ activation quantizers: nothing to do but the BN statistics, no error
+    model.initialize_activation_steps(torch.randn(2, 3, 32, 32), [0] * model.num_searchable_layers)
     model.change_precision(False, False)
     assert not any(m.quantize for m in model.modules() if isinstance(m, ClipActivation))
 
@@ -204,12 +204,12 @@ def test_stage1_groups_clips_by_branch():
 
 def test_stage3_trains_biases_and_clips():
     model = tiny()
-    groups = stage3_trainable(model)
-    biases, *clips = groups
+    groups = stage3_param_groups(model, lr=1e-3)
+    biases, *clips, frozen = groups
     assert "classifier.bias" in biases["names"] and "stem.bn1.bias" in biases["names"]
     assert sorted(g["weight_decay"] for g in clips) == sorted(L2)
-    assert all(len(g["names"]) == model.num_searchable_layers for g in clips)
-    assert not model.blocks[0].conv0.weights.requires_grad
+    assert all(len(g["names"]) == model.num_searchable_layers and g["lr"] == 1e-3 for g in clips)
+    assert frozen["lr"] == 0 and "blocks.0.conv0.weights" in frozen["names"]
 
 
 def test_stage1_and_stage2_run_with_resnet18(tmp_path, image_folder):

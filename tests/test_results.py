@@ -108,3 +108,38 @@ def test_read_search_result_missing_or_binary(tmp_path):
 def test_read_search_result_refuses_wrong_types(tmp_path, changes):
     with pytest.raises(UsageError, match="--search-result"):
         read_search_result(write(tmp_path, with_changes(**changes)), CONFIG, LAYERS, BRANCHES)
+
+
+def test_parse_block_from_a_log_with_prefixes():
+    """The reference's own output, as its log writes it: a prefix on every line."""
+    from utils import reference_results
+
+    prefix = "{02/22 06:44:32 AM}-(2484025)-"
+    lines = ["searching fold 9", *reference_results.TOTAL_RESULT.splitlines(), "done"]
+    log = "".join(f"{prefix}{line}\n" for line in lines)
+    rows = parse_block(log)
+    assert rows == parse_block(reference_results.TOTAL_RESULT)
+    assert rows["folds"] == list(range(10)) and rows["fold_accs"][0] == 67.62
+    assert rows["archs"][9] == [5, 3, 2, 2, 4, 1, 4, 2, 1, 4, 6, 6, 0, 4, 3, 2, 5]
+    # Of two blocks, the last one; another title's block is not a search result.
+    older = format_block("total-result", {"folds": [0], "fold_accs": [1.0], "full_accs": [2.0],
+                                          "archs": [ARCHS[0]]})
+    assert parse_block(older + "\n" + log) == rows
+    assert parse_block(log.replace("total-result", "something-else")) == {}
+
+
+def test_read_search_result_accepts_a_pasted_block(tmp_path):
+    printed = format_block("total-result", {"folds": [0, 1], "fold_accs": RESULT["fold_accs"],
+                                            "full_accs": RESULT["full_accs"], "archs": ARCHS})
+    path = write(tmp_path, "$ python 02kfold_evolution.py ...\n" + printed + "\nsearch result: x.json\n",
+                 "pasted.txt")
+    found = read_search_result(path, CONFIG, LAYERS, BRANCHES, k=2)
+    assert (found["folds"], found["archs"], found["fold_accs"]) == ([0, 1], ARCHS, RESULT["fold_accs"])
+    with pytest.raises(UsageError, match="arch 0 is not 17 branch indices in 0..1"):
+        read_search_result(path, CONFIG, LAYERS, 2)
+    without_archs = write(tmp_path, "\n".join(printed.splitlines()[:-1]), "short.txt")
+    with pytest.raises(UsageError, match="the printed block lacks archs"):
+        read_search_result(without_archs, CONFIG, LAYERS, BRANCHES)
+    no_folds = write(tmp_path, printed.replace("[0, 1]\n", ""), "nofolds.txt")
+    with pytest.raises(UsageError, match="has 2 folds, --k is 10"):
+        read_search_result(no_folds, CONFIG, LAYERS, BRANCHES, k=10)

@@ -1,4 +1,5 @@
 """Stage 1: optimizer groups and decays, schedule, phases, resume, checkpoints and bad input."""
+import copy
 import math
 import shutil
 
@@ -8,6 +9,7 @@ import torch
 from models import build_supernet
 from utils.checkpoint import load_file
 from utils.losses import kd_loss
+from utils.training import train_step
 
 from .conftest import assert_clean_failure, load_script, make_image_folder, run_script
 
@@ -38,17 +40,19 @@ def test_one_iteration_matches_hand_computed_adam_with_branch_decays():
     l2 = [0.5, 0.05, 0.005]
     model = build_supernet("mobilenet_v2", 10, 2, l2, width_multiplier=0.25, width_divisor=8)
     model.change_precision(True, False)
+    model.classifier[0].eval()  # the same forward as the twin's below
+    twin = copy.deepcopy(model)
     lr, wd = 1e-3, 0.01
     optimizer, _ = stage1.phase_optimizer(model, lr, wd, total_iters=10)
-    x = torch.randn(4, 3, 32, 32)
+    x, teacher_logits = torch.randn(4, 3, 32, 32), torch.randn(4, 10)
     selection = [i % 3 for i in range(model.num_searchable_layers)]
-    loss = kd_loss(model(x, selection), torch.randn(4, 10))
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+    kd_loss(twin(x, selection), teacher_logits).backward()
+    torch.nn.utils.clip_grad_norm_(twin.parameters(), 10.0)
+    grads = {n: p.grad for n, p in twin.named_parameters() if p.grad is not None}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    optimizer.step()
+    train_step(model, x, selection, lambda logits: kd_loss(logits, teacher_logits), optimizer)
     checked = set()
+    unselected = 0
     for name, p in model.named_parameters():
         if name.endswith("upper_bound"):
             decay = l2[int(name.split(".")[3])]
@@ -56,15 +60,19 @@ def test_one_iteration_matches_hand_computed_adam_with_branch_decays():
             decay = wd
         else:
             decay = 0.0
-        if name not in grads:
-            assert torch.equal(p, before[name]), name  # unselected branches and bin stay
+        if name.endswith(".bin"):
+            assert torch.equal(p, before[name]), name  # never optimized
             continue
+        # Every parameter is stepped, the unselected branches with a zero gradient (SPEC 3).
         # Adam's first step with coupled L2: g' = g + decay * p; p -= lr * g' / (|g'| + eps).
-        g = grads[name] + decay * before[name]
+        g = grads.get(name, torch.zeros_like(p)) + decay * before[name]
+        unselected += name not in grads
         expected = before[name] - lr * g / (g.abs() + 1e-8)
         torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-7, msg=name)
         checked.add(decay)
-    assert {*l2, wd, 0.0} == checked
+    assert {*l2, wd, 0.0} == checked and unselected > 0
+    clip = model.feature[1].branch_bn_q_1[1][1].upper_bound  # branch 1 of layer 0 was not selected
+    assert selection[0] == 0 and clip.item() == pytest.approx(6.0 - lr)  # its L2 term moved it
 
 
 def test_cosine_schedule_per_iteration():
@@ -179,8 +187,6 @@ def test_bad_input(tmp_path, image_folder, earlier_run, flags, words):
 
 
 def test_foreach_adam_gives_the_per_parameter_loops_values():
-    import copy
-
     from utils.param_groups import stage1_param_groups
 
     torch.manual_seed(0)
@@ -200,3 +206,37 @@ def test_foreach_adam_gives_the_per_parameter_loops_values():
             optimizer.step()
     for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
         assert torch.equal(p, q), name
+
+
+def test_lsq_steps_initialised_once_before_training_on_a_batch_of_their_own(tmp_path, image_folder,
+                                                                            monkeypatch):
+    from models.supernet import Supernet
+
+    events = []
+    real_init, real_step = Supernet.initialize_activation_steps, stage1.train_step
+
+    def init(model, images, selection, reduce=None):
+        events.append(("init", images.clone()))
+        return real_init(model, images, selection, reduce)
+
+    def step(model, images, *rest):
+        events.append(("step", images.clone()))
+        return real_step(model, images, *rest)
+
+    monkeypatch.setattr(Supernet, "initialize_activation_steps", init)
+    monkeypatch.setattr(stage1, "train_step", step)
+    args = tiny_args(tmp_path, image_folder, "--abin_total_iters", "2", "--awbin_total_iters", "1")
+    stage1.train(args)
+    assert [kind for kind, _ in events] == ["init", "step", "step", "step"]
+    init_images = events[0][1]
+    assert init_images.shape == events[1][1].shape
+    assert not any(torch.equal(init_images, images) for _, images in events[1:])  # not a training batch
+    steps = load_file(tmp_path / "out/model_actbin_best_00001it.pth")["model_state_dict"]
+    assert not torch.equal(steps["feature.2.bn_qconv_bn_relu_0.1.s"], torch.ones_like(
+        steps["feature.2.bn_qconv_bn_relu_0.1.s"]))
+    events.clear()  # a resumed run keeps the saved steps
+    first = tmp_path / "out/model_actbin_best_00001it.pth"
+    resumed = tiny_args(tmp_path / "resumed", image_folder, "--abin_total_iters", "2",
+                        "--awbin_total_iters", "1", "--resume", str(first))
+    stage1.train(resumed)
+    assert [kind for kind, _ in events] == ["step", "step"]

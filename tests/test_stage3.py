@@ -71,22 +71,23 @@ def test_reference_defaults():
     args = stage3.parse_args([])
     assert (args.k, args.bn_epochs, args.learning_rate_bnstabilize) == (10, 3, 7.5e-6)
     assert (args.train_clip, args.val_batch_size, args.save) == (True, 200, "eval-blast")
-    assert args.search_result == "eval-kfold-evolution/search_result.json"
+    assert (args.batch_size, args.iters_per_epoch) == (768, 0)  # whole epochs of 768
+    assert args.search_result is None  # the authors' published archs, for their model
     assert stage3.parse_args(["--train_clip", "False"]).train_clip is False
 
 
 def test_checkpoints_per_fold_and_epoch(finetune_run, found, image_folder):
     save = finetune_run[0]
-    expected = {checkpoint_path(save, f, e).name for f in range(K) for e in range(1, EPOCHS + 1)}
+    expected = {checkpoint_path(save, f, e).name for f in range(K) for e in range(EPOCHS)}
     assert {p.name for p in save.glob("*.pth")} == expected
     data = build_datasets(str(image_folder), 32)
     batches = list(val_loader(data.val, VAL_BATCH, 0))
     for fold, arch in enumerate(found["archs"]):
-        for epoch in range(1, EPOCHS + 1):
+        for epoch in range(EPOCHS):  # counted from 0, as the reference names them
             ckpt = load_file(checkpoint_path(save, fold, epoch))  # safe loading
             assert ckpt["config"] == found["config"]
             assert ckpt["selection"] == arch
-            assert (ckpt["fold"], ckpt["iter"]) == (fold, epoch)
+            assert (ckpt["fold"], ckpt["epoch"]) == (fold, epoch)
             # The accuracy stored is the checkpoint's own on the batches outside the fold.
             model, _ = load_supernet(checkpoint_path(save, fold, epoch), found["config"])
             model.eval()
@@ -117,7 +118,7 @@ def test_final_result_json_and_block(finetune_run, found):
 def test_bnfull_acc_is_the_best_of_stage2_and_every_epoch(finetune_run, found):
     save, summary, text = finetune_run
     for fold in range(K):
-        epochs = [load_file(checkpoint_path(save, fold, e))["best_top1_acc"] for e in range(1, EPOCHS + 1)]
+        epochs = [load_file(checkpoint_path(save, fold, e))["best_top1_acc"] for e in range(EPOCHS)]
         assert summary["**bnfull_accs"][fold] == max([found["full_accs"][fold], *epochs])
         # Before fine-tuning, stage 3 measures what stage 2 measured on the same batches.
         stage2_acc, loaded = re.search(rf"arch {fold}: stage-2 full_acc (\S+), loaded (\S+)", text).groups()
@@ -144,9 +145,88 @@ def test_train_clip_false_keeps_the_clips(tmp_path, image_folder, supernet, foun
                                           "--bn_epochs", "1"))
     before = load_file(supernet)["model_state_dict"]
     for fold in range(K):
-        moved = changed(before, load_file(checkpoint_path(tmp_path, fold, 1))["model_state_dict"])
+        moved = changed(before, load_file(checkpoint_path(tmp_path, fold, 0))["model_state_dict"])
         trained = {k for k in moved if not k.endswith(RUNNING_STATS)}
         assert trained and all("bias" in k for k in trained), sorted(trained)
+
+
+def test_whole_epochs_include_the_last_partial_batch(tmp_path, image_folder, supernet, found, monkeypatch):
+    seen = []
+    real = stage3.train_step
+
+    def spy(model, images, selection, criterion, optimizer):
+        seen.append(len(images))
+        return real(model, images, selection, criterion, optimizer)
+
+    monkeypatch.setattr(stage3, "train_step", spy)
+    args = stage3_args(image_folder, supernet, found, tmp_path, "--iters_per_epoch", "0", "--batch_size", "8")
+    captured(stage3.finetune, args)
+    train_images = len(build_datasets(str(image_folder), 32).train)
+    assert train_images % 8  # the set does not split evenly, so the last batch is partial
+    per_epoch = [8] * (train_images // 8) + [train_images % 8]
+    assert seen == per_epoch * EPOCHS * K
+
+
+def test_every_parameter_has_a_gradient_and_counts_in_the_clipped_norm(supernet, found):
+    """The reference freezes with lr 0: every parameter gets a gradient (zero where unused)."""
+    import copy
+
+    model, _ = load_supernet(supernet, found["config"])
+    model.change_precision(True, True)
+    model.classifier[0].eval()  # the same forward twice
+    twin = copy.deepcopy(model)
+    arch = found["archs"][0]
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    torch.nn.functional.cross_entropy(twin(x, arch), y).backward()
+    twin_grads = {n: p.grad for n, p in twin.named_parameters() if p.grad is not None}
+    optimizer = stage3.bn_stabilize_optimizer(model, 1e-3)
+    criterion = lambda logits: torch.nn.functional.cross_entropy(logits, y)  # noqa: E731
+    _, _, norm = stage3.train_step(model, x, arch, criterion, optimizer)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert sorted(n for n, p in model.named_parameters() if not p.requires_grad) == sorted(
+        n for n in model.state_dict() if n.endswith(".bin"))
+    frozen = {n for g in optimizer.param_groups if g["lr"] == 0 for n in g["names"]}
+    assert "feature.2.conv1.weights" in frozen and twin_grads["feature.2.conv1.weights"].abs().sum() > 0
+
+    def total_norm(names):
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(twin_grads[n]) for n in names]))
+
+    assert norm.item() == pytest.approx(total_norm(twin_grads).item(), rel=1e-5)
+    trained_only = total_norm([n for n in twin_grads if n not in frozen])
+    assert trained_only < 0.5 * norm  # the frozen parameters' gradients weigh in the clipping
+
+
+def test_without_search_result_the_authors_archs_for_their_model_only(tmp_path):
+    from types import SimpleNamespace
+
+    from utils import reference_results
+    from utils.cli import UsageError
+
+    model = SimpleNamespace(num_searchable_layers=17, num_branches=7)
+    found, source = stage3.search_result(stage3.parse_args([]), dict(reference_results.CONFIG), model)
+    assert found["folds"] == list(range(10)) and len(found["archs"]) == 10
+    assert found["archs"][0] == [5, 3, 2, 2, 1, 1, 6, 6, 1, 2, 4, 6, 0, 3, 3, 5, 5]
+    assert found["fold_accs"][4] == 55.18 and found["full_accs"][9] == 59.53333333333333
+    assert "published" in source
+    for flags, config in ((["--k", "5"], {}), ([], {"width_multiplier": 0.5}), ([], {"num_classes": 10})):
+        with pytest.raises(UsageError, match="no --search-result: give stage 2's"):
+            stage3.search_result(stage3.parse_args(flags), {**reference_results.CONFIG, **config}, model)
+
+
+def test_a_pasted_block_with_log_prefixes(tmp_path, image_folder, supernet, found):
+    from utils.results import format_block
+
+    rows = ("folds", "fold_accs", "full_accs", "archs")
+    printed = format_block("total-result", {k: found[k] for k in rows})
+    pasted = tmp_path / "pasted.txt"
+    pasted.write_text("{02/22 06:44:31 AM}-(2484025)-fold 1: fold_acc 50.00\n" + "".join(
+        f"{{02/22 06:44:32 AM}}-(2484025)-{line}\n" for line in printed.splitlines()))
+    args = stage3_args(image_folder, supernet, {**found, "path": pasted}, tmp_path / "out",
+                       "--bn_epochs", "0")
+    summary, _ = captured(stage3.finetune, args)
+    assert summary["archs"] == found["archs"] and summary["**bnfull_accs"] == found["full_accs"]
+    log = (tmp_path / "out" / "log.txt").read_text()
+    assert f"archs from {pasted}" in log
 
 
 def test_no_epochs_reports_the_stage2_accuracy(tmp_path, image_folder, supernet, found):
@@ -232,6 +312,6 @@ def test_three_stages_in_a_row(tmp_path, image_folder, monkeypatch):
     assert final["**bnfull_accs"] == json.loads(
         (tmp_path / "eval-blast" / "final_result.json").read_text())["bnfull_accs"]
     assert sorted(p.name for p in (tmp_path / "eval-blast").glob("*.pth")) == [
-        "arch0_model_actwbin_2_2_bn_1ep.pth", "arch1_model_actwbin_2_2_bn_1ep.pth"]
+        "arch0_model_actwbin_2_2_bn_0ep.pth", "arch1_model_actwbin_2_2_bn_0ep.pth"]
     for result in (stage1, stage2, stage3):
         assert "Traceback" not in result.stderr

@@ -48,9 +48,8 @@ def count(model, kind) -> int:
 
 
 def start_activation_steps(model, x: torch.Tensor) -> None:
-    """Stage 1's first step: the LSQ activation steps set from a batch."""
-    with model.init_activation_steps(), torch.no_grad():
-        model(x, uniform(model))
+    """Stage 1's start: the LSQ activation steps set from a batch."""
+    model.initialize_activation_steps(x, uniform(model))
 
 
 # -- basq, the default ------------------------------------------------------------------------
@@ -125,7 +124,7 @@ def test_lsq_branch_quantizers_output_steps_set_from_the_first_batch(arch):
         first = dict(seen)
         assert first.keys() == quantizers.keys()
         seen.clear()
-        model(images(seed=1), uniform(model))  # outside the context: the steps stay
+        model(images(seed=1), uniform(model))  # afterwards the steps stay
     finally:
         for h in handles:
             h.remove()
@@ -137,12 +136,14 @@ def test_lsq_branch_quantizers_output_steps_set_from_the_first_batch(arch):
         assert q.round().unique().numel() > 1, name
         assert not torch.allclose(x, y), name
 
-    for name, (x, y, s) in first.items():
-        assert (s > 0).all(), name
-        torch.testing.assert_close(s, 2 * x.abs().mean((0, 2, 3)) / math.sqrt(3), msg=name)
+    for name, (x, y, s) in first.items():  # the initialising pass quantizes with the initial step 1
+        assert torch.equal(s, torch.ones_like(s)), name
         check(name, x, y, s)
+        set_from_input = quantizers[name].s.detach()
+        assert (set_from_input > 0).all(), name
+        torch.testing.assert_close(set_from_input, 2 * x.abs().mean((0, 2, 3)) / math.sqrt(3), msg=name)
     for name, (x, y, s) in seen.items():
-        torch.testing.assert_close(s, first[name][2], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(s, quantizers[name].s.detach(), rtol=0, atol=0, msg=name)
         check(name, x, y, s)
 
 

@@ -14,8 +14,8 @@ if TYPE_CHECKING:
     from .data import Datasets
 
 from .data import rank_seed
+from .reference_results import REFERENCE_L2_BOUNDS
 
-REFERENCE_L2_BOUNDS = [0.01, 0.005, 0.001, 0.0005, 0.0001, 0.00005, 0.00001]
 TRUST_FLAG = "--trust-pickled-checkpoint-DANGEROUS"
 RELEASED_SUPERNET = "train-supernet/model_actwbin_best_466000it.pth"
 

@@ -157,24 +157,41 @@ class EpochSampler(Sampler[int]):
         return iter(self._indices())
 
 
+def epoch_loader(dataset: Dataset, batch_size: int, workers: int, seed: int, epoch: int, batch: int = 0,
+                 num_replicas: int = 1, rank: int = 0, drop_last: bool = True) -> DataLoader:
+    """Epoch ``epoch`` of the training batches in the ``EpochSampler`` order, from global batch
+    ``batch`` on; ``drop_last=False`` keeps the last, partial batch (stage 3's whole epochs).
+
+    The loader's generator, which seeds the workers' augmentation, differs per rank (rank 0 keeps
+    the single-process seed), so the ranks do not crop their images alike.
+    """
+    sampler = EpochSampler(len(dataset), seed, epoch, batch * batch_size * num_replicas, num_replicas, rank)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                      num_workers=workers, pin_memory=torch.cuda.is_available(),
+                      generator=torch.Generator().manual_seed(rank_seed(seed + epoch, rank)))
+
+
 def batch_stream(dataset: Dataset, batch_size: int, workers: int, seed: int, epoch: int = 0,
                  batch: int = 0, num_replicas: int = 1, rank: int = 0
                  ) -> Iterator[tuple[int, int, tuple[torch.Tensor, torch.Tensor]]]:
     """Endless training batches as ``(epoch, batch index, (images, labels))``, from any position.
 
     ``batch_size`` is per process and ``batch`` counts global batches; incomplete last batches
-    are dropped. The loader's generator, which seeds the workers' augmentation, differs per rank
-    (rank 0 keeps the single-process seed), so the ranks do not crop their images alike.
+    are dropped (``epoch_loader``).
     """
     while True:
-        sampler = EpochSampler(len(dataset), seed, epoch, batch * batch_size * num_replicas,
-                               num_replicas, rank)
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
-                            num_workers=workers, pin_memory=torch.cuda.is_available(),
-                            generator=torch.Generator().manual_seed(rank_seed(seed + epoch, rank)))
+        loader = epoch_loader(dataset, batch_size, workers, seed, epoch, batch, num_replicas, rank)
         for index, item in enumerate(loader, batch):
             yield epoch, index, item
         epoch, batch = epoch + 1, 0
+
+
+def initialisation_batch(dataset: Dataset, batch_size: int, workers: int, seed: int,
+                         num_replicas: int = 1, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch stage 1 initialises the LSQ steps from, drawn for that purpose as the reference's
+    ``initialize()`` draws it: not one of the training batches (it is epoch -1 of the sampler)."""
+    return next(batch_stream(dataset, batch_size, workers, seed, epoch=-1, num_replicas=num_replicas,
+                             rank=rank))[2]
 
 
 def cache_batches(loader: DataLoader, max_batches: int = 0, limit_bytes: float = 4e9

@@ -111,6 +111,13 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def all_reduce_min(values: torch.Tensor) -> torch.Tensor:
+    """The elementwise minimum of ``values`` over the ranks, in place; returns ``values``."""
+    if is_distributed():
+        dist.all_reduce(values, op=dist.ReduceOp.MIN)
+    return values
+
+
 def average_over_ranks(values: torch.Tensor) -> torch.Tensor:
     """Replace ``values`` by its mean over the ranks, in place; returns ``values``."""
     return all_reduce_sum(values).div_(world_size())

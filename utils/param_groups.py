@@ -17,7 +17,8 @@ def stage1_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
     Conv weights (4-D parameters and the flat ``weights`` of quantized convs) decay with
     ``weight_decay``; the clips of branch ``j`` form group ``j`` with that branch's L2 decay;
-    BN, LSQ steps and the classifier get none; frozen parameters (``bin``) are left out.
+    BN, LSQ steps and the classifier get none; parameters that are never optimized (``bin``) are
+    left out.
     Each group carries ``names`` for logging and tests.
     """
     clips = {id(p): m for _, p, m in _clip_params(model)}
@@ -40,24 +41,27 @@ def stage1_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [*branch_groups, decayed, other]
 
 
-def stage3_trainable(model: nn.Module, train_clip: bool = True) -> list[dict]:
-    """Groups of stage 3 (SPEC section 5): biases, and the clips under their branch's decay.
+def stage3_param_groups(model: nn.Module, lr: float, train_clip: bool = True) -> list[dict]:
+    """SGD groups of stage 3 (SPEC section 5): biases, the clips under their branch's decay, and
+    every other parameter at lr 0.
 
-    Everything else is frozen (``requires_grad`` off), which is the reference's "lr 0".
+    The reference freezes with lr 0, not by leaving parameters out: the frozen ones still have
+    gradients, which count in the gradient norm that is clipped. The last group holds them.
     """
     clips = {id(p): m for _, p, m in _clip_params(model)} if train_clip else {}
     groups: dict[float, dict] = {}
-    biases = dict(params=[], names=[], weight_decay=0.0)
+    biases = dict(params=[], names=[], lr=lr, weight_decay=0.0)
+    frozen = dict(params=[], names=[], lr=0.0, weight_decay=0.0)
     for name, p in model.named_parameters():
+        if not p.requires_grad:  # ``bin``: never optimized
+            continue
         if id(p) in clips:
             l2 = clips[id(p)].l2
-            group = groups.setdefault(l2, dict(params=[], names=[], weight_decay=l2))
+            group = groups.setdefault(l2, dict(params=[], names=[], lr=lr, weight_decay=l2))
         elif "bias" in name:
             group = biases
         else:
-            p.requires_grad_(False)
-            continue
-        p.requires_grad_(True)
+            group = frozen
         group["params"].append(p)
         group["names"].append(name)
-    return [biases, *groups.values()]
+    return [biases, *groups.values(), frozen]

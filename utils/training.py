@@ -1,0 +1,102 @@
+"""One training iteration as the reference's loops run it, shared by stages 1 and 3."""
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import distributed
+
+MAX_GRAD_NORM = 10.0  # the reference clips the gradient norm at 10 in stages 1 and 3
+
+
+def give_every_parameter_a_gradient(optimizer: torch.optim.Optimizer) -> None:
+    """Zero every gradient, creating the ones that do not exist yet.
+
+    The reference's ``optimizer.zero_grad()`` (PyTorch 1.x, under ``nn.DataParallel``) leaves every
+    parameter a gradient, zero where the selection did not use it, so its optimizer steps every
+    parameter at every iteration (SPEC 3): Adam keeps moving the branches that were not selected
+    and applies their clips' L2 decay. Gradients left ``None`` would make PyTorch skip them.
+    """
+    optimizer.zero_grad(set_to_none=False)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+
+def train_step(model: nn.Module, images: torch.Tensor, selection: Sequence[int],
+               criterion: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward, loss, backward, gradient-norm clipping at 10 over every parameter, optimizer step.
+
+    ``model(images, selection)`` gives the logits and ``criterion(logits)`` the loss. Every
+    parameter of ``optimizer`` gets a gradient (``give_every_parameter_a_gradient``), so the norm
+    is taken over all of them (frozen ones, at lr 0, included) as in the reference. Returns the
+    logits and the loss (detached) and the gradient norm before clipping, all on the device: the
+    caller decides when to wait for them.
+    """
+    logits = model(images, selection)
+    loss = criterion(logits)
+    give_every_parameter_a_gradient(optimizer)
+    loss.backward()
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
+    optimizer.step()
+    return logits.detach(), loss.detach(), grad_norm
+
+
+@dataclass
+class Reading:
+    """What ``RunningStats.read`` gives: the mean loss since the last window, the running top-1
+    (percent), the meters to save, and the first iteration with a non-finite loss (0: none)."""
+
+    loss: float
+    top1: float
+    meters: dict[str, float]
+    nonfinite_at: int
+
+
+class RunningStats:
+    """Loss, top-1 and non-finite losses summed on the device, read only when asked.
+
+    A step that reads a value off the device (``.item()``) waits for the device to finish it; here
+    the training steps queue up and only a report or a checkpoint waits, once, for the sums of every
+    process (``over_ranks``; stage 3's processes train archs of their own, so its sums are local).
+    ``correct`` and ``seen`` (the running top-1 of a phase) carry over a resume.
+    """
+
+    def __init__(self, device: torch.device, correct: float = 0.0, seen: float = 0.0,
+                 over_ranks: bool = True):
+        self.device, self.over_ranks = device, over_ranks
+        self.saved = (correct, seen)  # the counts up to the last resume, summed over the processes
+        # loss sum and steps of the window, correct and seen since the start (this process's)
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
+        self.first_nonfinite = torch.full((), math.inf, dtype=torch.float64, device=device)
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, iteration: int) -> None:
+        correct = (logits.argmax(1) == labels).sum()
+        self.sums += torch.stack([loss.double(), torch.ones_like(loss, dtype=torch.float64),
+                                  correct.double(), torch.full_like(correct, labels.numel(),
+                                                                    dtype=torch.float64)])
+        at = torch.where(torch.isfinite(loss), math.inf, float(iteration)).double()
+        torch.minimum(self.first_nonfinite, at, out=self.first_nonfinite)
+
+    def new_window(self) -> None:
+        """Start the next window of the mean loss."""
+        self.sums[:2] = 0
+
+    def read(self) -> Reading:
+        """The sums, over every process with ``over_ranks`` (then a collective: every rank calls it at
+        the same iteration)."""
+        sums, first = self.sums.clone(), self.first_nonfinite.clone()
+        if self.over_ranks:
+            distributed.all_reduce_sum(sums)
+            distributed.all_reduce_min(first)
+        sums, first = sums.tolist(), first.item()
+        loss_sum, steps, correct, seen = sums
+        correct, seen = correct + self.saved[0], seen + self.saved[1]
+        return Reading(loss=loss_sum / max(steps, 1), top1=100.0 * correct / max(seen, 1),
+                       meters={"correct": correct, "seen": seen},
+                       nonfinite_at=0 if math.isinf(first) else int(first))
