@@ -11,8 +11,9 @@ and the search of stage 2 differ (README, "Results"):
 Every row is scored as BASQ is: stage 3 fine-tunes each fold's choice, then top-1 is measured on
 the test images outside that fold; the table gives the mean and spread over the folds.
 
-    python reproduce.py            # the committed table, results/fashion_mnist.md and .png (70 min)
+    python reproduce.py            # the committed table, results/fashion_mnist.md and .png
     python reproduce.py --quick    # a smoke check of every step, written to results/quick/ (10 min)
+    python reproduce.py --sweep    # MobileNet-v2 2-bit at four stage-1 budgets: results/budget_sweep.*
 
 Each step's outputs stay under --work: a rerun skips the finished steps and resumes an interrupted
 supernet training from its last checkpoint.
@@ -32,36 +33,56 @@ from tqdm import tqdm
 
 from utils.checkpoint import checkpoint_name, latest_checkpoint
 from utils.cli import UsageError, fail_cleanly
-from utils.report import METHODS, Row, update_readme, write_plot, write_table
+from utils.report import (
+    METHODS,
+    Row,
+    update_readme,
+    write_plot,
+    write_sweep_plot,
+    write_sweep_table,
+    write_table,
+)
 from utils.results import write_json
 
 ARCH_FLAGS = {
     "mobilenet_v2": ["--arch", "mobilenet_v2", "--width_multiplier", "0.5", "--width_divisor", "8"],
     "resnet18": ["--arch", "resnet18", "--width_multiplier", "0.25", "--width_divisor", "8"],
 }
-# 28 px Fashion-MNIST through the stride-1 stem; four candidate decays spanning the reference's range.
-COMMON_FLAGS = ["--data", "fashion-mnist", "--base_resolution", "28", "--small_input_stem",
-                "--min_crop_scale", "0.5", "-j", "0", "--l2_bounds", "0.01,0.001,0.0001,0.00001"]
+# Fashion-MNIST; four candidate decays spanning the reference's range.
+COMMON_FLAGS = ["--data", "fashion-mnist", "--min_crop_scale", "0.5", "-j", "0",
+                "--l2_bounds", "0.01,0.001,0.0001,0.00001"]
 EVAL_FLAGS = ["--k", "10", "--bn_recalibration_batches", "4"]
+EVOLUTION = ["--population-num", "8", "--select-num", "4", "--mutation-num", "3", "--crossover-num", "3",
+             "--max-epochs", "3"]
 
-# The one training budget of every row: stage-1 iterations per phase (batch 128), stage-3 iterations.
+# The training budgets: stage-1 iterations per phase (batch 128), stage-3 iterations; the input
+# (``input``) and, for the sweep, the one network and bit width it measures.
 PRESETS = {
-    "full": dict(iters=250, finetune_iters=40, folds="0,1,2", max_val_iters=25,
-                 evolution=["--population-num", "8", "--select-num", "4", "--mutation-num", "3",
-                            "--crossover-num", "3", "--max-epochs", "3"]),
-    "quick": dict(iters=20, finetune_iters=10, folds="0,1", max_val_iters=10,
+    # 28 px through the stride-1 stem
+    "full": dict(iters=[250], finetune_iters=40, folds="0,1,2", max_val_iters=25, evolution=EVOLUTION,
+                 input=["--base_resolution", "28", "--small_input_stem"]),
+    "quick": dict(iters=[20], finetune_iters=10, folds="0,1", max_val_iters=10,
                   evolution=["--population-num", "4", "--select-num", "2", "--mutation-num", "1",
-                             "--crossover-num", "1", "--max-epochs", "1"]),
+                             "--crossover-num", "1", "--max-epochs", "1"],
+                  input=["--base_resolution", "28", "--small_input_stem"]),
+    # 32 px through the ImageNet stem (the demo's model): a tenfold range of budgets in hours
+    "sweep": dict(iters=[200, 500, 1000, 2000], finetune_iters=40, folds="0,1,2", max_val_iters=25,
+                  evolution=EVOLUTION, input=["--base_resolution", "32"], archs=["mobilenet_v2"], bits=[2]),
 }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny budget, for a smoke check")
-    parser.add_argument("--archs", default="mobilenet_v2,resnet18", help="comma-separated, of: "
-                        + ", ".join(ARCH_FLAGS))
-    parser.add_argument("--bits", default="2,4", help="comma-separated bit widths (weights and activations)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--quick", action="store_true", help="tiny budget, for a smoke check")
+    which.add_argument("--sweep", action="store_true",
+                       help="MobileNet-v2 x0.5, 2 bits, at four stage-1 budgets (results/budget_sweep.*)")
+    parser.add_argument("--archs", default=None, help="comma-separated, of: " + ", ".join(ARCH_FLAGS)
+                        + " (default: both; the sweep: mobilenet_v2)")
+    parser.add_argument("--bits", default=None,
+                        help="comma-separated bit widths (weights and activations; default 2,4; "
+                             "the sweep: 2)")
     parser.add_argument("--jobs", type=int, default=2,
                         help="steps run at once; each gets CPU cores / jobs threads")
     parser.add_argument("--work", default=None,
@@ -70,10 +91,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="table and plot folder (default: results, or results/quick with --quick)")
     parser.add_argument("--data-root", default="data", help="where Fashion-MNIST is unpacked")
     args = parser.parse_args(argv)
-    args.preset = "quick" if args.quick else "full"
+    args.preset = "quick" if args.quick else "sweep" if args.sweep else "full"
+    preset = PRESETS[args.preset]
     args.work = Path(args.work or f"runs/reproduce/{args.preset}")
     args.out = Path(args.out or ("results/quick" if args.quick else "results"))
-    args.archs = [a.strip() for a in args.archs.split(",") if a.strip()]
+    args.archs = [a.strip() for a in (args.archs or ",".join(preset.get("archs", ARCH_FLAGS))).split(",")
+                  if a.strip()]
+    args.bits = args.bits or ",".join(map(str, preset.get("bits", [2, 4])))
     if not args.archs or any(a not in ARCH_FLAGS for a in args.archs):
         parser.error(f"--archs: choose from {', '.join(ARCH_FLAGS)}")
     try:
@@ -105,46 +129,49 @@ class Step:
 
 
 def plan(args: argparse.Namespace) -> tuple[list[Step], list[Row]]:
-    """The steps of every row, and where each row's result will be."""
+    """The steps of every row, and where each row's result will be. With several budgets (the
+    sweep) each budget's runs have a folder of their own, ``{iters}it``."""
     preset = PRESETS[args.preset]
-    iters, work = preset["iters"], args.work
     val = [*EVAL_FLAGS, "--max_val_iters", str(preset["max_val_iters"])]
     steps: dict[str, Step] = {}
     rows = []
-    for arch in args.archs:
-        for method in METHODS:
-            for bits in ([args.bits[0]] if method == "float" else args.bits):
-                quantizer = {"float": "float", "lsq": "lsq"}.get(method, "basq")
-                model = [*COMMON_FLAGS, *ARCH_FLAGS[arch], "--bits", str(bits), "--quantizer", quantizer,
-                         "--data-root", args.data_root]
-                tag = f"{arch}-{quantizer}-{bits}bit"
-                train = work / tag / "train-supernet"
-                supernet = train / checkpoint_name(2, iters)
-                if f"train {tag}" not in steps:
-                    steps[f"train {tag}"] = Step(
-                        f"train {tag}",
-                        ["01train_supernet.py", *model, "--teacher", "none", "--batch_size", "128",
-                         "--abin_total_iters", str(iters), "--awbin_total_iters", str(iters),
-                         "--learning_rate_abin", "2e-3", "--learning_rate_wbin", "2e-3",
-                         "--save_interval", "100", "--report_freq", "50", "--save", str(train)],
-                        supernet, resumable=train)
-                row = f"{arch}-{method}-{bits}bit"
-                search = work / row / "search"
-                how = ["--uniform"] if method != "basq" else preset["evolution"]
-                steps[f"search {row}"] = Step(
-                    f"search {row}",
-                    ["02kfold_evolution.py", *model, *val, "--supernet", str(supernet), "--folds",
-                     preset["folds"], *how, "--save", str(search)],
-                    search / "search_result.json", deps=[f"train {tag}"])
-                finetune = work / row / "finetune"
-                steps[f"finetune {row}"] = Step(
-                    f"finetune {row}",
-                    ["03finetune.py", *model, *val, "--supernet", str(supernet), "--search-result",
-                     str(search / "search_result.json"), "--bn_epochs", "1", "--iters_per_epoch",
-                     str(preset["finetune_iters"]), "--batch_size", "128", "--save", str(finetune)],
-                    finetune / "final_result.json", deps=[f"search {row}"])
-                rows.append(Row(arch, method, bits, finetune / "final_result.json",
-                                search / "search_result.json"))
+    for iters in preset["iters"]:
+        work = args.work / f"{iters}it" if len(preset["iters"]) > 1 else args.work
+        prefix = f"{iters}it " if len(preset["iters"]) > 1 else ""
+        for arch in args.archs:
+            for method in METHODS:
+                for bits in ([args.bits[0]] if method == "float" else args.bits):
+                    quantizer = {"float": "float", "lsq": "lsq"}.get(method, "basq")
+                    model = [*COMMON_FLAGS, *preset["input"], *ARCH_FLAGS[arch], "--bits", str(bits),
+                             "--quantizer", quantizer, "--data-root", args.data_root]
+                    tag = f"{arch}-{quantizer}-{bits}bit"
+                    train = work / tag / "train-supernet"
+                    supernet = train / checkpoint_name(2, iters)
+                    if f"train {prefix}{tag}" not in steps:
+                        steps[f"train {prefix}{tag}"] = Step(
+                            f"train {prefix}{tag}",
+                            ["01train_supernet.py", *model, "--teacher", "none", "--batch_size", "128",
+                             "--abin_total_iters", str(iters), "--awbin_total_iters", str(iters),
+                             "--learning_rate_abin", "2e-3", "--learning_rate_wbin", "2e-3",
+                             "--save_interval", "100", "--report_freq", "50", "--save", str(train)],
+                            supernet, resumable=train)
+                    row = f"{arch}-{method}-{bits}bit"
+                    search = work / row / "search"
+                    how = ["--uniform"] if method != "basq" else preset["evolution"]
+                    steps[f"search {prefix}{row}"] = Step(
+                        f"search {prefix}{row}",
+                        ["02kfold_evolution.py", *model, *val, "--supernet", str(supernet), "--folds",
+                         preset["folds"], *how, "--save", str(search)],
+                        search / "search_result.json", deps=[f"train {prefix}{tag}"])
+                    finetune = work / row / "finetune"
+                    steps[f"finetune {prefix}{row}"] = Step(
+                        f"finetune {prefix}{row}",
+                        ["03finetune.py", *model, *val, "--supernet", str(supernet), "--search-result",
+                         str(search / "search_result.json"), "--bn_epochs", "1", "--iters_per_epoch",
+                         str(preset["finetune_iters"]), "--batch_size", "128", "--save", str(finetune)],
+                        finetune / "final_result.json", deps=[f"search {prefix}{row}"])
+                    rows.append(Row(arch, method, bits, finetune / "final_result.json",
+                                    search / "search_result.json", iters))
     # Training first (everything else waits on it), then each row's search and fine-tuning.
     ordered = sorted(steps.values(), key=lambda s: not s.name.startswith("train"))
     return ordered, rows
@@ -225,12 +252,18 @@ def main(args: argparse.Namespace) -> None:
                              "finished": time.strftime("%Y-%m-%d %H:%M")})
             write_json(sessions, sessions_file)
     meta = {"preset": args.preset, "machine": machine(), "sessions": sessions, "budget": PRESETS[args.preset],
-            "command": "make reproduce" + (" QUICK=1" if args.quick else "")}
-    table = write_table(args.out / "fashion_mnist.md", rows, meta)
-    write_plot(args.out / "fashion_mnist.png", rows)
-    if not args.quick and update_readme(Path("README.md"), table):
+            "command": {"quick": "make reproduce QUICK=1", "sweep": "make sweep"}.get(args.preset,
+                                                                                     "make reproduce")}
+    name = "budget_sweep" if args.sweep else "fashion_mnist"
+    if args.sweep:
+        table = write_sweep_table(args.out / f"{name}.md", rows, meta)
+        write_sweep_plot(args.out / f"{name}.png", rows)
+    else:
+        table = write_table(args.out / f"{name}.md", rows, meta)
+        write_plot(args.out / f"{name}.png", rows)
+    if not args.quick and update_readme(Path("README.md"), table, "sweep" if args.sweep else "reproduce"):
         print("README.md: results section updated")
-    print(f"table: {args.out / 'fashion_mnist.md'}; plot: {args.out / 'fashion_mnist.png'}; "
+    print(f"table: {args.out / f'{name}.md'}; plot: {args.out / f'{name}.png'}; "
           f"runs and their logs: {args.work}")
 
 

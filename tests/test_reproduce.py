@@ -48,7 +48,7 @@ def test_plan_trains_each_quantizer_and_bits_once(planned):
     assert all(s.argv[0] == "01train_supernet.py" for s in trains)
     assert all(s.deps == [] and s.resumable is not None for s in trains)
     # The marker is the phase-2 checkpoint stage 1 writes at its last iteration.
-    iters = reproduce.PRESETS["full"]["iters"]
+    iters = reproduce.PRESETS["full"]["iters"][0]
     for s in trains:
         assert s.marker.name == stage1.checkpoint_name(2, iters)
         assert s.marker.parent == s.resumable == Path(flag(s.argv, "--save"))
@@ -129,12 +129,35 @@ def test_plan_quick_and_two_archs(tmp_path):
     assert {r.arch for r in rows} == {"mobilenet_v2", "resnet18"}
     for s in steps:
         if s.argv[0] == "01train_supernet.py":
-            assert s.marker.name == stage1.checkpoint_name(2, quick["iters"])
+            assert s.marker.name == stage1.checkpoint_name(2, quick["iters"][0])
         elif "--uniform" not in s.argv and s.argv[0] == "02kfold_evolution.py":
             start = s.argv.index("--population-num")
             assert s.argv[start:start + len(quick["evolution"])] == quick["evolution"]
         if s.argv[0] != "01train_supernet.py":
             assert flag(s.argv, "--max_val_iters") == str(quick["max_val_iters"])
+
+
+def test_plan_sweep_four_budgets_of_one_network(tmp_path):
+    args = reproduce.parse_args(["--sweep", "--work", str(tmp_path)])
+    assert (args.archs, args.bits, args.out) == (["mobilenet_v2"], [2], Path("results"))
+    steps, rows = reproduce.plan(args)
+    budgets = reproduce.PRESETS["sweep"]["iters"]
+    assert max(budgets) >= 10 * min(budgets) and len(budgets) >= 4
+    assert sorted((r.iters, r.method) for r in rows) == sorted(
+        (b, m) for b in budgets for m in reproduce.METHODS)
+    trains = [s for s in steps if s.argv[0] == "01train_supernet.py"]
+    assert len(trains) == 3 * len(budgets) and len(steps) == len(budgets) * (3 + 2 * 4)
+    for s in trains:
+        iters = int(flag(s.argv, "--abin_total_iters"))
+        assert flag(s.argv, "--awbin_total_iters") == str(iters)
+        assert s.marker == tmp_path / f"{iters}it" / s.marker.relative_to(tmp_path / f"{iters}it")
+        assert flag(s.argv, "--base_resolution") == "32" and "--small_input_stem" not in s.argv
+    for s in steps:  # each budget's steps use its own supernets
+        if s.argv[0] != "01train_supernet.py":
+            assert Path(flag(s.argv, "--supernet")).parts[:len(tmp_path.parts) + 1] == \
+                Path(flag(s.argv, "--save")).parts[:len(tmp_path.parts) + 1]
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--sweep", "--quick"])
 
 
 def test_parse_args_defaults_and_normalisation(tmp_path):
@@ -372,7 +395,8 @@ RESULTS = {
     ("basq", 4): ([88.0, 88.5, 89.0], [[0] * 4] * 3),
 }
 CLIPS = [[1.0, 2.5], [0.5, 3.0]]  # per layer and branch, plus the bits (to tell 2 and 4 apart)
-META = {"budget": {"iters": 300, "finetune_iters": 60, "folds": "0,1,2"}, "machine": "test machine",
+META = {"budget": {"iters": [300], "max_val_iters": 25, "finetune_iters": 60, "folds": "0,1,2"},
+        "machine": "test machine",
         "sessions": [{"seconds": 600.0, "jobs": 2, "finished": "2024-01-01 10:00"},
                      {"seconds": 1200.0, "jobs": 1, "finished": "2024-01-02 11:00"}],
         "command": "make reproduce"}
@@ -484,3 +508,45 @@ def test_update_readme(tmp_path):
         readme.write_text(text)
         assert update_readme(readme, "table") is False
         assert readme.read_text() == text
+
+
+def make_sweep_rows(root: Path) -> list[Row]:
+    rows = []
+    for iters, shift in ((200, 0.0), (2000, 3.0)):
+        for row in make_rows(root / f"{iters}it"):
+            if row.bits == 2:
+                row.iters = iters
+                result = json.loads(row.final.read_text())
+                result["bnfull_accs"] = [a + shift for a in result["bnfull_accs"]]
+                row.final.write_text(json.dumps(result))
+                rows.append(row)
+    return rows
+
+
+def test_write_sweep_table_and_plot(tmp_path):
+    from utils.report import write_sweep_plot, write_sweep_table
+
+    rows = make_sweep_rows(tmp_path / "runs")
+    path = tmp_path / "out" / "budget_sweep.md"
+    main_table = write_sweep_table(path, rows, {**META, "command": "make sweep"})
+    text = path.read_text()
+    assert main_table in text and "`make sweep`" in text
+    assert table_line(main_table, "Method") == ["Method", "200 it", "2000 it"]
+    assert table_line(main_table, "LSQ, no clip branches, no search") == ["LSQ, no clip branches, no search",
+                                                                          "82.00 ± 2.00", "85.00 ± 2.00"]
+    assert table_line(main_table, "BASQ - LSQ") == ["BASQ - LSQ", "+10.00", "+10.00"]
+    assert table_line(main_table, "search - one L2 for all") == ["search - one L2 for all", "+8.00", "+8.00"]
+    # The clips of the 2-bit supernet: layers [3, 4.5] and [2.5, 5]; spreads 1.5 and 2.5.
+    assert table_line(text, "200") == ["200", "3.75", "2.50", "5.00", "2.00", "2.50"]
+    write_sweep_plot(tmp_path / "out" / "budget_sweep.png", rows)
+    assert (tmp_path / "out" / "budget_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_update_readme_sections(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- sweep:begin -->\nold\n<!-- sweep:end -->\nb\n<!-- reproduce:begin -->x"
+                      "<!-- reproduce:end -->\n")
+    assert update_readme(readme, "new", "sweep")
+    assert readme.read_text() == ("a\n<!-- sweep:begin -->\nnew\n<!-- sweep:end -->\nb\n"
+                                  "<!-- reproduce:begin -->x<!-- reproduce:end -->\n")
+    assert not update_readme(readme, "new", "other")
