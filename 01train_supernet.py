@@ -14,6 +14,7 @@ writes the checkpoints, log.txt and TensorBoard.
 import argparse
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,20 +24,22 @@ from tqdm import tqdm
 from models import build_supernet
 from quant import ClipActivation
 from utils import distributed
-from utils.checkpoint import PHASES, checkpoint_name, load_file, load_model_state, save_file
-from utils.cli import (
-    UsageError,
+from utils.checkpoint import (
+    PHASES,
     check_config,
-    fail_cleanly,
-    model_config,
-    seed_everything,
-    stage_datasets,
-    stage_parser,
+    checkpoint_name,
+    load_model_state,
+    load_resume_state,
+    save_file,
+    stage1_checkpoint,
 )
-from utils.data import batch_stream, initialisation_batch
+from utils.cli import model_config, stage_parser
+from utils.data import batch_stream, initialisation_batch, stage_datasets
+from utils.errors import UsageError
 from utils.logs import RunLog
 from utils.losses import kd_loss
 from utils.param_groups import stage1_param_groups
+from utils.runtime import fail_cleanly, seed_everything
 from utils.teacher import load_teacher
 from utils.training import RunningStats, train_step
 
@@ -86,31 +89,30 @@ def phase_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, tota
     return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_iters, 1))
 
 
-def rng_state(selection_rng: random.Random) -> dict:
-    """Every random state the run depends on, in types that load with ``weights_only=True``.
-
-    A collective under torchrun (every rank's torch generator is gathered): call it on all ranks.
-    The selection generator is the same on every rank.
-    """
+def rng_state(selection_rng: random.Random, device: torch.device) -> dict:
+    """Every random state the run depends on, in types that load with ``weights_only=True``: the
+    selection generator (the same on every rank) and each rank's own torch generator and, on a GPU,
+    its own device's CUDA generator. A collective under torchrun: call it on all ranks."""
     version, internal, gauss = selection_rng.getstate()
-    torch_states = distributed.gather_objects(torch.get_rng_state())
-    state = {"torch": torch_states[0], "selection": [version, list(internal), gauss]}
-    if len(torch_states) > 1:
-        state["torch_ranks"] = torch_states
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    mine = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(device)
+    return {"selection": [version, list(internal), gauss], "ranks": distributed.gather_objects(mine)}
 
 
-def restore_rng(state: dict, selection_rng: random.Random) -> None:
-    # A run resumed on more processes than it was saved from leaves the extra ranks on their own seeds.
-    torch_states = state.get("torch_ranks", [state["torch"]])
-    if distributed.rank() < len(torch_states):
-        torch.set_rng_state(torch_states[distributed.rank()])
+def restore_rng(state: dict, selection_rng: random.Random, device: torch.device) -> None:
+    """Restore ``rng_state``'s generators, each rank its own: resumed on more processes than it was
+    saved from, the extra ranks keep their own seeds; on another device kind, the CUDA state is left
+    out (or unset)."""
+    # Checkpoints of earlier releases: one list of torch states, CUDA states of rank 0's devices.
+    ranks = state.get("ranks") or [{"torch": t} for t in state.get("torch_ranks", [state["torch"]])]
+    if distributed.rank() < len(ranks):
+        mine = ranks[distributed.rank()]
+        torch.set_rng_state(mine["torch"])
+        if device.type == "cuda" and "cuda" in mine:
+            torch.cuda.set_rng_state(mine["cuda"], device)
     version, internal, gauss = state["selection"]
     selection_rng.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def draw_selection(model: torch.nn.Module, rng: random.Random) -> list[int]:
@@ -145,10 +147,7 @@ def train(args: argparse.Namespace) -> None:
     meters = {"correct": 0.0, "seen": 0.0}
     resumed = None
     if args.resume:
-        resumed = load_file(args.resume, args.trust_pickle)
-        if not isinstance(resumed, dict) or "phase" not in resumed:
-            raise UsageError(f"--resume {args.resume}: not a stage-1 checkpoint with resume state "
-                             "(a released checkpoint holds weights only: use it in stage 2)")
+        resumed = load_resume_state(args.resume, args.trust_pickle)
         check_config(resumed["config"], config, f"--resume {args.resume}")
         check_config(resumed["args"], {k: getattr(args, k) for k in
                      ("batch_size", "abin_total_iters", "awbin_total_iters")}, f"--resume {args.resume}")
@@ -161,7 +160,7 @@ def train(args: argparse.Namespace) -> None:
                                              args.teacher_weights)
     trainer = distributed.wrap(model, device, args.sync_bn)  # the training forward; ``model`` for the rest
     if resumed is not None:  # after everything that draws random numbers while setting up
-        restore_rng(resumed["rng"], selection_rng)
+        restore_rng(resumed["rng"], selection_rng, device)
     log = RunLog(save, enabled=distributed.is_main())
     log.info(f"stage 1: {config['arch']} supernet, {model.num_searchable_layers} searchable layers x "
              f"{model.num_branches} branches, {config['bits']}-bit, {data.num_classes} classes, "
@@ -205,16 +204,8 @@ def train(args: argparse.Namespace) -> None:
             if args.record_selections:
                 with open(selections, "a") as f:
                     f.write(f"{phase} {iteration + 1} {','.join(map(str, selection))}\n")
-            if teacher is None:
-                def criterion(logits, labels=labels):
-                    return F.cross_entropy(logits, labels)
-            else:
-                with torch.no_grad():
-                    teacher_logits = teacher(images)
-
-                def criterion(logits, teacher_logits=teacher_logits):
-                    return kd_loss(logits, teacher_logits)
-            logits, loss, _ = train_step(trainer, images, selection, criterion, optimizer)
+            logits, loss, _ = train_step(trainer, images, selection, criterion(teacher, images, labels),
+                                         optimizer)
             scheduler.step()
             iteration += 1
             stats.add(loss, logits, labels, iteration)
@@ -232,8 +223,8 @@ def train(args: argparse.Namespace) -> None:
                     f"{reading.nonfinite_at}; stopping. "
                     + (f"The last checkpoint, {last_saved}, is intact." if last_saved else
                        "No checkpoint was written yet."))
-            lr = optimizer.param_groups[-1]["lr"]
             if report:
+                lr = optimizer.param_groups[-1]["lr"]
                 speed = (iteration - tick_iter) * args.batch_size / (time.time() - tick)
                 tick, tick_iter = time.time(), iteration
                 bar.set_postfix(loss=f"{reading.loss:.3f}", top1=f"{reading.top1:.2f}", lr=f"{lr:.2e}",
@@ -247,22 +238,12 @@ def train(args: argparse.Namespace) -> None:
                 stats.new_window()
             if checkpoint:
                 last_saved = save / checkpoint_name(phase, iteration)
-                rng = rng_state(selection_rng)  # a collective: every rank takes part
+                rng = rng_state(selection_rng, device)  # a collective: every rank takes part
                 if distributed.is_main():
-                    save_file({
-                        "iter": iteration,
-                        "model_state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                        "best_top1_acc": reading.top1,
-                        "config": config,
-                        "phase": phase,
-                        "epoch": epoch,
-                        "batch": batch + 1,
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "meters": reading.meters,
-                        "rng": rng,
-                        "args": {k: v for k, v in vars(args).items()},
-                    }, last_saved)
+                    save_file(stage1_checkpoint(
+                        model, iteration, reading.top1, config=config, phase=phase, epoch=epoch,
+                        batch=batch + 1, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                        meters=reading.meters, rng=rng, args=vars(args)), last_saved)
         bar.close()
         if phase == 1:
             iteration = 0
@@ -270,6 +251,17 @@ def train(args: argparse.Namespace) -> None:
     log.info(f"stage 1 done; checkpoints, log.txt and TensorBoard events are in {save.resolve()}"
              + (f"; last checkpoint {last_saved}" if last_saved else ""))
     log.close()
+
+
+def criterion(teacher: torch.nn.Module | None, images: torch.Tensor, labels: torch.Tensor
+              ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The loss of this batch's logits: distillation from the teacher (the method), or cross-entropy
+    on the labels without one."""
+    if teacher is None:
+        return lambda logits: F.cross_entropy(logits, labels)
+    with torch.no_grad():
+        teacher_logits = teacher(images)
+    return lambda logits: kd_loss(logits, teacher_logits)
 
 
 if __name__ == "__main__":

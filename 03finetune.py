@@ -27,21 +27,16 @@ from tqdm import tqdm
 
 from utils import distributed, reference_results
 from utils.bn_recalibration import recalibrate_bn
-from utils.checkpoint import load_supernet, save_file
-from utils.cli import (
-    UsageError,
-    add_eval_args,
-    boolean,
-    fail_cleanly,
-    model_config,
-    stage_datasets,
-    stage_parser,
-)
-from utils.data import batch_stream, cache_batches, epoch_loader, val_loader
-from utils.folds import accuracy_on, fold_batches
+from utils.checkpoint import finetuned_checkpoint, finetuned_name, save_file
+from utils.cli import add_eval_args, boolean, stage_parser
+from utils.data import batch_stream, epoch_loader
+from utils.errors import UsageError
+from utils.evaluation import Evaluation, evaluation_setup, gather_by_fold
+from utils.folds import fold_batches
 from utils.logs import RunLog
 from utils.param_groups import stage3_param_groups
 from utils.results import check_search_result, format_block, parse_block, read_search_result, write_json
+from utils.runtime import fail_cleanly, seed_everything
 from utils.training import RunningStats, train_step
 
 
@@ -88,99 +83,86 @@ def search_result(args: argparse.Namespace, config: dict, model: torch.nn.Module
 
 
 def finetune(args: argparse.Namespace) -> dict:
-    torch.manual_seed(args.seed)
     torch.backends.cudnn.benchmark = True  # as the reference: fixed shapes, the fastest kernels
-    device = distributed.setup(args.device, args.dist_timeout)
-    save = Path(args.save)
-    data = stage_datasets(args)
-    config = model_config(args, data.num_classes)
-    model, _ = load_supernet(args.supernet, config, args.trust_pickle)
-    model.to(device)
-    supernet_state = {k: v.clone() for k, v in model.state_dict().items()}
-    batches, num_batches = cache_batches(val_loader(data.val, args.val_batch_size, args.workers),
-                                         args.max_val_iters)
-    found, source = search_result(args, config, model)
-    for fold in found["folds"]:  # refuses a --k larger than the number of batches, or a bad fold
-        fold_batches(num_batches, args.k, fold)
+    setup = evaluation_setup(args)
+    found, source = search_result(args, setup.config, setup.model)
+    setup.check_folds(found["folds"], args.k)
     # The folds are batch indices: stage 3 must split the validation set as stage 2 did.
-    for key, ours in (("k", args.k), ("val_batch_size", args.val_batch_size), ("num_batches", num_batches)):
+    for key, ours in (("k", args.k), ("val_batch_size", args.val_batch_size),
+                      ("num_batches", setup.num_batches)):
         if key in found and found[key] != ours:
             raise UsageError(f"--search-result {args.search_result} was searched with {key}={found[key]}, "
                              f"here it is {ours}: use stage 2's --k, --val_batch_size and --max_val_iters")
-    iters = args.iters_per_epoch or math.ceil(len(data.train) / args.batch_size)
+    save = Path(args.save)
     log = RunLog(save, enabled=distributed.is_main())
+    iters = args.iters_per_epoch or math.ceil(len(setup.data.train) / args.batch_size)
     log.info(f"stage 3: {len(found['archs'])} archs from {source}, supernet {args.supernet}, "
              f"{args.bn_epochs} epochs of {iters} iterations, lr {args.learning_rate_bnstabilize}"
              + (f", spread over {distributed.world_size()} processes" if distributed.is_distributed()
                 else ""))
+    supernet_state = {k: v.clone() for k, v in setup.model.state_dict().items()}
     archs = list(zip(found["folds"], found["archs"], found["full_accs"], strict=True))
     finished = []
-    for fold, arch, searched_acc in tqdm(archs[distributed.rank()::distributed.world_size()], desc="archs",
-                                         position=0, dynamic_ncols=True, disable=not distributed.is_main()):
-        # The augmentation (drawn from torch's generator without loader workers) depends on the seed
-        # and the fold alone: an arch gets the same result on any rank, after any other arch.
-        torch.manual_seed(args.seed + fold)
-        model.load_state_dict(supernet_state)  # every arch starts from the stage-1 supernet
-        model.change_precision(True, True)
-        _, full = fold_batches(num_batches, args.k, fold)
-
-        def evaluate(arch=arch, full=full) -> float:
-            model.eval()
-            return accuracy_on(lambda x: model(x.to(device), arch), batches, full)
-
-        stream = batch_stream(data.train, args.batch_size, args.workers, args.seed + fold)
-        if args.bn_recalibration_batches > 0:
-            recalibrate_bn(model, arch, [next(stream)[2] for _ in range(args.bn_recalibration_batches)],
-                           device)
-        accs = [searched_acc, evaluate()]
-        log.info(f"arch {fold}: stage-2 full_acc {accs[0]:.2f}, loaded {accs[1]:.2f}")
-        optimizer = bn_stabilize_optimizer(model, args.learning_rate_bnstabilize, args.train_clip)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(args.bn_epochs, 1))
-        for epoch in range(args.bn_epochs):
-            model.train()
-            start = time.time()
-            if args.iters_per_epoch:
-                epoch_batches = (item for _, _, item in itertools.islice(stream, iters))
-            else:  # a whole epoch, its last partial batch included
-                epoch_batches = epoch_loader(data.train, args.batch_size, args.workers, args.seed + fold,
-                                             epoch, drop_last=False)
-            stats = RunningStats(device, over_ranks=False)
-            for images, labels in tqdm(epoch_batches, total=iters, desc=f"arch {fold} epoch {epoch}",
-                                       position=1, leave=False, dynamic_ncols=True,
-                                       disable=not distributed.is_main()):
-                labels = labels.to(device, non_blocking=True)
-                logits, loss, _ = train_step(model, images.to(device, non_blocking=True), arch,
-                                             lambda logits, labels=labels: F.cross_entropy(logits, labels),
-                                             optimizer)
-                stats.add(loss, logits, labels, 0)
-            scheduler.step()
-            trained = stats.read()
-            acc = evaluate()
-            accs.append(acc)
-            path = save / f"arch{fold}_model_actwbin_{args.bits}_{args.bits}_bn_{epoch}ep.pth"
-            save_file({"epoch": epoch, "model_state_dict": {k: v.detach().cpu()
-                                                            for k, v in model.state_dict().items()},
-                       "best_top1_acc": acc, "config": config, "selection": list(arch), "fold": fold}, path)
-            log.info(f"arch {fold} epoch {epoch}: train loss {trained.loss:.4f} top1 {trained.top1:.2f}, "
-                     f"full_acc {acc:.2f} ({time.time() - start:.0f} s) -> {path}")
-        finished.append({"fold": fold, "accs": accs,
-                         "bnfull_acc": max(accs[:1] + accs[2:]) if args.bn_epochs else accs[0]})
-    shares = distributed.gather_objects(finished)
-    for rank, share in enumerate(shares[1:], start=1):  # rank 0 logged its own archs as they went
-        for done in share:
-            log.info(f"{arch_line(done)} [rank {rank}]")
-    by_fold = {done["fold"]: done["bnfull_acc"] for share in shares for done in share}
-    bnfull_accs = [by_fold[fold] for fold in found["folds"]]
+    for fold, arch, searched_acc in tqdm(distributed.share(archs), desc="archs", position=0,
+                                         dynamic_ncols=True, disable=not distributed.is_main()):
+        setup.model.load_state_dict(supernet_state)  # every arch starts from the stage-1 supernet
+        finished.append(finetune_arch(args, setup, fold, arch, searched_acc, iters, save, log))
+    by_fold = gather_by_fold(finished, log, arch_line)
+    bnfull_accs = [by_fold[fold]["bnfull_acc"] for fold in found["folds"]]
     summary = {"fold_accs": found["fold_accs"], "full_accs": found["full_accs"],
                "**bnfull_accs": bnfull_accs, "archs": found["archs"]}
     if distributed.is_main():
         write_json({"folds": found["folds"], "fold_accs": found["fold_accs"], "full_accs": found["full_accs"],
-                    "bnfull_accs": bnfull_accs, "archs": found["archs"], "config": config,
+                    "bnfull_accs": bnfull_accs, "archs": found["archs"], "config": setup.config,
                     "supernet": str(args.supernet), "search_result": source}, save / "final_result.json")
         print(format_block("final-result", summary))
     log.info(f"final result: {save / 'final_result.json'}; fine-tuned checkpoints and log.txt in {save}")
     log.close()
     return summary
+
+
+def finetune_arch(args: argparse.Namespace, setup: Evaluation, fold: int, arch: list[int],
+                  searched_acc: float, iters: int, save: Path, log: RunLog) -> dict:
+    """BN-stabilize fine-tuning of fold ``fold``'s arch; its accuracy outside the fold after each
+    epoch, a checkpoint per epoch, and ``bnfull_acc``."""
+    # The augmentation (drawn from torch's generator without loader workers) depends on the seed
+    # and the fold alone: an arch gets the same result on any rank, after any other arch.
+    seed_everything(args.seed + fold)
+    model, device = setup.model, setup.device
+    model.change_precision(True, True)
+    _, full = fold_batches(setup.num_batches, args.k, fold)
+    stream = batch_stream(setup.data.train, args.batch_size, args.workers, args.seed + fold)
+    if args.bn_recalibration_batches > 0:
+        recalibrate_bn(model, arch, [next(stream)[2] for _ in range(args.bn_recalibration_batches)], device)
+    accs = [searched_acc, setup.accuracy(arch, full)]
+    log.info(f"arch {fold}: stage-2 full_acc {accs[0]:.2f}, loaded {accs[1]:.2f}")
+    optimizer = bn_stabilize_optimizer(model, args.learning_rate_bnstabilize, args.train_clip)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(args.bn_epochs, 1))
+    for epoch in range(args.bn_epochs):
+        model.train()
+        start = time.time()
+        if args.iters_per_epoch:
+            batches = (item for _, _, item in itertools.islice(stream, iters))
+        else:  # a whole epoch, its last partial batch included
+            batches = epoch_loader(setup.data.train, args.batch_size, args.workers, args.seed + fold, epoch,
+                                   drop_last=False)
+        stats = RunningStats(device, over_ranks=False)  # each process trains archs of its own
+        for images, labels in tqdm(batches, total=iters, desc=f"arch {fold} epoch {epoch}", position=1,
+                                   leave=False, dynamic_ncols=True, disable=not distributed.is_main()):
+            labels = labels.to(device, non_blocking=True)
+            logits, loss, _ = train_step(model, images.to(device, non_blocking=True), arch,
+                                         lambda logits, labels=labels: F.cross_entropy(logits, labels),
+                                         optimizer)
+            stats.add(loss, logits, labels, 0)
+        scheduler.step()
+        trained = stats.read()
+        acc = setup.accuracy(arch, full)
+        accs.append(acc)
+        path = save / finetuned_name(fold, args.bits, epoch)
+        save_file(finetuned_checkpoint(model, epoch, acc, setup.config, arch, fold), path)
+        log.info(f"arch {fold} epoch {epoch}: train loss {trained.loss:.4f} top1 {trained.top1:.2f}, "
+                 f"full_acc {acc:.2f} ({time.time() - start:.0f} s) -> {path}")
+    return {"fold": fold, "accs": accs, "bnfull_acc": max(accs[:1] + accs[2:]) if args.bn_epochs else accs[0]}
 
 
 def arch_line(done: dict) -> str:

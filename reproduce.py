@@ -12,7 +12,7 @@ Every row is scored as BASQ is: stage 3 fine-tunes each fold's choice, then top-
 the test images outside that fold; the table gives the mean and spread over the folds.
 
     python reproduce.py            # the committed table, results/fashion_mnist.md and .png
-    python reproduce.py --quick    # a smoke check of every step, written to results/quick/ (10 min)
+    python reproduce.py --quick    # a smoke check of every step, written to results/quick/
     python reproduce.py --sweep    # MobileNet-v2 2-bit at four stage-1 budgets: results/budget_sweep.*
 
 Each step's outputs stay under --work: a rerun skips the finished steps and resumes an interrupted
@@ -32,7 +32,8 @@ import torch
 from tqdm import tqdm
 
 from utils.checkpoint import checkpoint_name, latest_checkpoint
-from utils.cli import UsageError, fail_cleanly
+from utils.cli import comma_list
+from utils.errors import UsageError
 from utils.report import (
     METHODS,
     Row,
@@ -43,6 +44,7 @@ from utils.report import (
     write_table,
 )
 from utils.results import write_json
+from utils.runtime import fail_cleanly
 
 ARCH_FLAGS = {
     "mobilenet_v2": ["--arch", "mobilenet_v2", "--width_multiplier", "0.5", "--width_divisor", "8"],
@@ -95,16 +97,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     preset = PRESETS[args.preset]
     args.work = Path(args.work or f"runs/reproduce/{args.preset}")
     args.out = Path(args.out or ("results/quick" if args.quick else "results"))
-    args.archs = [a.strip() for a in (args.archs or ",".join(preset.get("archs", ARCH_FLAGS))).split(",")
-                  if a.strip()]
-    args.bits = args.bits or ",".join(map(str, preset.get("bits", [2, 4])))
-    if not args.archs or any(a not in ARCH_FLAGS for a in args.archs):
-        parser.error(f"--archs: choose from {', '.join(ARCH_FLAGS)}")
     try:
-        args.bits = sorted({int(b) for b in args.bits.split(",") if b.strip()})
-    except ValueError:
-        parser.error(f"--bits {args.bits!r} is not a comma-separated list of integers")
-    if not args.bits or any(not 2 <= b <= 8 for b in args.bits):
+        args.archs = comma_list(args.archs or ",".join(preset.get("archs", ARCH_FLAGS)), str, "networks")
+        args.bits = sorted(set(comma_list(args.bits or ",".join(map(str, preset.get("bits", [2, 4]))), int,
+                                          "integers")))
+    except argparse.ArgumentTypeError as e:
+        parser.error(str(e))
+    if any(a not in ARCH_FLAGS for a in args.archs):
+        parser.error(f"--archs: choose from {', '.join(ARCH_FLAGS)}")
+    if any(not 2 <= b <= 8 for b in args.bits):
         parser.error("--bits: give bit widths from 2 to 8")
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")

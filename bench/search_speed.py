@@ -15,8 +15,8 @@ import torch
 from bench.timing import timed
 from models import build_supernet
 from utils.bn_recalibration import recalibrate_bn
+from utils.evaluation import accuracy_on
 from utils.evolution import EvolutionSearch
-from utils.folds import accuracy_on
 from utils.prefix_scorer import PrefixScorer
 
 

@@ -14,13 +14,14 @@ from torch import nn
 
 from quant import ClipActivation, LsqActivation, QConv, native
 from quant.functional import lsq_scale, lsq_step, values_key
+from quant.fused import after_quantizer, has_hooks, quantizer_tensors, quantizes_after
 
-from . import fused_train
+from .skip import FlexibleSkip
 
 
 def _in_evaluation(bn: nn.Module) -> bool:
     return (type(bn) is nn.BatchNorm2d and not bn.training and bn.running_var is not None
-            and bn.affine and not fused_train.has_hooks(bn)
+            and bn.affine and not has_hooks(bn)
             and native.usable(bn.running_mean, bn.running_var, bn.weight, bn.bias))
 
 
@@ -29,7 +30,7 @@ def applies(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, bn_post: n
     """Whether the fused kernels can run this unit: no autograd, eval-mode BatchNorms, CPU float32,
     no hooks on the parts the kernels stand in for."""
     return (not torch.is_grad_enabled() and x.dim() == 4 and native.usable(x)
-            and fused_train.quantizes_after(quantizer)
+            and quantizes_after(quantizer)
             and all(_in_evaluation(bn) for bn in (bn_pre, bn_post, bn_last)) and is_exact())
 
 
@@ -60,10 +61,10 @@ def unit(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, conv: nn.Modu
     n, c, h, w = x.shape
     q = torch.empty_like(x)
     pre = _bn_terms(bn_pre)  # held here: the kernel reads them
-    clip, bin_, step, hi = fused_train.quantizer_tensors(quantizer)
+    clip, bin_, step, hi = quantizer_tensors(quantizer)
     if step is not None:  # held here: the kernel reads it
         step = lsq_step(step, lsq_scale(x.numel(), hi))
-    after = fused_train.after_quantizer(clip, bin_, step, hi)
+    after = after_quantizer(clip, bin_, step, hi)
     lib.bn_quantize(native.ptr(x), native.ptr(q), n, c, h * w, *map(native.ptr, pre),
                     ctypes.byref(after), threads)
     z = conv(q).contiguous()
@@ -78,6 +79,12 @@ def unit(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, conv: nn.Modu
     return out
 
 
+def _by_pytorch_ops(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, conv: nn.Module,
+                    bn_post: nn.Module, skip: FlexibleSkip, bn_last: nn.Module) -> torch.Tensor:
+    """The unit in evaluation, one PyTorch op after the other: what ``unit`` must equal."""
+    return bn_last(skip.add_to(torch.relu(bn_post(conv(quantizer(bn_pre(x))))), x))
+
+
 # Every kind of unit the supernets have: (in, out, kernel, stride, quantizer). The skip repeats,
 # repeats and truncates, sums chunks (with and without padding), and pools odd sizes.
 _CHECKED_UNITS = [(8, 24, 1, 1, "lsq"), (24, 24, 3, 2, "clip"), (24, 24, 3, 1, "clip off"),
@@ -85,8 +92,6 @@ _CHECKED_UNITS = [(8, 24, 1, 1, "lsq"), (24, 24, 3, 2, "clip"), (24, 24, 3, 1, "
 
 
 def _matches() -> bool:
-    from .units import FlexibleSkip, unit_op_by_op  # the units call this module
-
     gen = torch.Generator().manual_seed(0)
     for cin, cout, kernel, stride, kind in _CHECKED_UNITS:
         quantizer = {"lsq": LsqActivation(2, cin), "none": nn.Identity()}.get(kind) or ClipActivation(2)
@@ -104,7 +109,7 @@ def _matches() -> bool:
         if kind == "lsq":
             quantizer.init_from(bns[0](x))
         parts = (bns[0], quantizer, conv, bns[1], FlexibleSkip(cin, cout, stride), bns[2])
-        if not torch.equal(unit(x, *parts), unit_op_by_op(x, *parts)):
+        if not torch.equal(unit(x, *parts), _by_pytorch_ops(x, *parts)):
             return False
     return True
 

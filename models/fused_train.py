@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from quant import ClipActivation, LsqActivation, native
-from quant.functional import clip_range, lsq_scale, lsq_step
+from quant.functional import lsq_scale, lsq_step
+from quant.fused import after_quantizer, has_hooks, quantizer_tensors
 
 
 def applies(bn: nn.Module, x: torch.Tensor) -> bool:
@@ -29,11 +30,6 @@ def applies(bn: nn.Module, x: torch.Tensor) -> bool:
             and is_exact())
 
 
-def has_hooks(module: nn.Module) -> bool:
-    """Whether ``module`` has forward hooks: then it runs as itself, so that they fire."""
-    return bool(module._forward_hooks or module._forward_pre_hooks)
-
-
 def batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, skip: torch.Tensor | None = None,
                quantizer: nn.Module | None = None) -> torch.Tensor:
     """``bn(x)`` in training mode (``nn.BatchNorm2d.forward``'s bookkeeping included), followed in
@@ -43,39 +39,6 @@ def batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, skip: torch.Tensor | None = 
     factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     return _BatchNormTrain.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, factor,
                                  bn.eps, skip, *quantizer_tensors(quantizer))
-
-
-def quantizer_tensors(quantizer: nn.Module | None) -> tuple:
-    """What the kernels need of a unit's activation quantizer: ``clip, bin, step, hi``, the clip
-    and bin of a clip quantizer that is on, or LSQ's step parameter and top level (``None``
-    otherwise). The kernels quantize with ``lsq_step`` of the step (``after_quantizer``)."""
-    if isinstance(quantizer, ClipActivation) and quantizer.quantize:
-        return quantizer.upper_bound, quantizer.bin, None, 0.0
-    if isinstance(quantizer, LsqActivation):
-        return None, None, quantizer.s, float(quantizer.qp)
-    return None, None, None, 0.0
-
-
-def after_quantizer(clip: torch.Tensor | None, bin_: torch.Tensor | None,
-                    step: torch.Tensor | None, hi: float) -> native.After:
-    """The kernels' description of a quantizer: the tensors ``quantizer_tensors`` gave, LSQ's
-    ``step`` being the value it quantizes with (``lsq_step``; kept alive by the caller while a
-    kernel runs)."""
-    if clip is not None:
-        upper, delta = clip_range(clip, bin_)
-        return native.After(kind=native.After.CLIP, upper=float(upper), delta=float(delta),
-                            clip=float(clip))
-    if step is not None:
-        return native.After(kind=native.After.LSQ, step=native.ptr(step), lo=0.0, hi=hi)
-    return native.After(kind=native.After.NONE)
-
-
-def quantizes_after(quantizer: nn.Module) -> bool:
-    """Whether ``batch_norm`` can run ``quantizer`` in its pass (no hooks: LSQ's initialisation
-    from the first batch is a forward pre-hook)."""
-    return (isinstance(quantizer, (ClipActivation, LsqActivation, nn.Identity))
-            and not has_hooks(quantizer)
-            and (not isinstance(quantizer, LsqActivation) or native.usable(quantizer.s)))
 
 
 class _BatchNormTrain(torch.autograd.Function):

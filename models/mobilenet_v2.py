@@ -5,20 +5,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .supernet import Stage, Supernet
+from .supernet import Stage, Supernet, make_divisible
 from .units import BranchUnit, QuantUnit
 
 # (expansion t, channels c, repeats n, stride s); the first row is the stem.
 STAGES = [(1, 32, 1, 2), (1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
           (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
 LAST_CHANNELS = 1280
-
-
-def make_divisible(v: float, divisor: int) -> int:
-    new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
-    if new_v < 0.9 * v:
-        new_v += divisor
-    return new_v
 
 
 class Stem(nn.Module):

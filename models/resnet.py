@@ -20,9 +20,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .mobilenet_v2 import make_divisible
-from .supernet import Stage, Supernet
-from .units import BranchUnit, FlexibleSkip
+from .skip import FlexibleSkip
+from .supernet import Stage, Supernet, make_divisible
+from .units import BranchUnit
 
 # BasicBlocks per stage, before the depth multiplier.
 STAGE_BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}

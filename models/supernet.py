@@ -1,5 +1,5 @@
 """What every BASQ supernet shares: selections, precision switches and quantizer initialisation."""
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -8,7 +8,14 @@ from torch import nn
 
 from quant import ClipActivation, LsqActivation, QConv
 
-from .units import Unit
+
+def make_divisible(v: float, divisor: int) -> int:
+    """A width of ``v`` channels rounded to a multiple of ``divisor``, never below 90 % of ``v``
+    (SPEC section 2; torchvision's rule)."""
+    new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    if new_v < 0.9 * v:
+        new_v += divisor
+    return new_v
 
 
 @dataclass(frozen=True)
@@ -50,11 +57,6 @@ class Supernet(nn.Module):
             x = stage.run(x, selection[start:start + stage.genes])
             start += stage.genes
         return x
-
-    def units(self) -> Iterator[Unit]:
-        """Every unit of the network (units are not modules: the blocks hold them as attributes)."""
-        for module in self.modules():
-            yield from (v for v in vars(module).values() if isinstance(v, Unit))
 
     def check_selection(self, selection: Sequence[int]) -> list[int]:
         selection = [int(b) for b in selection]

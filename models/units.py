@@ -9,7 +9,6 @@ indexed by the unit's position (``bn_qconv_bn_relu_0``, ``bn0_last``, ``branch_b
 ...). So a unit is not a sub-module: it registers its parts on its ``owner`` block under those names
 and looks them up there at every call.
 """
-import math
 from collections.abc import Sequence
 
 import torch
@@ -17,52 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from quant import ClipActivation, LsqActivation, QConv, native
+from quant.fused import quantizes_after
 
 from . import fused_eval, fused_train
-
-
-class FlexibleSkip(nn.Module):
-    """Parameter-free shortcut from ``in_channels`` to ``out_channels``, pooled on stride 2.
-
-    More outputs than inputs: the input is repeated along channels (and truncated to
-    ``out_channels`` when it is not a multiple, which the reference cannot do). Fewer: consecutive
-    chunks of ``out_channels`` channels are summed, a last partial chunk zero-padded. Stride 2 is a
-    2x2 average pool with ``ceil_mode`` so that odd sizes match the strided conv's output.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
-        super().__init__()
-        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cin, cout = self.in_channels, self.out_channels
-        if cout > cin:
-            x = x.repeat(1, math.ceil(cout / cin), 1, 1)
-            if x.shape[1] != cout:
-                x = x[:, :cout]
-        elif cin > cout:
-            pad = -cin % cout
-            if pad:
-                x = F.pad(x, (0, 0, 0, 0, 0, pad))
-            n, _, h, w = x.shape
-            x = x.view(n, -1, cout, h, w).sum(1)
-        return self.pool(x)
-
-    def pool(self, x: torch.Tensor) -> torch.Tensor:
-        """The 2x2 average pool of a stride-2 skip (``ceil_mode``); the identity on stride 1."""
-        return F.avg_pool2d(x, self.stride, self.stride, ceil_mode=True) if self.stride > 1 else x
-
-    def add_to(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``out + self(x)``; an input repeated a whole number of times is broadcast, not copied."""
-        cin, cout = self.in_channels, self.out_channels
-        if cout <= cin or cout % cin:
-            return out + self(x)
-        x = self.pool(x)  # pooling commutes with repeating channels
-        return (out.unflatten(1, (cout // cin, cin)) + x.unsqueeze(1)).flatten(1, 2)
-
-    def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
-
+from .skip import FlexibleSkip
 
 QUANTIZERS = ("basq", "lsq", "float")
 
@@ -98,7 +55,7 @@ def unit_forward(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, conv:
 def unit_op_by_op(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, conv: nn.Module,
                   bn_post: nn.Module, skip: FlexibleSkip, bn_last: nn.Module) -> torch.Tensor:
     """``unit_forward`` one part after the other (training-mode BatchNorms fused with what follows)."""
-    if fused_train.applies(bn_pre, x) and fused_train.quantizes_after(quantizer):
+    if fused_train.applies(bn_pre, x) and quantizes_after(quantizer):
         z = conv(fused_train.batch_norm(bn_pre, x, quantizer=quantizer))  # BN_pre and Q in one pass
     else:
         z = conv(quantizer(_norm(bn_pre, x)))

@@ -1,4 +1,4 @@
-"""Straight-through helpers and the quantizers' autograd functions (SPEC section 1).
+"""The quantizers' arithmetic and autograd functions (SPEC section 1).
 
 Each function runs the fused CPU kernels of ``native`` where they apply (contiguous float32 CPU
 tensors) and PyTorch's ops elsewhere; both give the same values bit for bit.
@@ -8,19 +8,6 @@ import math
 import torch
 
 from . import native
-
-# grad_scale and round_pass are the reference's definitions of LSQ (SPEC section 1). The model runs
-# the fused LsqQuantize below; the tests check it against these.
-
-
-def grad_scale(x: torch.Tensor, k: float) -> torch.Tensor:
-    """Forward ``x``, backward ``k * grad`` (LSQ's step-size gradient scale)."""
-    return (x - x * k).detach() + x * k
-
-
-def round_pass(x: torch.Tensor) -> torch.Tensor:
-    """Round half to even in the forward pass, identity in the backward pass."""
-    return (x.round() - x).detach() + x
 
 
 def clip_delta(clip: torch.Tensor, bin_: torch.Tensor) -> torch.Tensor:

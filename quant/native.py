@@ -14,12 +14,13 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from utils.files import atomic_path
 
 SOURCE = Path(__file__).with_name("kernels.c")
 # -ffp-contract=off: no fused multiply-add, so every value is rounded as PyTorch's ops round it.
@@ -73,16 +74,9 @@ def _build(cc: str, flags: list[str], cache: Path) -> Path:
                      _cpu_id()])
     target = cache / f"basq_kernels_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
     if not target.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-        os.close(fd)
-        try:
-            subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], check=True, capture_output=True,
+        with atomic_path(target) as tmp:
+            subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp)], check=True, capture_output=True,
                            text=True, timeout=300)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     return target
 
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from models import build_supernet
-from utils.checkpoint import CheckpointError, load_file, load_model_state, save_file
+from utils.checkpoint import load_file, load_model_state, save_file
+from utils.errors import CheckpointError
 
 CONFIG = dict(arch="mobilenet_v2", num_classes=10, bits=2, l2_vals=[0.01, 0.001, 0.0001],
               width_multiplier=0.5, width_divisor=8)
@@ -88,7 +89,8 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     save_file({"a": torch.ones(2)}, path)
 
     def broken_save(obj, f):
-        f.write(b"partial")
+        with open(f, "wb") as out:
+            out.write(b"partial")
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
@@ -96,4 +98,5 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         save_file({"a": torch.zeros(2)}, path)
     monkeypatch.undo()
     assert torch.equal(load_file(path)["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]  # the partial file is removed
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]

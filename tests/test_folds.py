@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from utils.folds import accuracy_on, fold_batches
+from utils.errors import UsageError
+from utils.evaluation import accuracy_on
+from utils.folds import fold_batches
 
 
 @pytest.mark.parametrize("num_batches, k, fold, expected_fold, expected_full", [
@@ -33,19 +35,19 @@ def test_folds_are_equal_disjoint_and_complemented(num_batches, k):
 
 
 def test_k_larger_than_batches_names_the_flag_and_the_count():
-    with pytest.raises(ValueError, match=r"--k 10 is larger than the 7 validation batches"):
+    with pytest.raises(UsageError, match=r"--k 10 is larger than the 7 validation batches"):
         fold_batches(7, 10, 0)
 
 
 @pytest.mark.parametrize("k", [0, -1])
 def test_k_below_one_is_refused(k):
-    with pytest.raises(ValueError, match=r"--k must be at least 1"):
+    with pytest.raises(UsageError, match=r"--k must be at least 1"):
         fold_batches(10, k, 0)
 
 
 @pytest.mark.parametrize("fold", [-1, 5, 6])
 def test_fold_out_of_range_is_refused(fold):
-    with pytest.raises(ValueError, match=rf"fold {fold} is out of range for --k 5"):
+    with pytest.raises(UsageError, match=rf"fold {fold} is out of range for --k 5"):
         fold_batches(10, 5, fold)
 
 
@@ -93,5 +95,5 @@ def test_accuracy_on_rejects_missing_batches_and_empty_selections():
         accuracy_on(_fake_model, iter(_batches()), [1, 7])
     with pytest.raises(IndexError):
         accuracy_on(_fake_model, _batches(), [7])
-    with pytest.raises(ValueError, match=r"no samples"):
+    with pytest.raises(UsageError, match=r"no samples"):
         accuracy_on(_fake_model, _batches(), [])

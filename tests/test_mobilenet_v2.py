@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from models import build_supernet
-from models.units import FlexibleSkip
+from models.skip import FlexibleSkip
 from utils.param_groups import stage1_param_groups, stage3_param_groups
 
 SMALL = ["mbv2_small_2bit.pt", "mbv2_small_4bit.pt"]

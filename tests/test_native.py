@@ -9,6 +9,7 @@ import torch
 
 from quant import native
 from quant.functional import clip_quantize, lsq_quantize
+from quant.fused import quantizes_after
 from tests.conftest import ROOT, require_native
 
 # Values on and next to every boundary, and the non-finite ones.
@@ -366,7 +367,7 @@ def test_training_batchnorm_with_what_follows_it_is_pytorchs(exact_train, after)
             quantizer.upper_bound.data.fill_(1.2)
         else:
             quantizer.s.data.copy_(torch.rand(12, generator=gen) * 0.5 + 0.2)
-        assert fused_train.quantizes_after(quantizer)
+        assert quantizes_after(quantizer)
         y = fused_train.batch_norm(ours, x, quantizer=quantizer)
         y0 = quantizer(theirs(x))
         own = quantizer.upper_bound if after == "clip" else quantizer.s
@@ -378,12 +379,11 @@ def test_training_batchnorm_with_what_follows_it_is_pytorchs(exact_train, after)
 
 
 def test_lsq_initialisation_hook_keeps_the_quantizer_separate(exact_train):
-    from models import fused_train
     from quant import LsqActivation
 
     quantizer = LsqActivation(2, 4)
     quantizer.register_forward_pre_hook(lambda module, args: None)
-    assert not fused_train.quantizes_after(quantizer)
+    assert not quantizes_after(quantizer)
 
 
 def test_parts_with_hooks_run_as_themselves_in_evaluation(exact):

@@ -6,7 +6,7 @@ import torch
 
 from models import build_supernet
 from utils.bn_recalibration import recalibrate_bn
-from utils.folds import accuracy_on
+from utils.evaluation import accuracy_on
 from utils.prefix_scorer import PrefixScorer
 
 CPU = torch.device("cpu")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils.cli import UsageError
+from utils.errors import UsageError
 from utils.report import Row, mean_sd, update_readme, write_plot, write_table
 
 from .conftest import load_script

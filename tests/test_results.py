@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from utils.cli import UsageError
+from utils.errors import UsageError
 from utils.results import format_block, parse_block, read_search_result, write_json
 
 CONFIG = {"arch": "mobilenet_v2", "quantizer": "basq", "bits": 2, "l2_vals": [0.01, 0.001, 0.0001],

@@ -240,3 +240,72 @@ def test_lsq_steps_initialised_once_before_training_on_a_batch_of_their_own(tmp_
                         "--awbin_total_iters", "1", "--resume", str(first))
     stage1.train(resumed)
     assert [kind for kind, _ in events] == ["step", "step"]
+
+
+class FakeCuda:
+    """``torch.cuda``'s generator calls, recorded: the CUDA path of saving and resuming on a CPU."""
+
+    def __init__(self, monkeypatch):
+        self.set = []
+        monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: torch.tensor([device.index or 0, 7],
+                                                                                      dtype=torch.uint8))
+        monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: self.set.append(
+            (state.tolist(), device)))
+        monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("all devices set"))
+
+
+def test_each_rank_saves_its_own_cuda_generator(monkeypatch):
+    cuda = FakeCuda(monkeypatch)
+    rng = stage1.random.Random(3)
+    state = stage1.rng_state(rng, torch.device("cuda", 0))
+    assert len(state["ranks"]) == 1 and state["ranks"][0]["cuda"].tolist() == [0, 7]
+    assert "cuda" not in stage1.rng_state(rng, torch.device("cpu"))["ranks"][0]
+    # Resumed on a GPU: this rank's own device gets this rank's own state.
+    stage1.restore_rng(state, rng, torch.device("cuda", 0))
+    assert cuda.set == [([0, 7], torch.device("cuda", 0))]
+
+
+@pytest.mark.parametrize("saved_on, resumed_on", [("cuda", "cpu"), ("cpu", "cuda")])
+def test_resume_on_another_device_kind(monkeypatch, saved_on, resumed_on):
+    cuda = FakeCuda(monkeypatch)
+    rng = stage1.random.Random(3)
+    state = stage1.rng_state(rng, torch.device(saved_on, 0) if saved_on == "cuda" else torch.device("cpu"))
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(99)
+    rng.random()
+    stage1.restore_rng(state, rng, torch.device("cuda", 0) if resumed_on == "cuda" else torch.device("cpu"))
+    assert cuda.set == []  # no CUDA state to restore, or no GPU to restore it on
+    assert rng.random() == stage1.random.Random(3).random()
+    assert not torch.equal(torch.rand(3), expected)
+
+
+def test_resume_on_more_or_fewer_processes(monkeypatch):
+    """Two ranks saved; resumed on three, rank 2 keeps its own seed; on one, rank 0 takes its own."""
+    cuda = FakeCuda(monkeypatch)
+    torch.manual_seed(5)
+    first = torch.get_rng_state()
+    torch.manual_seed(6)
+    second = torch.get_rng_state()
+    selection = stage1.rng_state(stage1.random.Random(0), torch.device("cpu"))["selection"]
+    state = {"selection": selection,
+             "ranks": [{"torch": first, "cuda": torch.tensor([0, 1], dtype=torch.uint8)},
+                       {"torch": second, "cuda": torch.tensor([1, 1], dtype=torch.uint8)}]}
+    for rank, expected in ((0, first), (1, second), (2, None)):
+        monkeypatch.setattr(stage1.distributed, "rank", lambda rank=rank: rank)
+        torch.manual_seed(1000 + rank)
+        mine = torch.get_rng_state()
+        cuda.set.clear()
+        stage1.restore_rng(state, stage1.random.Random(), torch.device("cuda", rank))
+        assert torch.equal(torch.get_rng_state(), expected if expected is not None else mine)
+        assert cuda.set == ([] if expected is None else [([rank, 1], torch.device("cuda", rank))])
+
+
+def test_resume_reads_the_rng_of_earlier_releases():
+    torch.manual_seed(8)
+    selection = stage1.rng_state(stage1.random.Random(1), torch.device("cpu"))["selection"]
+    legacy = {"torch": torch.get_rng_state(), "selection": selection,
+              "cuda": [torch.zeros(2, dtype=torch.uint8)]}  # rank 0's, of every device
+    torch.manual_seed(0)
+    stage1.restore_rng(legacy, stage1.random.Random(), torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), legacy["torch"])

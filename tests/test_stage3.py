@@ -200,7 +200,7 @@ def test_without_search_result_the_authors_archs_for_their_model_only(tmp_path):
     from types import SimpleNamespace
 
     from utils import reference_results
-    from utils.cli import UsageError
+    from utils.errors import UsageError
 
     model = SimpleNamespace(num_searchable_layers=17, num_branches=7)
     found, source = stage3.search_result(stage3.parse_args([]), dict(reference_results.CONFIG), model)

@@ -4,7 +4,7 @@ import torch
 import torchvision
 
 from utils.checkpoint import save_file
-from utils.cli import UsageError
+from utils.errors import UsageError
 from utils.teacher import load_teacher
 
 from .conftest import load_script

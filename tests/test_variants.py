@@ -13,7 +13,8 @@ from torch import nn
 from models import QUANTIZERS, build_supernet
 from quant import ClipActivation, LsqActivation, QConv
 from utils.checkpoint import load_supernet, save_file
-from utils.cli import UsageError, model_config
+from utils.cli import model_config
+from utils.errors import UsageError
 
 from .conftest import load_script
 

@@ -2,7 +2,6 @@
 import os
 import pickle
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -10,12 +9,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from models import Supernet, build_supernet
+
+from .errors import CheckpointError, UsageError
+from .files import atomic_path
+
 PLAIN_REFUSED = ("not a plain checkpoint (it contains Python objects that would have to be "
                  "executed to load it)")
-
-
-class CheckpointError(Exception):
-    """A checkpoint file that cannot be used; the message names the file and the cause."""
 
 
 # Stage 1's phases and its checkpoint names, as the released checkpoint is named.
@@ -25,6 +25,44 @@ PHASES = {1: "actbin", 2: "actwbin"}
 def checkpoint_name(phase: int, iteration: int) -> str:
     """``model_actwbin_best_466000it.pth``: stage 1's checkpoint at ``iteration`` of ``phase``."""
     return f"model_{PHASES[phase]}_best_{iteration:05d}it.pth"
+
+
+# What a stage-1 checkpoint holds beyond the released layout (``iter``, ``model_state_dict``,
+# ``best_top1_acc``): everything an exact resume needs.
+RESUME_KEYS = ("config", "phase", "epoch", "batch", "optimizer", "scheduler", "meters", "rng", "args")
+
+
+def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state dict on the CPU, as checkpoints store it."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def stage1_checkpoint(model: nn.Module, iteration: int, top1: float, **resume: Any) -> dict:
+    """A stage-1 checkpoint: the released layout, and the ``RESUME_KEYS`` given as ``resume``."""
+    assert set(resume) == set(RESUME_KEYS), sorted(set(resume) ^ set(RESUME_KEYS))
+    return {"iter": iteration, "model_state_dict": cpu_state(model), "best_top1_acc": top1, **resume}
+
+
+def load_resume_state(path: str | os.PathLike, trust_pickle: bool = False) -> dict:
+    """A stage-1 checkpoint of ours to resume from (a released one holds weights only)."""
+    checkpoint = load_file(path, trust_pickle)
+    if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in RESUME_KEYS):
+        raise UsageError(f"--resume {path}: not a stage-1 checkpoint with resume state "
+                         "(a released checkpoint holds weights only: use it in stage 2)")
+    return checkpoint
+
+
+def finetuned_name(fold: int, bits: int, epoch: int) -> str:
+    """``arch3_model_actwbin_2_2_bn_0ep.pth``: stage 3's checkpoint of fold 3's arch after epoch 0."""
+    return f"arch{fold}_model_actwbin_{bits}_{bits}_bn_{epoch}ep.pth"
+
+
+def finetuned_checkpoint(model: nn.Module, epoch: int, top1: float, config: dict, selection: list[int],
+                         fold: int) -> dict:
+    """A stage-3 checkpoint: the reference's layout (``epoch``, ``model_state_dict``,
+    ``best_top1_acc``), with the config, the fine-tuned selection and its fold."""
+    return {"epoch": epoch, "model_state_dict": cpu_state(model), "best_top1_acc": top1, "config": config,
+            "selection": list(selection), "fold": fold}
 
 
 def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
@@ -65,16 +103,8 @@ def _first_line(e: Exception) -> str:
 
 def save_file(obj: Any, path: str | os.PathLike) -> None:
     """Write ``obj`` to a temporary file beside ``path``, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def state_dict_of(checkpoint: Any, path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -137,16 +167,19 @@ def load_model_state(model: nn.Module, source: str | os.PathLike | Mapping,
     return source
 
 
-def load_supernet(path: str | os.PathLike, config: dict, trust_pickle: bool = False) -> tuple[nn.Module, Any]:
+def check_config(saved: dict[str, Any], wanted: dict[str, Any], what: str) -> None:
+    """Refuse a file made for another configuration, naming the first setting that differs."""
+    for key, value in wanted.items():
+        if key in saved and saved[key] != value:
+            raise UsageError(f"{what} was made with {key}={saved[key]}, the flags say {value}")
+
+
+def load_supernet(path: str | os.PathLike, config: dict, trust_pickle: bool = False) -> tuple[Supernet, Any]:
     """Build the supernet ``config`` describes and load ``path`` into it (stages 2 and 3).
 
     Our own checkpoints carry their ``config``: a different one is named setting by setting
     before any shape is compared. Released checkpoints are checked by their layout.
     """
-    from models import build_supernet
-
-    from .cli import check_config
-
     checkpoint = load_file(path, trust_pickle)
     if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("config"), Mapping):
         check_config(dict(checkpoint["config"]), config, f"{path}")

@@ -1,37 +1,34 @@
-"""Flags the three stage scripts share, and how they fail: a message, a non-zero exit, no traceback."""
+"""The command line of the stage scripts: the flags they share and the model config they describe."""
 import argparse
-import random
-import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
-import torch
+from typing import Any, TypeVar
 
 from models import ARCHS, QUANTIZERS
 
-if TYPE_CHECKING:
-    from .data import Datasets
-
-from .data import rank_seed
 from .reference_results import REFERENCE_L2_BOUNDS
+
+T = TypeVar("T")
 
 TRUST_FLAG = "--trust-pickled-checkpoint-DANGEROUS"
 RELEASED_SUPERNET = "train-supernet/model_actwbin_best_466000it.pth"
 
 
-class UsageError(Exception):
-    """A flag or file given by the user that cannot be used; the message says which and why."""
+def comma_list(text: str, convert: Callable[[str], T], what: str) -> list[T]:
+    """``"a, b,c"`` as ``[convert("a"), convert("b"), convert("c")]`` for an argparse ``type``;
+    ``what`` names the items in the message when one does not convert or none is given."""
+    try:
+        values = [convert(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {what}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r}: give at least one of the {what}")
+    return values
 
 
 def l2_bounds(text: str) -> list[float]:
     """``--l2_bounds 0.01,0.001`` (the reference parsed it as a list of characters)."""
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a comma-separated list of numbers, e.g. 0.01,0.001,0.0001") from None
-    if not values or any(not v > 0 for v in values):
+    values = comma_list(text, float, "numbers, e.g. 0.01,0.001,0.0001")
+    if any(not v > 0 for v in values):
         raise argparse.ArgumentTypeError(f"{text!r}: give one or more positive decays")
     return values
 
@@ -43,6 +40,34 @@ def boolean(text: str) -> bool:
     if text.lower() in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (true/false)")
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be positive")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: cannot be negative")
+    return value
+
+
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text}: a probability lies in [0, 1]")
+    return value
 
 
 def bits(text: str) -> int:
@@ -67,11 +92,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bits", type=bits, default=2, help="weight and activation bits (2-8)")
     parser.add_argument("--l2_bounds", type=l2_bounds, default=REFERENCE_L2_BOUNDS,
                         help="candidate L2 decays of the clips, one branch each (comma-separated)")
-    parser.add_argument("--depth_multiplier", type=float, default=1.0)
-    parser.add_argument("--width_multiplier", type=float, default=1.0)
-    parser.add_argument("--width_divisor", type=int, default=1)
-    parser.add_argument("--resolution_multiplier", type=float, default=1.0)
-    parser.add_argument("--base_resolution", type=int, default=224)
+    parser.add_argument("--depth_multiplier", type=positive_float, default=1.0)
+    parser.add_argument("--width_multiplier", type=positive_float, default=1.0)
+    parser.add_argument("--width_divisor", type=positive_int, default=1)
+    parser.add_argument("--resolution_multiplier", type=positive_float, default=1.0)
+    parser.add_argument("--base_resolution", type=positive_int, default=224)
     parser.add_argument("--quantizer", default="basq", choices=QUANTIZERS,
                         help="basq: the method; the reproduction's baselines, one branch and no "
                              "--l2_bounds: lsq (LSQ activation quantizers) or float (none)")
@@ -115,16 +140,6 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
                              "before evaluating it (0: off, as the reference; see README)")
 
 
-def stage_datasets(args: argparse.Namespace) -> "Datasets":
-    """The data the flags describe; under torchrun rank 0 unpacks or downloads it first."""
-    from . import distributed
-    from .data import build_datasets, resolution
-
-    with distributed.main_first():
-        return build_datasets(args.data, resolution(args.base_resolution, args.resolution_multiplier),
-                              args.data_root, args.min_crop_scale)
-
-
 def model_config(args: argparse.Namespace, num_classes: int) -> dict[str, Any]:
     """The ``build_supernet`` arguments the flags describe."""
     # quantizer before l2_vals: a checkpoint of another quantizer is refused under that name.
@@ -136,55 +151,3 @@ def model_config(args: argparse.Namespace, num_classes: int) -> dict[str, Any]:
                 base_resolution=args.base_resolution, small_input_stem=args.small_input_stem)
 
 
-def check_config(saved: dict[str, Any], wanted: dict[str, Any], what: str) -> None:
-    """Refuse a file made for another configuration, naming the first setting that differs."""
-    for key, value in wanted.items():
-        if key in saved and saved[key] != value:
-            raise UsageError(f"{what} was made with {key}={saved[key]}, the flags say {value}")
-
-
-def pick_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return device
-
-
-def seed_everything(seed: int, rank: int = 0) -> None:
-    """Seed Python, NumPy and torch; torch's generator gets a sequence of its own on each rank.
-
-    That generator draws the training augmentation when there are no loader workers: the ranks
-    must not crop their images alike. Rank 0 keeps the single-process seed.
-    """
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(rank_seed(seed, rank))
-
-
-def fail_cleanly(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> Any:
-    """Run a stage; a user error prints ``error: ...`` and exits with status 2, without a traceback.
-
-    The process keeps freed memory for reuse (``utils.cpu_memory``): at 224 px a CPU training step
-    is about a quarter faster.
-
-    Under torchrun the message starts with ``rank N:``; the failed process's exit makes torchrun
-    stop the others. (Once the process group is up, torch also tags tracebacks with ``[rankN]``.)
-    """
-    from .checkpoint import CheckpointError
-    from .cpu_memory import keep_freed_memory
-    from .data import DataError
-    from .distributed import rank_prefix, teardown
-
-    keep_freed_memory()
-    try:
-        result = main(args)
-    except (UsageError, CheckpointError, DataError, ValueError) as e:
-        print(f"{rank_prefix()}error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        print(f"{rank_prefix()}interrupted; the last checkpoint written is intact", file=sys.stderr)
-        raise SystemExit(130) from None
-    teardown()
-    return result

@@ -3,8 +3,7 @@
 glibc serves every allocation over 32 MiB with its own ``mmap`` and unmaps it on ``free``; the next
 tensor of that size is mapped again and touched page by page. A training step allocates and frees
 such tensors by the hundred (a 16 x 96 x 112 x 112 activation is 77 MB), so on the CPU the page
-faults cost more than the arithmetic: on our 2-core machine, one elementwise pass over that tensor
-takes 36 ms with the defaults and 4 ms with the freed memory reused. PyTorch's CPU tuning guide
+faults can cost more than the arithmetic (README, "Speed", has the measurements). PyTorch's CPU tuning guide
 recommends jemalloc or tcmalloc for this; ``mallopt`` gets the same from the C library already
 loaded, with nothing to install.
 """

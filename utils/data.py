@@ -14,16 +14,16 @@ import torchvision
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
+from . import distributed
+from .errors import DataError
+from .files import atomic_path
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FASHION_MNIST = "fashion-mnist"
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                        "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-
-
-class DataError(Exception):
-    """Data that cannot be used; the message says what is wrong and where."""
 
 
 @dataclass
@@ -80,10 +80,9 @@ def prepare_fashion_mnist(root: str | Path) -> Path:
     if all((DEBIAN_FASHION_MNIST / f"{name}.gz").is_file() for name in FASHION_MNIST_FILES):
         raw.mkdir(parents=True, exist_ok=True)
         for name in FASHION_MNIST_FILES:
-            tmp = raw / f".{name}.tmp"
-            with gzip.open(DEBIAN_FASHION_MNIST / f"{name}.gz") as src, open(tmp, "wb") as dst:
+            with atomic_path(raw / name) as tmp, gzip.open(DEBIAN_FASHION_MNIST / f"{name}.gz") as src, \
+                    open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst)
-            tmp.replace(raw / name)
         return root
     try:
         torchvision.datasets.FashionMNIST(root, train=True, download=True)
@@ -122,6 +121,13 @@ def build_datasets(data: str, size: int, root: str | Path = "data", min_crop_sca
         raise DataError(f"{folder}: train/ and val/ have different class folders "
                         f"({len(train.classes)} and {len(val.classes)})")
     return Datasets(train, val, len(train.classes))
+
+
+def stage_datasets(args: argparse.Namespace) -> Datasets:
+    """The data a stage's flags describe; under torchrun rank 0 unpacks or downloads it first."""
+    with distributed.main_first():
+        return build_datasets(args.data, resolution(args.base_resolution, args.resolution_multiplier),
+                              args.data_root, args.min_crop_scale)
 
 
 def val_loader(dataset: Dataset, batch_size: int, workers: int) -> DataLoader:

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .cli import UsageError, pick_device
+from .errors import UsageError
 
 
 def world_size() -> int:
@@ -37,6 +37,16 @@ def is_main() -> bool:
 def rank_prefix() -> str:
     """``"rank 3: "`` in a distributed run, so that a message says which process wrote it."""
     return f"rank {rank()}: " if is_distributed() else ""
+
+
+def pick_device(name: str | None) -> torch.device:
+    """``--device``: a name, or ``None`` for CUDA when available and the CPU otherwise."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
 
 
 def setup(device_name: str | None, timeout_minutes: float) -> torch.device:
@@ -121,6 +131,11 @@ def all_reduce_min(values: torch.Tensor) -> torch.Tensor:
 def average_over_ranks(values: torch.Tensor) -> torch.Tensor:
     """Replace ``values`` by its mean over the ranks, in place; returns ``values``."""
     return all_reduce_sum(values).div_(world_size())
+
+
+def share(items: list) -> list:
+    """This process's share of ``items``: every ``world_size``-th, from its rank on."""
+    return items[rank()::world_size()]
 
 
 def gather_objects(obj: Any) -> list[Any]:

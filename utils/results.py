@@ -3,13 +3,11 @@ import ast
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from .cli import UsageError
-
-Arch = tuple[int, ...]
+from .errors import UsageError
+from .files import atomic_path
 
 
 def format_block(title: str, rows: dict[str, list]) -> str:
@@ -59,14 +57,41 @@ def parse_block(text: str, titles: tuple[str, ...] = ("total-result", "final-res
     return rows
 
 
+# Stage 2's result: one record per searched fold (``folds/fold{i}.json``), and ``search_result.json``
+# with the rows of the printed block, each fold's ``num_candidates`` and the search's settings.
+BLOCK_ROWS = ("folds", "fold_accs", "full_accs", "archs")
+
+
+def fold_record(fold: int, fold_acc: float, full_acc: float, arch: list[int], num_candidates: int,
+                settings: dict) -> dict:
+    """A searched fold: its winner, the winner's accuracies, and the settings it was searched with."""
+    return {"fold": fold, "fold_acc": fold_acc, "full_acc": full_acc, "arch": arch,
+            "num_candidates": num_candidates, "settings": settings}
+
+
+def read_fold_record(path: Path, settings: dict) -> dict | None:
+    """A fold searched earlier with these ``settings``, or ``None`` (none, another search's, or an
+    unreadable file): a rerun then searches it again."""
+    try:
+        record = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(record, dict) or record.get("settings") != settings or "num_candidates" not in record:
+        return None
+    return record
+
+
+def search_result_file(records: list[dict], settings: dict) -> dict:
+    """``search_result.json`` from the fold records, in fold order."""
+    return {"folds": [r["fold"] for r in records], "fold_accs": [r["fold_acc"] for r in records],
+            "full_accs": [r["full_acc"] for r in records], "archs": [r["arch"] for r in records],
+            "num_candidates": [r["num_candidates"] for r in records], **settings}
+
+
 def write_json(obj: Any, path: str | os.PathLike) -> None:
     """Atomic JSON write (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1))
 
 
 def read_search_result(path: str | os.PathLike, config: dict[str, Any], num_layers: int,

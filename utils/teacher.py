@@ -19,9 +19,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, load_file, save_file
-from .cli import UsageError, fail_cleanly, pick_device
+from .checkpoint import load_file, save_file
 from .data import build_datasets, resolution, val_loader
+from .distributed import pick_device
+from .errors import CheckpointError, UsageError
+from .runtime import fail_cleanly, seed_everything
 
 REFERENCE_WEIGHTS = "IMAGENET1K_V1"  # what ``pretrained=True`` gave the authors
 
@@ -92,7 +94,7 @@ def load_teacher(spec: str, num_classes: int, device: torch.device, trust_pickle
 
 
 def train_teacher(args: argparse.Namespace) -> None:
-    torch.manual_seed(args.seed)
+    seed_everything(args.seed)
     device = pick_device(args.device)
     data = build_datasets(args.data, resolution(args.base_resolution, 1.0), args.data_root,
                           args.min_crop_scale)
