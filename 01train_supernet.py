@@ -33,7 +33,7 @@ from utils.checkpoint import (
     save_file,
     stage1_checkpoint,
 )
-from utils.cli import model_config, stage_parser
+from utils.cli import add_amp_arg, model_config, stage_parser
 from utils.data import batch_stream, initialisation_batch, stage_datasets
 from utils.errors import UsageError
 from utils.logs import RunLog
@@ -41,7 +41,7 @@ from utils.losses import kd_loss
 from utils.param_groups import stage1_param_groups
 from utils.runtime import fail_cleanly, seed_everything
 from utils.teacher import load_teacher
-from utils.training import RunningStats, train_step
+from utils.training import Amp, RunningStats, train_step
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "is what the reference's pretrained=True loaded (76.13 %% for resnet50); "
                              "DEFAULT or any other name of that model's weights")
     parser.add_argument("--report_freq", type=int, default=100)
+    add_amp_arg(parser)
     parser.add_argument("--resume", default=None, help="a checkpoint of this stage to continue from")
     parser.add_argument("--sync_bn", action="store_true",
                         help="under torchrun on GPUs: BatchNorm statistics over the global batch "
@@ -149,8 +150,8 @@ def train(args: argparse.Namespace) -> None:
     if args.resume:
         resumed = load_resume_state(args.resume, args.trust_pickle)
         check_config(resumed["config"], config, f"--resume {args.resume}")
-        check_config(resumed["args"], {k: getattr(args, k) for k in
-                     ("batch_size", "abin_total_iters", "awbin_total_iters")}, f"--resume {args.resume}")
+        kept = ("batch_size", "abin_total_iters", "awbin_total_iters", "amp")
+        check_config(resumed["args"], {k: getattr(args, k) for k in kept}, f"--resume {args.resume}")
         load_model_state(model, resumed, args.resume)
         start_phase, iteration = resumed["phase"], resumed["iter"]
         epoch, batch = resumed["epoch"], resumed["batch"]
@@ -159,6 +160,7 @@ def train(args: argparse.Namespace) -> None:
         teacher, teacher_name = load_teacher(args.teacher, data.num_classes, device, args.trust_pickle,
                                              args.teacher_weights)
     trainer = distributed.wrap(model, device, args.sync_bn)  # the training forward; ``model`` for the rest
+    amp = Amp(args.amp, device)
     if resumed is not None:  # after everything that draws random numbers while setting up
         restore_rng(resumed["rng"], selection_rng, device)
     log = RunLog(save, enabled=distributed.is_main())
@@ -166,6 +168,7 @@ def train(args: argparse.Namespace) -> None:
              f"{model.num_branches} branches, {config['bits']}-bit, {data.num_classes} classes, "
              f"teacher {teacher_name}, device {device}"
              + (f", {world} processes of {args.batch_size // world} images" if world > 1 else "")
+             + (f", mixed precision {args.amp}" if args.amp else "")
              + (f", resumed from {args.resume} (phase {start_phase}, iteration {iteration})"
                 if resumed else ""))
     per_rank = args.batch_size // world
@@ -191,6 +194,8 @@ def train(args: argparse.Namespace) -> None:
         if resumed is not None and resumed["phase"] == phase:
             optimizer.load_state_dict(resumed["optimizer"])
             scheduler.load_state_dict(resumed["scheduler"])
+            if resumed.get("scaler"):
+                amp.scaler.load_state_dict(resumed["scaler"])
         model.train()
         stats = RunningStats(device, **meters)
         bar = tqdm(total=total, initial=iteration, desc=f"phase {phase} ({PHASES[phase]})",
@@ -204,8 +209,8 @@ def train(args: argparse.Namespace) -> None:
             if args.record_selections:
                 with open(selections, "a") as f:
                     f.write(f"{phase} {iteration + 1} {','.join(map(str, selection))}\n")
-            logits, loss, _ = train_step(trainer, images, selection, criterion(teacher, images, labels),
-                                         optimizer)
+            logits, loss, _ = train_step(trainer, images, selection, criterion(teacher, images, labels, amp),
+                                         optimizer, amp)
             scheduler.step()
             iteration += 1
             stats.add(loss, logits, labels, iteration)
@@ -243,7 +248,8 @@ def train(args: argparse.Namespace) -> None:
                     save_file(stage1_checkpoint(
                         model, iteration, reading.top1, config=config, phase=phase, epoch=epoch,
                         batch=batch + 1, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                        meters=reading.meters, rng=rng, args=vars(args)), last_saved)
+                        meters=reading.meters, rng=rng, args=vars(args), scaler=amp.scaler.state_dict()),
+                              last_saved)
         bar.close()
         if phase == 1:
             iteration = 0
@@ -253,14 +259,14 @@ def train(args: argparse.Namespace) -> None:
     log.close()
 
 
-def criterion(teacher: torch.nn.Module | None, images: torch.Tensor, labels: torch.Tensor
+def criterion(teacher: torch.nn.Module | None, images: torch.Tensor, labels: torch.Tensor, amp: Amp
               ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The loss of this batch's logits: distillation from the teacher (the method), or cross-entropy
-    on the labels without one."""
+    on the labels without one. The teacher runs under the same autocast as the student."""
     if teacher is None:
         return lambda logits: F.cross_entropy(logits, labels)
-    with torch.no_grad():
-        teacher_logits = teacher(images)
+    with torch.no_grad(), amp.autocast():
+        teacher_logits = teacher(images).float()
     return lambda logits: kd_loss(logits, teacher_logits)
 
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from utils import distributed, reference_results
 from utils.bn_recalibration import recalibrate_bn
 from utils.checkpoint import finetuned_checkpoint, finetuned_name, save_file
-from utils.cli import add_eval_args, boolean, stage_parser
+from utils.cli import add_amp_arg, add_eval_args, boolean, stage_parser
 from utils.data import batch_stream, epoch_loader
 from utils.errors import UsageError
 from utils.evaluation import Evaluation, evaluation_setup, gather_by_fold
@@ -37,7 +37,7 @@ from utils.logs import RunLog
 from utils.param_groups import stage3_param_groups
 from utils.results import check_search_result, format_block, parse_block, read_search_result, write_json
 from utils.runtime import fail_cleanly, seed_everything
-from utils.training import RunningStats, train_step
+from utils.training import Amp, RunningStats, train_step
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--learning_rate_bnstabilize", type=float, default=7.5e-6)
     parser.add_argument("--train_clip", type=boolean, default=True, help="train the clips too")
     parser.add_argument("--batch_size", type=int, default=768)
+    add_amp_arg(parser)
     parser.add_argument("--iters_per_epoch", type=int, default=0,
                         help="training iterations per epoch, for small runs (0: whole epochs, the last "
                              "partial batch included, as the reference)")
@@ -137,6 +138,7 @@ def finetune_arch(args: argparse.Namespace, setup: Evaluation, fold: int, arch: 
     accs = [searched_acc, setup.accuracy(arch, full)]
     log.info(f"arch {fold}: stage-2 full_acc {accs[0]:.2f}, loaded {accs[1]:.2f}")
     optimizer = bn_stabilize_optimizer(model, args.learning_rate_bnstabilize, args.train_clip)
+    amp = Amp(args.amp, device)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(args.bn_epochs, 1))
     for epoch in range(args.bn_epochs):
         model.train()
@@ -152,7 +154,7 @@ def finetune_arch(args: argparse.Namespace, setup: Evaluation, fold: int, arch: 
             labels = labels.to(device, non_blocking=True)
             logits, loss, _ = train_step(model, images.to(device, non_blocking=True), arch,
                                          lambda logits, labels=labels: F.cross_entropy(logits, labels),
-                                         optimizer)
+                                         optimizer, amp)
             stats.add(loss, logits, labels, 0)
         scheduler.step()
         trained = stats.read()

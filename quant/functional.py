@@ -93,7 +93,10 @@ class ClipQuantize(torch.autograd.Function):
 
 
 def clip_quantize(x: torch.Tensor, clip: torch.Tensor, bin_: torch.Tensor) -> torch.Tensor:
-    return ClipQuantize.apply(x, clip, bin_)
+    """The clip quantizer, in float32 whatever ``x``'s dtype (mixed precision): ``x / delta`` must
+    round as the reference's does, and the clip's gradient, a sum over the whole tensor, would
+    overflow in float16."""
+    return ClipQuantize.apply(x.float(), clip, bin_)
 
 
 class LsqQuantize(torch.autograd.Function):
@@ -159,5 +162,7 @@ def _channel_view(x: torch.Tensor, dim: int) -> tuple[int, int, int]:
 
 
 def lsq_quantize(x: torch.Tensor, s: torch.Tensor, lo: float, hi: float, dim: int) -> torch.Tensor:
-    """LSQ fake quantization of ``x`` with one step per index of ``dim``, levels ``lo .. hi``."""
+    """LSQ fake quantization of ``x`` with one step per index of ``dim``, levels ``lo .. hi``; in
+    float32 whatever ``x``'s dtype, as ``clip_quantize``."""
+    x = x.float()
     return LsqQuantize.apply(x, s, lo, hi, lsq_scale(x.numel(), hi), dim)

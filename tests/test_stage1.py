@@ -8,6 +8,7 @@ import torch
 
 from models import build_supernet
 from utils.checkpoint import load_file
+from utils.errors import UsageError
 from utils.losses import kd_loss
 from utils.training import train_step
 
@@ -309,3 +310,19 @@ def test_resume_reads_the_rng_of_earlier_releases():
     torch.manual_seed(0)
     stage1.restore_rng(legacy, stage1.random.Random(), torch.device("cpu"))
     assert torch.equal(torch.get_rng_state(), legacy["torch"])
+
+
+def test_mixed_precision_run_keeps_its_scaler_and_resumes(tmp_path, image_folder):
+    args = tiny_args(tmp_path, image_folder, "--abin_total_iters", "2", "--awbin_total_iters", "1",
+                     "--amp", "fp16")
+    stage1.train(args)
+    first = load_file(tmp_path / "out/model_actbin_best_00001it.pth")
+    assert first["args"]["amp"] == "fp16" and first["scaler"]["scale"] > 0
+    resumed = tiny_args(tmp_path / "again", image_folder, "--abin_total_iters", "2", "--awbin_total_iters",
+                        "1", "--amp", "fp16", "--resume", str(tmp_path / "out/model_actbin_best_00001it.pth"))
+    stage1.train(resumed)
+    assert (tmp_path / "again/out/model_actwbin_best_00001it.pth").is_file()
+    other = tiny_args(tmp_path / "other", image_folder, "--abin_total_iters", "2", "--awbin_total_iters", "1",
+                      "--resume", str(tmp_path / "out/model_actbin_best_00001it.pth"))
+    with pytest.raises(UsageError, match="amp=fp16, the flags say None"):
+        stage1.train(other)

@@ -38,8 +38,9 @@ def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def stage1_checkpoint(model: nn.Module, iteration: int, top1: float, **resume: Any) -> dict:
-    """A stage-1 checkpoint: the released layout, and the ``RESUME_KEYS`` given as ``resume``."""
-    assert set(resume) == set(RESUME_KEYS), sorted(set(resume) ^ set(RESUME_KEYS))
+    """A stage-1 checkpoint: the released layout, the ``RESUME_KEYS`` given as ``resume``, and the
+    gradient scaler's state (``scaler``: empty without fp16 mixed precision)."""
+    assert set(resume) - {"scaler"} == set(RESUME_KEYS), sorted(set(resume) ^ set(RESUME_KEYS))
     return {"iter": iteration, "model_state_dict": cpu_state(model), "best_top1_acc": top1, **resume}
 
 

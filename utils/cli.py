@@ -127,6 +127,14 @@ def add_run_args(parser: argparse.ArgumentParser, save: str, dist_timeout: float
                              "synchronisation point before the job fails")
 
 
+def add_amp_arg(parser: argparse.ArgumentParser) -> None:
+    """``--amp`` of the training stages (1 and 3)."""
+    parser.add_argument("--amp", choices=("bf16", "fp16"), default=None,
+                        help="mixed precision: the forward pass in bfloat16 or float16 (with a gradient "
+                             "scaler), the quantizers in float32. Default: float32, the reference's "
+                             "arithmetic (README, 'Mixed precision')")
+
+
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
     """What stages 2 and 3 share: the supernet, and the validation batches the folds split."""
     parser.add_argument("--supernet", default=RELEASED_SUPERNET,

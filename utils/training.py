@@ -9,6 +9,26 @@ from torch import nn
 from . import distributed
 
 MAX_GRAD_NORM = 10.0  # the reference clips the gradient norm at 10 in stages 1 and 3
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Amp:
+    """``--amp bf16|fp16``: the forward pass under autocast, and for fp16 a ``GradScaler``; off
+    (``None``), float32 throughout, the reference's arithmetic. The quantizers compute in float32
+    whatever the autocast dtype (``quant.functional``)."""
+
+    def __init__(self, mode: str | None, device: torch.device = torch.device("cpu")):
+        if mode is not None and mode not in AMP_DTYPES:
+            raise ValueError(f"amp mode {mode!r} is not one of {', '.join(AMP_DTYPES)}")
+        self.mode, self.device_type = mode, device.type
+        self.scaler = torch.amp.GradScaler(device.type, enabled=mode == "fp16")
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device_type, dtype=AMP_DTYPES.get(self.mode, torch.bfloat16),
+                              enabled=self.mode is not None)
+
+
+FP32 = Amp(None)
 
 
 def give_every_parameter_a_gradient(optimizer: torch.optim.Optimizer) -> None:
@@ -27,23 +47,27 @@ def give_every_parameter_a_gradient(optimizer: torch.optim.Optimizer) -> None:
 
 
 def train_step(model: nn.Module, images: torch.Tensor, selection: Sequence[int],
-               criterion: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               criterion: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,
+               amp: Amp = FP32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward, loss, backward, gradient-norm clipping at 10 over every parameter, optimizer step.
 
     ``model(images, selection)`` gives the logits and ``criterion(logits)`` the loss. Every
     parameter of ``optimizer`` gets a gradient (``give_every_parameter_a_gradient``), so the norm
-    is taken over all of them (frozen ones, at lr 0, included) as in the reference. Returns the
-    logits and the loss (detached) and the gradient norm before clipping, all on the device: the
-    caller decides when to wait for them.
+    is taken over all of them (frozen ones, at lr 0, included) as in the reference. With fp16
+    ``amp`` the loss is scaled, and the gradients unscaled before they are clipped; a step whose
+    gradients are not finite is skipped by the scaler. Returns the logits and the loss (detached)
+    and the gradient norm before clipping, all on the device: the caller decides when to wait.
     """
-    logits = model(images, selection)
-    loss = criterion(logits)
+    with amp.autocast():
+        logits = model(images, selection)
+        loss = criterion(logits)
     give_every_parameter_a_gradient(optimizer)
-    loss.backward()
+    amp.scaler.scale(loss).backward()
+    amp.scaler.unscale_(optimizer)
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
-    optimizer.step()
+    amp.scaler.step(optimizer)
+    amp.scaler.update()
     return logits.detach(), loss.detach(), grad_norm
 
 
