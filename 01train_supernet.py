@@ -34,14 +34,14 @@ from utils.checkpoint import (
     stage1_checkpoint,
 )
 from utils.cli import add_amp_arg, model_config, stage_parser
-from utils.data import batch_stream, initialisation_batch, stage_datasets
+from utils.data import batch_stream, initialisation_batch, stage_datasets, to_device
 from utils.errors import UsageError
 from utils.logs import RunLog
 from utils.losses import kd_loss
 from utils.param_groups import stage1_param_groups
 from utils.runtime import fail_cleanly, seed_everything
 from utils.teacher import load_teacher
-from utils.training import Amp, RunningStats, train_step
+from utils.training import Amp, DataWait, RunningStats, train_step
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -172,8 +172,9 @@ def train(args: argparse.Namespace) -> None:
              + (f", resumed from {args.resume} (phase {start_phase}, iteration {iteration})"
                 if resumed else ""))
     per_rank = args.batch_size // world
-    stream = batch_stream(data.train, per_rank, args.workers, args.seed, epoch, batch,
-                          num_replicas=world, rank=rank)
+    wait = DataWait()
+    stream = wait(batch_stream(data.train, per_rank, args.workers, args.seed, epoch, batch,
+                               num_replicas=world, rank=rank))
     selections = save / "selections" / f"rank{rank}.txt"
     if args.record_selections:
         selections.parent.mkdir(parents=True, exist_ok=True)
@@ -186,7 +187,7 @@ def train(args: argparse.Namespace) -> None:
         model.change_precision(True, phase == 2)
         if phase == 1 and iteration == 0:  # the reference's initialize(), on a batch of its own
             images, _ = initialisation_batch(data.train, per_rank, args.workers, args.seed, world, rank)
-            model.initialize_activation_steps(images.to(device), draw_selection(model, selection_rng),
+            model.initialize_activation_steps(to_device(images, device), draw_selection(model, selection_rng),
                                               distributed.average_over_ranks)
         if phase == 2 and iteration == 0:
             model.init_weight_steps()
@@ -203,7 +204,7 @@ def train(args: argparse.Namespace) -> None:
         tick, tick_iter = time.time(), iteration
         while iteration < total:
             epoch, batch, (images, labels) = next(stream)
-            images = images.to(device, non_blocking=True)
+            images = to_device(images, device)
             labels = labels.to(device, non_blocking=True)
             selection = draw_selection(model, selection_rng)
             if args.record_selections:
@@ -232,15 +233,18 @@ def train(args: argparse.Namespace) -> None:
                 lr = optimizer.param_groups[-1]["lr"]
                 speed = (iteration - tick_iter) * args.batch_size / (time.time() - tick)
                 tick, tick_iter = time.time(), iteration
+                waited = wait.per_step_ms()
                 bar.set_postfix(loss=f"{reading.loss:.3f}", top1=f"{reading.top1:.2f}", lr=f"{lr:.2e}",
-                                img_s=f"{speed:.0f}")
+                                img_s=f"{speed:.0f}", data_ms=f"{waited:.0f}")
                 log.info(f"phase {phase} iter {iteration}/{total} loss {reading.loss:.4f} "
-                         f"top1 {reading.top1:.2f} lr {lr:.3e} {speed:.0f} img/s")
+                         f"top1 {reading.top1:.2f} lr {lr:.3e} {speed:.0f} img/s, "
+                         f"waiting {waited:.1f} ms/step for data")
                 step = iteration + (totals[1] if phase == 2 else 0)
                 log.scalars(step, {f"{PHASES[phase]}/loss": reading.loss,
                                    f"{PHASES[phase]}/top1": reading.top1, f"{PHASES[phase]}/lr": lr,
-                                   **clip_values(model)})
+                                   f"{PHASES[phase]}/data_wait_ms": waited, **clip_values(model)})
                 stats.new_window()
+                wait.reset()
             if checkpoint:
                 last_saved = save / checkpoint_name(phase, iteration)
                 rng = rng_state(selection_rng, device)  # a collective: every rank takes part

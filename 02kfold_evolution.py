@@ -115,12 +115,13 @@ def search_fold(args: argparse.Namespace, setup: Evaluation, fold: int, calibrat
     model = setup.model
     candidates = tqdm(desc=f"fold {fold} candidates", position=1, leave=False, dynamic_ncols=True,
                       disable=not distributed.is_main())
-    if args.prefix_cache_gb > 0 and isinstance(setup.batches, list):  # not when streamed (ImageNet-sized)
-        on_fold = PrefixScorer(model, [setup.batches[i] for i in fold_range], calibration, setup.device,
-                               args.prefix_cache_gb * 2**30).accuracy
+    kept = setup.val.kept(fold_range, setup.device)  # decoded once for all of the fold's candidates
+    if kept is not None and args.prefix_cache_gb > 0:
+        on_fold = PrefixScorer(model, kept, calibration, setup.device, args.prefix_cache_gb * 2**30).accuracy
     else:
         def on_fold(candidate):
-            return setup.accuracy(candidate, fold_range, calibration)
+            return setup.accuracy(candidate, kept if kept is not None else setup.val.stream(fold_range),
+                                  calibration)
 
     if args.uniform:
         result = uniform_search(model.num_searchable_layers, model.num_branches, on_fold, candidates)
@@ -131,7 +132,8 @@ def search_fold(args: argparse.Namespace, setup: Evaluation, fold: int, calibrat
             mutation_num=args.mutation_num, crossover_num=args.crossover_num, m_prob=args.m_prob,
             max_epochs=args.max_epochs, rng=random.Random(args.seed + fold), progress=candidates).run()
     candidates.close()
-    return fold_record(fold, result.best_acc, setup.accuracy(result.best, full, calibration),
+    full_acc = setup.accuracy(result.best, setup.val.stream(full), calibration)  # the rest, read once
+    return fold_record(fold, result.best_acc, full_acc,
                        list(result.best), result.num_evaluated, settings)
 
 

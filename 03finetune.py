@@ -29,7 +29,7 @@ from utils import distributed, reference_results
 from utils.bn_recalibration import recalibrate_bn
 from utils.checkpoint import finetuned_checkpoint, finetuned_name, save_file
 from utils.cli import add_amp_arg, add_eval_args, boolean, stage_parser
-from utils.data import batch_stream, epoch_loader
+from utils.data import batch_stream, to_device, train_loader
 from utils.errors import UsageError
 from utils.evaluation import Evaluation, evaluation_setup, gather_by_fold
 from utils.folds import fold_batches
@@ -37,7 +37,7 @@ from utils.logs import RunLog
 from utils.param_groups import stage3_param_groups
 from utils.results import check_search_result, format_block, parse_block, read_search_result, write_json
 from utils.runtime import fail_cleanly, seed_everything
-from utils.training import Amp, RunningStats, train_step
+from utils.training import Amp, DataWait, RunningStats, train_step
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -135,35 +135,42 @@ def finetune_arch(args: argparse.Namespace, setup: Evaluation, fold: int, arch: 
     stream = batch_stream(setup.data.train, args.batch_size, args.workers, args.seed + fold)
     if args.bn_recalibration_batches > 0:
         recalibrate_bn(model, arch, [next(stream)[2] for _ in range(args.bn_recalibration_batches)], device)
-    accs = [searched_acc, setup.accuracy(arch, full)]
+    accs = [searched_acc, setup.accuracy(arch, setup.val.stream(full))]
     log.info(f"arch {fold}: stage-2 full_acc {accs[0]:.2f}, loaded {accs[1]:.2f}")
     optimizer = bn_stabilize_optimizer(model, args.learning_rate_bnstabilize, args.train_clip)
     amp = Amp(args.amp, device)
+    if not args.iters_per_epoch:  # whole epochs, the last partial batch included
+        loader, sampler = train_loader(setup.data.train, args.batch_size, args.workers, args.seed + fold,
+                                       drop_last=False)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(args.bn_epochs, 1))
     for epoch in range(args.bn_epochs):
         model.train()
         start = time.time()
         if args.iters_per_epoch:
             batches = (item for _, _, item in itertools.islice(stream, iters))
-        else:  # a whole epoch, its last partial batch included
-            batches = epoch_loader(setup.data.train, args.batch_size, args.workers, args.seed + fold, epoch,
-                                   drop_last=False)
+        else:
+            sampler.set_epoch(epoch)
+            batches = loader
         stats = RunningStats(device, over_ranks=False)  # each process trains archs of its own
-        for images, labels in tqdm(batches, total=iters, desc=f"arch {fold} epoch {epoch}", position=1,
+        wait = DataWait()
+        for images, labels in tqdm(wait(batches), total=iters, desc=f"arch {fold} epoch {epoch}", position=1,
                                    leave=False, dynamic_ncols=True, disable=not distributed.is_main()):
             labels = labels.to(device, non_blocking=True)
-            logits, loss, _ = train_step(model, images.to(device, non_blocking=True), arch,
+            logits, loss, _ = train_step(model, to_device(images, device), arch,
                                          lambda logits, labels=labels: F.cross_entropy(logits, labels),
                                          optimizer, amp)
             stats.add(loss, logits, labels, 0)
         scheduler.step()
         trained = stats.read()
-        acc = setup.accuracy(arch, full)
+        acc = setup.accuracy(arch, setup.val.stream(full))
         accs.append(acc)
         path = save / finetuned_name(fold, args.bits, epoch)
         save_file(finetuned_checkpoint(model, epoch, acc, setup.config, arch, fold), path)
         log.info(f"arch {fold} epoch {epoch}: train loss {trained.loss:.4f} top1 {trained.top1:.2f}, "
-                 f"full_acc {acc:.2f} ({time.time() - start:.0f} s) -> {path}")
+                 f"full_acc {acc:.2f} ({time.time() - start:.0f} s, waiting {wait.per_step_ms():.1f} ms/step "
+                 f"for data) -> {path}")
+        log.scalars(epoch, {f"arch{fold}/train_loss": trained.loss, f"arch{fold}/full_acc": acc,
+                            f"arch{fold}/data_wait_ms": wait.per_step_ms()})
     return {"fold": fold, "accs": accs, "bnfull_acc": max(accs[:1] + accs[2:]) if args.bn_epochs else accs[0]}
 
 

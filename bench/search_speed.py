@@ -51,7 +51,7 @@ def main() -> None:
     def plain(selection) -> float:
         if calibration:
             recalibrate_bn(model, selection, calibration, device)
-        return accuracy_on(lambda x: model(x, selection), fold, range(len(fold)))
+        return accuracy_on(lambda x: model(x, selection), fold)
 
     seconds = {"plain": 0.0, "prefix": 0.0}
     count = 0

@@ -92,11 +92,16 @@ class ClipQuantize(torch.autograd.Function):
         return grad_x, grad_clip, None
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 when it is in a half-precision dtype (mixed precision), else as it is: a
+    quantizer divides and rounds as the reference's does, in float32, and sums its parameter's
+    gradient over the whole tensor, which would overflow in float16."""
+    return x.float() if x.is_floating_point() and x.element_size() < 4 else x
+
+
 def clip_quantize(x: torch.Tensor, clip: torch.Tensor, bin_: torch.Tensor) -> torch.Tensor:
-    """The clip quantizer, in float32 whatever ``x``'s dtype (mixed precision): ``x / delta`` must
-    round as the reference's does, and the clip's gradient, a sum over the whole tensor, would
-    overflow in float16."""
-    return ClipQuantize.apply(x.float(), clip, bin_)
+    """The clip quantizer, in float32 when ``x`` is in half precision (``at_least_float32``)."""
+    return ClipQuantize.apply(at_least_float32(x), clip, bin_)
 
 
 class LsqQuantize(torch.autograd.Function):
@@ -163,6 +168,6 @@ def _channel_view(x: torch.Tensor, dim: int) -> tuple[int, int, int]:
 
 def lsq_quantize(x: torch.Tensor, s: torch.Tensor, lo: float, hi: float, dim: int) -> torch.Tensor:
     """LSQ fake quantization of ``x`` with one step per index of ``dim``, levels ``lo .. hi``; in
-    float32 whatever ``x``'s dtype, as ``clip_quantize``."""
-    x = x.float()
+    float32 when ``x`` is in half precision, as ``clip_quantize``."""
+    x = at_least_float32(x)
     return LsqQuantize.apply(x, s, lo, hi, lsq_scale(x.numel(), hi), dim)

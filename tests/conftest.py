@@ -57,9 +57,17 @@ def load_fixture(fixtures_dir):
     return load
 
 
+def normalised(images: torch.Tensor) -> torch.Tensor:
+    """The loaders' uint8 images as the model takes them, by torchvision's ``ToTensor`` arithmetic
+    and ``Normalize`` (not the project's ``to_device``): for independent checks."""
+    from torchvision.transforms import functional
+
+    return functional.normalize(images.float().div(255), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
 def make_image_folder(root: Path, classes: int = 3, train_per_class: int = 12, val_per_class: int = 8,
-                      size: int = 36) -> Path:
-    """An ImageNet-layout folder of small PNGs whose class is visible in the colour."""
+                      size: int = 36, suffix: str = "png") -> Path:
+    """An ImageNet-layout folder of small images (PNG, or JPEG) whose class is visible in the colour."""
     from PIL import Image
 
     gen = torch.Generator().manual_seed(0)
@@ -70,7 +78,7 @@ def make_image_folder(root: Path, classes: int = 3, train_per_class: int = 12, v
             for i in range(count):
                 pixels = torch.rand(size, size, 3, generator=gen) * 96
                 pixels[..., c % 3] += 128
-                Image.fromarray(pixels.byte().numpy()).save(folder / f"{i}.png")
+                Image.fromarray(pixels.byte().numpy()).save(folder / f"{i}.{suffix}")
     return root
 
 

@@ -130,6 +130,18 @@ def test_resume_gives_the_uninterrupted_weights(tmp_path, image_folder):
             torch.testing.assert_close(again[k], v, rtol=0, atol=1e-5, msg=f"{start}: {k}")
 
 
+def test_resume_with_loader_workers_gives_the_uninterrupted_weights(tmp_path, image_folder):
+    """Each sample's augmentation has a seed of its own: workers do not change what is read."""
+    flags = ("--abin_total_iters", "3", "--awbin_total_iters", "1", "--save_interval", "2", "-j", "2")
+    stage1.train(tiny_args(tmp_path / "a", image_folder, *flags))
+    final = load_file(tmp_path / "a/out/model_actwbin_best_00001it.pth")["model_state_dict"]
+    stage1.train(tiny_args(tmp_path / "b", image_folder, *flags, "--resume",
+                           str(tmp_path / "a/out/model_actbin_best_00002it.pth")))
+    again = load_file(tmp_path / "b/out/model_actwbin_best_00001it.pth")["model_state_dict"]
+    for k, v in final.items():
+        torch.testing.assert_close(again[k], v, rtol=0, atol=1e-5, msg=k)
+
+
 def test_fashion_mnist_short_run(tmp_path):
     from utils.data import DEBIAN_FASHION_MNIST, FASHION_MNIST_FILES
     if not (DEBIAN_FASHION_MNIST / f"{FASHION_MNIST_FILES[0]}.gz").is_file() and \

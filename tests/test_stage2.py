@@ -19,7 +19,7 @@ from utils.data import build_datasets, val_loader
 from utils.folds import fold_batches
 from utils.results import parse_block
 
-from .conftest import assert_clean_failure, load_script, run_script
+from .conftest import assert_clean_failure, load_script, normalised, run_script
 
 stage1 = load_script("01train_supernet.py")
 stage2 = load_script("02kfold_evolution.py")
@@ -166,7 +166,7 @@ def independent_top1(supernet, config, image_folder):
         with torch.no_grad(), one_thread():
             for i in indices:
                 images, labels = batches[i]
-                correct += int((model(images, tuple(arch)).argmax(1) == labels).sum())
+                correct += int((model(normalised(images), tuple(arch)).argmax(1) == labels).sum())
                 total += len(labels)
         return 100.0 * correct / total
 

@@ -14,7 +14,7 @@ from utils.checkpoint import load_file, load_supernet
 from utils.data import build_datasets, val_loader
 from utils.folds import fold_batches
 
-from .conftest import ROOT, load_script, run_script
+from .conftest import ROOT, load_script, normalised, run_script
 from .test_stage2 import (
     MODEL,
     block,
@@ -96,7 +96,7 @@ def test_checkpoints_per_fold_and_epoch(finetune_run, found, image_folder):
             with torch.no_grad(), one_thread():
                 for i in fold_batches(len(batches), K, fold)[1]:
                     images, labels = batches[i]
-                    correct += int((model(images, tuple(arch)).argmax(1) == labels).sum())
+                    correct += int((model(normalised(images), tuple(arch)).argmax(1) == labels).sum())
                     total += len(labels)
             assert ckpt["best_top1_acc"] == 100.0 * correct / total
 
@@ -154,9 +154,9 @@ def test_whole_epochs_include_the_last_partial_batch(tmp_path, image_folder, sup
     seen = []
     real = stage3.train_step
 
-    def spy(model, images, selection, criterion, optimizer):
+    def spy(model, images, *rest):
         seen.append(len(images))
-        return real(model, images, selection, criterion, optimizer)
+        return real(model, images, *rest)
 
     monkeypatch.setattr(stage3, "train_step", spy)
     args = stage3_args(image_folder, supernet, found, tmp_path, "--iters_per_epoch", "0", "--batch_size", "8")

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .folds import Batch
+from .data import Batch, to_device
 
 
 @contextlib.contextmanager
@@ -42,4 +42,4 @@ def recalibrate_bn(model: nn.Module, selection: Sequence[int], batches: Sequence
     """Reset every BN's running statistics and re-estimate them as a cumulative average."""
     with fresh_bn_statistics([model]):
         for images, _ in batches:
-            model(images.to(device), selection)
+            model(to_device(images, device), selection)

@@ -143,6 +143,9 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val_batch_size", type=int, default=200)
     parser.add_argument("--max_val_iters", type=int, default=0,
                         help="use only the first N validation batches (0: all)")
+    parser.add_argument("--val_cache_gb", type=float, default=8.0,
+                        help="memory for validation images (uint8): the whole set when it fits (decoded "
+                             "once), else each searched fold (decoded once per fold, the rest streamed)")
     parser.add_argument("--bn_recalibration_batches", type=int, default=0,
                         help="re-estimate the BN statistics of a selection on N training batches "
                              "before evaluating it (0: off, as the reference; see README)")

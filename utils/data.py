@@ -3,16 +3,20 @@
 Run as ``python -m utils.data --prepare fashion-mnist --root data`` to unpack Fashion-MNIST once.
 """
 import argparse
+import functools
 import gzip
+import math
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torchvision
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import transforms
+
+from quant import native
 
 from . import distributed
 from .errors import DataError
@@ -47,24 +51,63 @@ def resolution(base_resolution: int, resolution_multiplier: float) -> int:
 
 
 def train_transform(size: int, grayscale: bool = False, min_crop_scale: float = 0.08) -> transforms.Compose:
-    """RandomResizedCrop + horizontal flip + ImageNet normalisation, as the reference's stage 1.
+    """RandomResizedCrop + horizontal flip, as the reference's stage 1, to a uint8 tensor.
 
+    The workers hand over uint8 images (a quarter of float32's bytes); ``to_device`` converts and
+    normalises them where the model runs, to the values ``ToTensor`` + ``Normalize`` give.
     ``min_crop_scale`` is RandomResizedCrop's smallest area fraction (0.08, torchvision's and the
     reference's default); a 28-pixel image keeps little at 0.08, so small data may want more.
     """
     steps = [transforms.Grayscale(3)] if grayscale else []
     steps += [transforms.RandomResizedCrop(size, scale=(min_crop_scale, 1.0)),
-              transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-              transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+              transforms.RandomHorizontalFlip(), transforms.PILToTensor()]
     return transforms.Compose(steps)
 
 
 def val_transform(size: int, grayscale: bool = False) -> transforms.Compose:
-    """Resize to ``size / 0.875`` and centre-crop ``size`` (256 / 224 at the defaults)."""
+    """Resize to ``size / 0.875`` and centre-crop ``size`` (256 / 224 at the defaults), to uint8."""
     steps = [transforms.Grayscale(3)] if grayscale else []
-    steps += [transforms.Resize(int(size / 0.875)), transforms.CenterCrop(size),
-              transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    steps += [transforms.Resize(int(size / 0.875)), transforms.CenterCrop(size), transforms.PILToTensor()]
     return transforms.Compose(steps)
+
+
+_NORMALISATION: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images to float32, scaled and normalised with the ImageNet mean and std by the
+    arithmetic of ``ToTensor`` + ``Normalize``, so the values are theirs."""
+    if images.device not in _NORMALISATION:
+        _NORMALISATION[images.device] = tuple(
+            torch.tensor(v, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+            for v in (IMAGENET_MEAN, IMAGENET_STD))
+    mean, std = _NORMALISATION[images.device]
+    return images.float().div_(255).sub_(mean).div_(std)
+
+
+@functools.cache
+def _normalisation_table(channels: int) -> torch.Tensor:
+    """What each of the 256 values of each channel becomes (``normalise`` of them)."""
+    values = torch.arange(256, dtype=torch.uint8).view(1, 1, 1, 256).expand(1, channels, 1, 256)
+    return normalise(values.contiguous()).contiguous()
+
+
+def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch as the model takes it, on ``device``: uint8 images (the loaders') are copied there
+    (without waiting, from pinned memory), then converted by ``normalise``; on the CPU in one pass
+    through a table of ``normalise``'s 256 values per channel (the same values). Float images
+    (already normalised) are only moved."""
+    images = images.to(device, non_blocking=True)
+    if images.dtype != torch.uint8:
+        return images
+    if device.type == "cpu" and images.dim() == 4 and images.is_contiguous() and native.library() is not None:
+        n, c, h, w = images.shape
+        table = _normalisation_table(c)
+        out = torch.empty(images.shape, dtype=torch.float32)
+        native.library().normalize_images(native.ptr(images), native.ptr(out), n, c, h * w,
+                                          native.ptr(table), native.threads())
+        return out
+    return normalise(images)
 
 
 def prepare_fashion_mnist(root: str | Path) -> Path:
@@ -136,20 +179,31 @@ def val_loader(dataset: Dataset, batch_size: int, workers: int) -> DataLoader:
                       pin_memory=torch.cuda.is_available())
 
 
-class EpochSampler(Sampler[int]):
-    """A fresh permutation per epoch, drawn from ``(seed, epoch)`` alone, that can start mid-epoch.
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of sample ``index``'s augmentation in ``epoch``."""
+    return ((seed * 1_000_003 + epoch) * 2_147_483_647 + index) % 2**63
 
-    Because the order depends on nothing else, a resumed run reads exactly the batches the
-    interrupted one would have read. With ``num_replicas > 1`` each rank takes every
-    ``num_replicas``-th index of the same permutation, as ``DistributedSampler`` does, so that
-    batch ``b`` of every rank together is global batch ``b``. The tail that does not split evenly
-    is dropped: every rank then has as many batches per epoch, and the ranks stay in step.
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """A fresh permutation per epoch, drawn from ``(seed, epoch)`` alone, that can start mid-epoch;
+    each index comes with the seed of its augmentation (``SeededSamples``).
+
+    Because the order and the augmentation depend on nothing else, a resumed run reads exactly the
+    batches the interrupted one would have read, whatever the number of loader workers. With
+    ``num_replicas > 1`` each rank takes every ``num_replicas``-th index of the same permutation, as
+    ``DistributedSampler`` does, so that batch ``b`` of every rank together is global batch ``b``.
+    The tail that does not split evenly is dropped: every rank then has as many batches per epoch,
+    and the ranks stay in step. ``set_epoch`` moves a persistent loader's sampler on.
     """
 
-    def __init__(self, size: int, seed: int, epoch: int, start: int = 0,
+    def __init__(self, size: int, seed: int, epoch: int = 0, start: int = 0,
                  num_replicas: int = 1, rank: int = 0):
-        self.size, self.seed, self.epoch, self.start = size, seed, epoch, start
-        self.num_replicas, self.rank = num_replicas, rank
+        self.size, self.seed, self.num_replicas, self.rank = size, seed, num_replicas, rank
+        self.set_epoch(epoch, start)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Sample epoch ``epoch`` from its ``start``-th index (of the global order) on."""
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
         return max(self.size - self.start, 0) // self.num_replicas
@@ -159,22 +213,46 @@ class EpochSampler(Sampler[int]):
         order = torch.randperm(self.size, generator=g).tolist()
         return order[self.start:self.start + len(self) * self.num_replicas][self.rank::self.num_replicas]
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._indices())
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter([(i, sample_seed(self.seed, self.epoch, i)) for i in self._indices()])
 
 
-def epoch_loader(dataset: Dataset, batch_size: int, workers: int, seed: int, epoch: int, batch: int = 0,
-                 num_replicas: int = 1, rank: int = 0, drop_last: bool = True) -> DataLoader:
-    """Epoch ``epoch`` of the training batches in the ``EpochSampler`` order, from global batch
-    ``batch`` on; ``drop_last=False`` keeps the last, partial batch (stage 3's whole epochs).
+class SeededSamples(Dataset):
+    """``dataset[index]`` with its random augmentation drawn from the seed the sampler gave it: the
+    same crop of the same image at the same epoch in any worker, process or resumed run."""
 
-    The loader's generator, which seeds the workers' augmentation, differs per rank (rank 0 keeps
-    the single-process seed), so the ranks do not crop their images alike.
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+        if torch.utils.data.get_worker_info() is not None:  # a loader worker: its generator is ours
+            torch.manual_seed(seed)
+            return self.dataset[index]
+        with torch.random.fork_rng(devices=[]):  # the main process's generator stays as it was
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+def train_loader(dataset: Dataset, batch_size: int, workers: int, seed: int, num_replicas: int = 1,
+                 rank: int = 0, drop_last: bool = True) -> tuple[DataLoader, EpochSampler]:
+    """A loader of training batches and its sampler (``set_epoch`` before iterating an epoch).
+
+    Its workers persist across epochs (no start-up per epoch) and return uint8 images
+    (``to_device``); batches are pinned for a non-blocking copy when CUDA is there.
+    ``drop_last=False`` keeps an epoch's last, partial batch (stage 3's whole epochs).
     """
-    sampler = EpochSampler(len(dataset), seed, epoch, batch * batch_size * num_replicas, num_replicas, rank)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                      num_workers=workers, pin_memory=torch.cuda.is_available(),
-                      generator=torch.Generator().manual_seed(rank_seed(seed + epoch, rank)))
+    sampler = EpochSampler(len(dataset), seed, num_replicas=num_replicas, rank=rank)
+    # The loader's own generator (for its workers' base seed, which the per-sample seeds make moot)
+    # leaves the caller's generator alone.
+    loader = DataLoader(SeededSamples(dataset), batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                        num_workers=workers, persistent_workers=workers > 0,
+                        pin_memory=torch.cuda.is_available(),
+                        generator=torch.Generator().manual_seed(rank_seed(seed, rank)))
+    return loader, sampler
 
 
 def batch_stream(dataset: Dataset, batch_size: int, workers: int, seed: int, epoch: int = 0,
@@ -183,10 +261,11 @@ def batch_stream(dataset: Dataset, batch_size: int, workers: int, seed: int, epo
     """Endless training batches as ``(epoch, batch index, (images, labels))``, from any position.
 
     ``batch_size`` is per process and ``batch`` counts global batches; incomplete last batches
-    are dropped (``epoch_loader``).
+    are dropped.
     """
+    loader, sampler = train_loader(dataset, batch_size, workers, seed, num_replicas, rank)
     while True:
-        loader = epoch_loader(dataset, batch_size, workers, seed, epoch, batch, num_replicas, rank)
+        sampler.set_epoch(epoch, batch * batch_size * num_replicas)
         for index, item in enumerate(loader, batch):
             yield epoch, index, item
         epoch, batch = epoch + 1, 0
@@ -196,29 +275,65 @@ def initialisation_batch(dataset: Dataset, batch_size: int, workers: int, seed: 
                          num_replicas: int = 1, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch stage 1 initialises the LSQ steps from, drawn for that purpose as the reference's
     ``initialize()`` draws it: not one of the training batches (it is epoch -1 of the sampler)."""
-    return next(batch_stream(dataset, batch_size, workers, seed, epoch=-1, num_replicas=num_replicas,
-                             rank=rank))[2]
+    loader, sampler = train_loader(dataset, batch_size, min(workers, 1), seed, num_replicas, rank)
+    sampler.set_epoch(-1)
+    return next(iter(loader))
 
 
-def cache_batches(loader: DataLoader, max_batches: int = 0, limit_bytes: float = 4e9
-                  ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]] | DataLoader, int]:
-    """The loader's batches in memory when they fit in ``limit_bytes``, else the loader itself;
-    and the number of batches to use.
+Batch = tuple[torch.Tensor, torch.Tensor]
 
-    Scoring hundreds of candidates on the same batches then costs no decoding; an ImageNet-sized
-    validation set is streamed instead. ``max_batches`` > 0 keeps only the first ones.
+
+class ValidationBatches:
+    """The validation set in its fixed order, by batch index (folds are batch indices), as uint8.
+
+    When all ``count`` batches fit in ``cache_bytes`` they are decoded once and kept in memory:
+    every fold and candidate then reads memory. Otherwise (ImageNet's 50,000 images) a batch is
+    decoded when asked for, and only the batches asked for are (``stream``); ``kept`` holds a
+    subset, a searched fold, decoded once for all of its candidates.
     """
-    count = len(loader) if max_batches <= 0 else min(max_batches, len(loader))
-    first_images, _ = next(iter(loader))
-    per_batch = first_images.element_size() * first_images.numel()
-    if count * per_batch > limit_bytes:
-        return loader, count
-    batches = []
-    for i, batch in enumerate(loader):
-        if i == count:
-            break
-        batches.append(batch)
-    return batches, count
+
+    def __init__(self, dataset: Dataset, batch_size: int, workers: int, max_batches: int = 0,
+                 cache_bytes: float = 8e9):
+        self.dataset, self.batch_size, self.workers = dataset, batch_size, workers
+        total = math.ceil(len(dataset) / batch_size)
+        self.count = total if max_batches <= 0 else min(max_batches, total)
+        image = dataset[0][0]
+        self.batch_bytes = image.numel() * image.element_size() * batch_size
+        self.cache_bytes = cache_bytes
+        self.all: list[Batch] | None = None
+        if self.count * self.batch_bytes <= cache_bytes:
+            self.all = self.load(range(self.count))
+
+    def __len__(self) -> int:
+        return self.count
+
+    def stream(self, indices: Iterable[int]) -> Iterator[Batch]:
+        """The batches at ``indices``, in index order, from memory or decoded now (those alone)."""
+        wanted = sorted(set(indices))
+        if wanted and not 0 <= wanted[0] <= wanted[-1] < self.count:
+            raise IndexError(f"batch index {wanted[-1]} is beyond the {self.count} validation batches")
+        if self.all is not None:
+            yield from (self.all[i] for i in wanted)
+            return
+        size, step = len(self.dataset), self.batch_size
+        samples = [s for b in wanted for s in range(b * step, min((b + 1) * step, size))]
+        # Whole batches in order: batching the subset again gives the same batches.
+        yield from DataLoader(Subset(self.dataset, samples), batch_size=self.batch_size, shuffle=False,
+                              num_workers=self.workers, pin_memory=torch.cuda.is_available())
+
+    def load(self, indices: Iterable[int]) -> list[Batch]:
+        return list(self.stream(indices))
+
+    def kept(self, indices: Sequence[int], device: torch.device) -> list[Batch] | None:
+        """The batches at ``indices`` in memory, for scoring many candidates on them: decoded once
+        here unless all are kept, and on ``device`` when it is a GPU with room for them; ``None``
+        when they do not fit in ``cache_bytes`` either (then each candidate streams them)."""
+        if self.all is None and len(indices) * self.batch_bytes > self.cache_bytes:
+            return None
+        batches = self.load(indices)
+        if device.type == "cuda" and 2 * len(batches) * self.batch_bytes < torch.cuda.mem_get_info(device)[0]:
+            batches = [(images.to(device), labels.to(device)) for images, labels in batches]
+        return batches
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from models import Supernet
 from models.supernet import Stage
 
 from .bn_recalibration import fresh_bn_statistics
-from .folds import Batch
+from .data import Batch, to_device
 
 Activations = tuple[list[torch.Tensor], list[torch.Tensor]]  # calibration outputs, scored outputs
 
@@ -39,8 +39,8 @@ class PrefixScorer:
         self.model = model
         self.stages = model.stages()
         self.ends = list(accumulate(stage.genes for stage in self.stages))
-        self.start: Activations = ([images.to(device) for images, _ in calibration],
-                                   [images.to(device) for images, _ in batches])
+        self.start: Activations = ([to_device(images, device) for images, _ in calibration],
+                                   [to_device(images, device) for images, _ in batches])
         if not batches:
             raise ValueError("no batches to score on")
         self.labels = torch.cat([labels for _, labels in batches]).to(device)

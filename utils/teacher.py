@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .checkpoint import load_file, save_file
-from .data import build_datasets, resolution, val_loader
+from .data import build_datasets, resolution, to_device, val_loader
 from .distributed import pick_device
 from .errors import CheckpointError, UsageError
 from .runtime import fail_cleanly, seed_everything
@@ -113,7 +113,7 @@ def train_teacher(args: argparse.Namespace) -> None:
         for images, labels in loader:
             if bar.n == iters:
                 break
-            images, labels = images.to(device), labels.to(device)
+            images, labels = to_device(images, device), labels.to(device)
             loss = F.cross_entropy(model(images), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -126,7 +126,7 @@ def train_teacher(args: argparse.Namespace) -> None:
     correct = total = 0
     with torch.no_grad():
         for images, labels in val_loader(data.val, 500, args.workers):
-            correct += (model(images.to(device)).argmax(1).cpu() == labels).sum().item()
+            correct += (model(to_device(images, device)).argmax(1).cpu() == labels).sum().item()
             total += labels.numel()
     top1 = 100.0 * correct / total
     save_file({"arch": args.arch, "num_classes": data.num_classes, "top1": top1,

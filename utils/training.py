@@ -1,6 +1,7 @@
 """One training iteration as the reference's loops run it, shared by stages 1 and 3."""
 import math
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +70,33 @@ def train_step(model: nn.Module, images: torch.Tensor, selection: Sequence[int],
     amp.scaler.step(optimizer)
     amp.scaler.update()
     return logits.detach(), loss.detach(), grad_norm
+
+
+class DataWait:
+    """The time a training loop spends waiting for its next batch: what the loaders cost the device."""
+
+    def __init__(self):
+        self.seconds, self.steps = 0.0, 0
+
+    def __call__(self, batches: Iterable) -> Iterator:
+        """``batches``, timing each ``next``."""
+        batches = iter(batches)
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(batches)
+            except StopIteration:
+                return
+            self.seconds += time.perf_counter() - start
+            self.steps += 1
+            yield item
+
+    def per_step_ms(self) -> float:
+        """Milliseconds per batch since the last ``reset``."""
+        return 1000.0 * self.seconds / max(self.steps, 1)
+
+    def reset(self) -> None:
+        self.seconds, self.steps = 0.0, 0
 
 
 @dataclass
