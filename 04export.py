@@ -1,0 +1,226 @@
+"""Export a searched, fine-tuned arch as a deployable quantized model (after stage 3).
+
+From a stage-3 checkpoint (or a supernet, a search result and an arch index) it writes to --out:
+- ``arch{i}.pt``: the single-path model (``models/deploy.py``): only the selected branch of every
+  searchable layer, int8 weight codes with their per-channel steps, explicit quantizers; a plain
+  ``{"config", "state_dict"}`` that ``torch.load(weights_only=True)`` reads and
+  ``DeployedNet.from_description`` rebuilds;
+- ``arch{i}.onnx``: the same model in standard ONNX operators, every quantizer a
+  QuantizeLinear/DequantizeLinear pair, checked with onnxruntime;
+- ``arch{i}_size.json``: bits and packed bytes per layer and in total, against float32.
+
+    python 04export.py --checkpoint eval-blast/arch0_model_actwbin_2_2_bn_2ep.pth --data DIR
+    python 04export.py --supernet train-supernet/model_actwbin_best_466000it.pth \\
+        --search-result eval-kfold-evolution/search_result.json --arch-index 0
+
+With ``--data`` (an ImageNet-layout folder or ``fashion-mnist``) the standalone model and the ONNX
+model are scored on the whole validation set; without it they are compared on random inputs.
+"""
+
+import argparse
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import torch
+
+from models import build_supernet
+from models.deploy import deploy, size_report
+from models.onnx_export import to_onnx
+from utils.checkpoint import load_file, load_model_state, save_file, state_dict_of
+from utils.cli import add_model_args, model_config
+from utils.data import build_datasets, resolution, to_device, val_loader
+from utils.errors import UsageError
+from utils.files import atomic_path
+from utils.results import read_search_result, write_json
+from utils.runtime import fail_cleanly
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--checkpoint", help="a stage-3 checkpoint (eval-blast/arch{i}_..._{epoch}ep.pth)")
+    parser.add_argument(
+        "--supernet",
+        help="instead of --checkpoint: a stage-1 or released supernet, with "
+        "--search-result and --arch-index (and the model's flags)",
+    )
+    parser.add_argument("--search-result", help="stage 2's search_result.json or a printed block")
+    parser.add_argument("--arch-index", type=int, help="which fold's arch of --search-result (arch{i})")
+    parser.add_argument("--out", default="export", help="output folder")
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="score on this validation set (an ImageNet-layout folder or fashion-mnist)",
+    )
+    parser.add_argument("--data-root", default="data", help="where built-in datasets are unpacked")
+    parser.add_argument(
+        "--val_batch_size",
+        type=int,
+        default=200,
+        help="evaluation batch (LSQ's steps are those of this batch, as in stages 2 and 3)",
+    )
+    parser.add_argument("-j", "--workers", type=int, default=4)
+    parser.add_argument(
+        "--trust-pickled-checkpoint-DANGEROUS",
+        dest="trust_pickle",
+        action="store_true",
+        help="DANGEROUS: load legacy checkpoints with full unpickling",
+    )
+    add_model_args(parser)
+    args = parser.parse_args(argv)
+    if (args.checkpoint is None) == (args.supernet is None):
+        parser.error(
+            "give --checkpoint (a stage-3 checkpoint), or --supernet with --search-result and --arch-index"
+        )
+    if args.supernet is not None and (args.search_result is None or args.arch_index is None):
+        parser.error("--supernet needs --search-result and --arch-index")
+    return args
+
+
+def selected_supernet(args: argparse.Namespace) -> tuple[torch.nn.Module, list[int], int, str]:
+    """The supernet, the selection to export, its arch index (fold) and where they came from."""
+    if args.checkpoint is not None:
+        checkpoint = load_file(args.checkpoint, args.trust_pickle)
+        if not isinstance(checkpoint, dict) or not {"selection", "fold", "config"} <= set(checkpoint):
+            raise UsageError(
+                f"--checkpoint {args.checkpoint}: not a stage-3 checkpoint (it names no selection; "
+                "a stage-1 or released supernet goes with --supernet, --search-result and --arch-index)"
+            )
+        model = build_supernet(**checkpoint["config"])
+        load_model_state(model, checkpoint, args.checkpoint)
+        return model, list(checkpoint["selection"]), int(checkpoint["fold"]), str(args.checkpoint)
+    checkpoint = load_file(args.supernet, args.trust_pickle)
+    state = state_dict_of(checkpoint, args.supernet)
+    classes = next(
+        v.shape[0] for k, v in state.items() if k.startswith("classifier") and k.endswith("weight")
+    )
+    config = (
+        dict(checkpoint["config"])
+        if isinstance(checkpoint, dict) and "config" in checkpoint
+        else model_config(args, classes)
+    )
+    model = build_supernet(**config)
+    load_model_state(model, checkpoint, args.supernet)
+    found = read_search_result(args.search_result, config, model.num_searchable_layers, model.num_branches)
+    if args.arch_index not in found["folds"]:
+        raise UsageError(
+            f"--arch-index {args.arch_index}: --search-result {args.search_result} has the archs of "
+            f"folds {found['folds']}"
+        )
+    arch = found["archs"][found["folds"].index(args.arch_index)]
+    return (
+        model,
+        list(arch),
+        args.arch_index,
+        f"{args.supernet} with arch {args.arch_index} of {args.search_result}",
+    )
+
+
+def writable(folder: Path) -> Path:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {folder}: cannot be created ({e.strerror})") from None
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"--out {folder}: not writable")
+    return folder
+
+
+def top1(logits: list[np.ndarray], labels: list[np.ndarray]) -> float:
+    return (
+        100.0
+        * sum(int((out.argmax(1) == y).sum()) for out, y in zip(logits, labels, strict=True))
+        / sum(len(y) for y in labels)
+    )
+
+
+def export(args: argparse.Namespace) -> dict:
+    out = writable(Path(args.out))
+    supernet, selection, index, source = selected_supernet(args)
+    supernet.change_precision(True, True)
+    supernet.eval()
+    size = resolution(supernet.config["base_resolution"], supernet.config["resolution_multiplier"])
+    net = deploy(supernet, selection, args.val_batch_size, size)
+    model_file, onnx_file, size_file = (
+        out / f"arch{index}.pt",
+        out / f"arch{index}.onnx",
+        out / f"arch{index}_size.json",
+    )
+    save_file({"config": net.describe(), "state_dict": net.state_dict()}, model_file)
+    with atomic_path(onnx_file) as tmp:
+        to_onnx(net, tmp)
+    report = size_report(net)
+    write_json(report, size_file)
+    session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    cpu = torch.device("cpu")
+    if args.data is not None:  # the whole validation set
+        data = build_datasets(args.data, size, args.data_root)
+        inputs = ((to_device(x, cpu), y) for x, y in val_loader(data.val, args.val_batch_size, args.workers))
+        what = f"the {len(data.val)} validation images of {args.data}"
+    else:
+        gen = torch.Generator().manual_seed(0)
+        inputs = [(torch.randn(args.val_batch_size, 3, size, size, generator=gen), None) for _ in range(2)]
+        what = f"{2 * args.val_batch_size} random inputs"
+    ours, theirs, onnx_out, labels = [], [], [], []
+    with torch.no_grad():
+        for x, y in inputs:
+            ours.append(net(x).numpy())
+            theirs.append(supernet(x, selection).numpy())
+            onnx_out.append(session.run(None, {"images": x.numpy()})[0])
+            if y is not None:
+                labels.append(y.numpy())
+    ours_all, theirs_all, onnx_all = (np.concatenate(v) for v in (ours, theirs, onnx_out))
+    check = {
+        "compared_on": what,
+        "supernet_max_relative_difference": float(
+            np.abs(ours_all - theirs_all).max() / np.abs(theirs_all).max()
+        ),
+        "supernet_top1_agreement": float((ours_all.argmax(1) == theirs_all.argmax(1)).mean() * 100),
+        "onnx_max_logit_difference": float(np.abs(onnx_all - ours_all).max()),
+        "onnx_top1_agreement": float((onnx_all.argmax(1) == ours_all.argmax(1)).mean() * 100),
+    }
+    if labels:
+        check.update(
+            top1_pytorch=top1(ours, labels),
+            top1_onnxruntime=top1(onnx_out, labels),
+            top1_supernet=top1(theirs, labels),
+        )
+    summary = {
+        "arch": index,
+        "selection": selection,
+        "source": source,
+        "files": [str(model_file), str(onnx_file), str(size_file)],
+        "size": {k: v for k, v in report.items() if k != "layers"},
+        "check": check,
+    }
+    write_json(summary, out / f"arch{index}_export.json")
+    print(f"arch {index} from {source}")
+    print(
+        f"size: {report['total_bytes'] / 1024:.1f} KiB packed against "
+        f"{report['total_float32_bytes'] / 1024:.1f} KiB in float32 ({report['compression']:.1f}x; "
+        f"weights {report['weights_bytes'] / 1024:.1f} against "
+        f"{report['weights_float32_bytes'] / 1024:.1f} KiB)"
+    )
+    print(
+        f"standalone model against the supernet on {what}: "
+        f"top-1 agreement {check['supernet_top1_agreement']:.2f} %, "
+        f"largest difference {check['supernet_max_relative_difference']:.1e} of the largest logit"
+    )
+    print(
+        f"onnxruntime against the standalone model: top-1 agreement {check['onnx_top1_agreement']:.2f} %, "
+        f"largest logit difference {check['onnx_max_logit_difference']:.3g}"
+    )
+    if labels:
+        print(
+            f"top-1 on the whole validation set: standalone {check['top1_pytorch']:.2f} %, onnxruntime "
+            f"{check['top1_onnxruntime']:.2f} %"
+        )
+    print(f"wrote {model_file}, {onnx_file}, {size_file} and {out / f'arch{index}_export.json'}")
+    return summary
+
+
+if __name__ == "__main__":
+    fail_cleanly(export, parse_args())
