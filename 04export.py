@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=200,
         help="evaluation batch (LSQ's steps are those of this batch, as in stages 2 and 3)",
     )
+    parser.add_argument(
+        "--compare_batches", type=int, default=2, help="batches on which the supernet is run too"
+    )
     parser.add_argument("-j", "--workers", type=int, default=4)
     parser.add_argument(
         "--trust-pickled-checkpoint-DANGEROUS",
@@ -168,17 +171,21 @@ def export(args: argparse.Namespace) -> dict:
     with torch.no_grad():
         for x, y in inputs:
             ours.append(net(x).numpy())
-            theirs.append(supernet(x, selection).numpy())
             onnx_out.append(session.run(None, {"images": x.numpy()})[0])
+            if len(theirs) < args.compare_batches:  # the supernet is slower: a few batches show it
+                theirs.append(supernet(x, selection).numpy())
             if y is not None:
                 labels.append(y.numpy())
-    ours_all, theirs_all, onnx_all = (np.concatenate(v) for v in (ours, theirs, onnx_out))
+    ours_all, onnx_all = np.concatenate(ours), np.concatenate(onnx_out)
+    theirs_all = np.concatenate(theirs)
+    compared = ours_all[: len(theirs_all)]
     check = {
         "compared_on": what,
+        "compared_with_the_supernet_on": f"the first {len(theirs_all)} images",
         "supernet_max_relative_difference": float(
-            np.abs(ours_all - theirs_all).max() / np.abs(theirs_all).max()
+            np.abs(compared - theirs_all).max() / np.abs(theirs_all).max()
         ),
-        "supernet_top1_agreement": float((ours_all.argmax(1) == theirs_all.argmax(1)).mean() * 100),
+        "supernet_top1_agreement": float((compared.argmax(1) == theirs_all.argmax(1)).mean() * 100),
         "onnx_max_logit_difference": float(np.abs(onnx_all - ours_all).max()),
         "onnx_top1_agreement": float((onnx_all.argmax(1) == ours_all.argmax(1)).mean() * 100),
     }
@@ -186,7 +193,6 @@ def export(args: argparse.Namespace) -> dict:
         check.update(
             top1_pytorch=top1(ours, labels),
             top1_onnxruntime=top1(onnx_out, labels),
-            top1_supernet=top1(theirs, labels),
         )
     summary = {
         "arch": index,
@@ -205,7 +211,7 @@ def export(args: argparse.Namespace) -> dict:
         f"{report['weights_float32_bytes'] / 1024:.1f} KiB)"
     )
     print(
-        f"standalone model against the supernet on {what}: "
+        f"standalone model against the supernet on {check['compared_with_the_supernet_on']} ({what}): "
         f"top-1 agreement {check['supernet_top1_agreement']:.2f} %, "
         f"largest difference {check['supernet_max_relative_difference']:.1e} of the largest logit"
     )

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quant import ClipActivation, LsqActivation, QConv
-from quant.functional import clip_range, lsq_scale, lsq_step
+from quant.functional import clip_range, lsq_scale, lsq_step, values_key
 
 from .skip import FlexibleSkip
 from .supernet import Supernet
@@ -75,9 +75,13 @@ class QuantizedConv(nn.Module):
         self.bits, self.stride, self.groups = bits, stride, groups
         self.register_buffer("codes", codes.to(torch.int8))
         self.register_buffer("scale", scale.detach().clone())
+        self._kept: tuple | None = None  # (key, weight): the float weight until codes or scale change
 
     def weight(self) -> torch.Tensor:
-        return self.codes.float() * self.scale.view(-1, 1, 1, 1)
+        key = values_key(self.codes, self.scale)
+        if key is None or self._kept is None or self._kept[0] != key:
+            self._kept = key, self.codes.float() * self.scale.view(-1, 1, 1, 1)
+        return self._kept[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.weight(), None, self.stride, self.codes.shape[-1] // 2, 1, self.groups)

@@ -162,7 +162,6 @@ def test_export_of_a_stage3_checkpoint(tmp_path, finetune_run, image_folder, fou
     assert summary["selection"] == found["archs"][1]
     check = summary["check"]
     assert check["supernet_top1_agreement"] == 100.0 and check["supernet_max_relative_difference"] <= 1e-5
-    assert check["top1_pytorch"] == check["top1_supernet"]  # the whole validation set
     assert "top-1 on the whole validation set" in run.stdout and "onnxruntime" in run.stdout
     # The standalone model scores what the checkpoint scores on the images outside the fold.
     net = DeployedNet.load(tmp_path / "arch1.pt")
