@@ -21,25 +21,12 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
+
+from bench.images import make_image_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ["--width_multiplier", "0.25", "--width_divisor", "8", "--base_resolution", "32",
          "--l2_bounds", "0.01,0.001,0.0001", "--seed", "0"]
-
-
-def make_folder(root: Path, classes: int = 4, train: int = 48, val: int = 16, size: int = 48) -> Path:
-    """An ImageNet-layout folder of JPEGs whose class shows in their colour."""
-    gen = torch.Generator().manual_seed(0)
-    for split, count in (("train", train), ("val", val)):
-        for c in range(classes):
-            folder = root / split / f"class{c}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                pixels = torch.rand(size, size, 3, generator=gen) * 96
-                pixels[..., c % 3] += 64 + 64 * (c // 3)
-                Image.fromarray(pixels.byte().numpy()).save(folder / f"{i}.jpg", quality=90)
-    return root
 
 
 class Checks:
@@ -105,7 +92,7 @@ def main() -> None:
     if cuda and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda: CUDA is not available here; use --device cpu")
     args.out.mkdir(parents=True, exist_ok=True)
-    data = make_folder(args.out / "data")
+    data = make_image_folder(args.out / "data", train_per_class=64, val_per_class=16, size=48, suffix="jpg")
     py = [sys.executable]
     common = ["--data", str(data), *MODEL, "--device", args.device, "-j", "2"]
     stage1 = [*py, "01train_supernet.py", *common, "--teacher", "none", "--batch_size", "16",

@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.images import make_image_folder
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(os.environ.get("BASQ_FIXTURES", ROOT.parent / "shared" / "fixtures"))
 
@@ -63,23 +65,6 @@ def normalised(images: torch.Tensor) -> torch.Tensor:
     from torchvision.transforms import functional
 
     return functional.normalize(images.float().div(255), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-
-
-def make_image_folder(root: Path, classes: int = 3, train_per_class: int = 12, val_per_class: int = 8,
-                      size: int = 36, suffix: str = "png") -> Path:
-    """An ImageNet-layout folder of small images (PNG, or JPEG) whose class is visible in the colour."""
-    from PIL import Image
-
-    gen = torch.Generator().manual_seed(0)
-    for split, count in (("train", train_per_class), ("val", val_per_class)):
-        for c in range(classes):
-            folder = root / split / f"class{c}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                pixels = torch.rand(size, size, 3, generator=gen) * 96
-                pixels[..., c % 3] += 128
-                Image.fromarray(pixels.byte().numpy()).save(folder / f"{i}.{suffix}")
-    return root
 
 
 @pytest.fixture(scope="session")
