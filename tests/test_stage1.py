@@ -1,6 +1,7 @@
 """Stage 1: optimizer groups and decays, schedule, phases, resume, checkpoints and bad input."""
 import copy
 import math
+import re
 import shutil
 
 import pytest
@@ -338,3 +339,19 @@ def test_mixed_precision_run_keeps_its_scaler_and_resumes(tmp_path, image_folder
                       "--resume", str(tmp_path / "out/model_actbin_best_00001it.pth"))
     with pytest.raises(UsageError, match="amp=fp16, the flags say None"):
         stage1.train(other)
+
+
+def test_a_diverging_run_stops_at_its_next_report_and_writes_no_nonfinite_checkpoint(tmp_path, image_folder):
+    """The non-finite check is read at reports and checkpoints, not every step: the run stops at the
+    next one, names the iteration where the loss first went non-finite, and saves nothing past it."""
+    args = tiny_args(tmp_path, image_folder, "--abin_total_iters", "40", "--awbin_total_iters", "1",
+                     "--learning_rate_abin", "1e30", "--report_freq", "30", "--save_interval", "30")
+    message = r"the loss is not finite \(nan or inf\) at phase 1 iteration (\d+)"
+    with pytest.raises(UsageError, match=message) as e:
+        stage1.train(args)
+    first = int(re.search(r"iteration (\d+)", str(e.value)).group(1))
+    assert 1 < first <= 30 and "model_actbin_best_00001it.pth, is intact" in str(e.value)
+    saved = sorted(p.name for p in (tmp_path / "out").glob("*.pth"))
+    assert saved == ["model_actbin_best_00001it.pth"]  # iteration 30's checkpoint was never written
+    state = load_file(tmp_path / "out" / saved[0])["model_state_dict"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
