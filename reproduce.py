@@ -121,6 +121,7 @@ class Step:
     marker: Path
     deps: list[str] = field(default_factory=list)
     resumable: Path | None = None  # stage 1: the folder of its checkpoints
+    budget: int = 0  # the position of its training budget in the preset: smaller budgets run first
 
     def command(self) -> list[str]:
         argv = [sys.executable, *self.argv]
@@ -136,7 +137,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Step], list[Row]]:
     val = [*EVAL_FLAGS, "--max_val_iters", str(preset["max_val_iters"])]
     steps: dict[str, Step] = {}
     rows = []
-    for iters in preset["iters"]:
+    for budget, iters in enumerate(preset["iters"]):
         work = args.work / f"{iters}it" if len(preset["iters"]) > 1 else args.work
         prefix = f"{iters}it " if len(preset["iters"]) > 1 else ""
         for arch in args.archs:
@@ -155,7 +156,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Step], list[Row]]:
                              "--abin_total_iters", str(iters), "--awbin_total_iters", str(iters),
                              "--learning_rate_abin", "2e-3", "--learning_rate_wbin", "2e-3",
                              "--save_interval", "100", "--report_freq", "50", "--save", str(train)],
-                            supernet, resumable=train)
+                            supernet, resumable=train, budget=budget)
                     row = f"{arch}-{method}-{bits}bit"
                     search = work / row / "search"
                     how = ["--uniform"] if method != "basq" else preset["evolution"]
@@ -163,18 +164,19 @@ def plan(args: argparse.Namespace) -> tuple[list[Step], list[Row]]:
                         f"search {prefix}{row}",
                         ["02kfold_evolution.py", *model, *val, "--supernet", str(supernet), "--folds",
                          preset["folds"], *how, "--save", str(search)],
-                        search / "search_result.json", deps=[f"train {prefix}{tag}"])
+                        search / "search_result.json", deps=[f"train {prefix}{tag}"], budget=budget)
                     finetune = work / row / "finetune"
                     steps[f"finetune {prefix}{row}"] = Step(
                         f"finetune {prefix}{row}",
                         ["03finetune.py", *model, *val, "--supernet", str(supernet), "--search-result",
                          str(search / "search_result.json"), "--bn_epochs", "1", "--iters_per_epoch",
                          str(preset["finetune_iters"]), "--batch_size", "128", "--save", str(finetune)],
-                        finetune / "final_result.json", deps=[f"search {prefix}{row}"])
+                        finetune / "final_result.json", deps=[f"search {prefix}{row}"], budget=budget)
                     rows.append(Row(arch, method, bits, finetune / "final_result.json",
                                     search / "search_result.json", iters))
-    # Training first (everything else waits on it), then each row's search and fine-tuning.
-    ordered = sorted(steps.values(), key=lambda s: not s.name.startswith("train"))
+    # The smallest budget first, so that an interrupted sweep leaves whole budgets behind; within a
+    # budget, training first (everything else waits on it), then each row's search and fine-tuning.
+    ordered = sorted(steps.values(), key=lambda s: (s.budget, not s.name.startswith("train")))
     return ordered, rows
 
 

@@ -156,6 +156,10 @@ def test_plan_sweep_four_budgets_of_one_network(tmp_path):
         if s.argv[0] != "01train_supernet.py":
             assert Path(flag(s.argv, "--supernet")).parts[:len(tmp_path.parts) + 1] == \
                 Path(flag(s.argv, "--save")).parts[:len(tmp_path.parts) + 1]
+    # smaller budgets first, so an interrupted sweep has finished whole budgets; training first in each
+    order = [(int(Path(flag(s.argv, "--save")).parts[len(tmp_path.parts)].removesuffix("it")),
+              s.argv[0] != "01train_supernet.py") for s in steps]
+    assert order == sorted(order) and order[0] == (min(budgets), False)
     with pytest.raises(SystemExit):
         reproduce.parse_args(["--sweep", "--quick"])
 
