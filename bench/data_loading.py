@@ -2,8 +2,10 @@
 
 Both read the same ImageNet-layout ``train/`` folder with the same workers, side by side in one
 process, alternating round by round, so machine noise hits both alike; the figure of merit is the
-ratio of their images/s (ours / torchvision). A loader's workers fill its queue while the other
-is timed, so each round first takes the batches queued (untimed), then times the next ones.
+ratio of their images/s (ours / torchvision). In each round a loader starts its workers, is brought
+to its steady state (its first batches, untimed), is timed, and shuts its workers down before the
+other starts: a loader's idle workers would otherwise fill their queue on the cores the other is
+timed on, which charges each loader with part of the other's work.
 
 - ours: ``utils.data.batch_stream`` (workers decode, crop and flip, and hand over uint8 images;
   persistent workers), then ``to_device``: conversion and normalisation where the model runs,
@@ -15,7 +17,10 @@ is timed, so each round first takes the batches queued (untimed), then times the
     python -m bench.data_loading --data /tmp/jpegs --workers 2
 """
 import argparse
+import gc
+import multiprocessing
 import statistics
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -50,7 +55,7 @@ def reference_loader(folder: Path, batch_size: int, workers: int, size: int) -> 
                       pin_memory=torch.cuda.is_available())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="an ImageNet-layout folder (its train/ is read)")
@@ -62,7 +67,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.generate:
         generate(args.generate, args.images)
         print(f"{args.images} JPEGs in {args.generate / 'train'}")
@@ -70,30 +75,39 @@ def main() -> None:
     if args.data is None:
         parser.error("give --data (or --generate a folder first)")
     queued = 2 * max(args.workers, 1)  # DataLoader's prefetch: two batches per worker
-    needed = (args.rounds * (queued + args.batches) + 1) * args.batch_size
+    needed = (1 + queued + args.batches) * args.batch_size
     if len(list((args.data / "train").rglob("*.*"))) < needed:
-        parser.error(f"{args.data / 'train'} holds fewer than the {needed} images one pass of each loader "
-                     "needs (a new pass would start the reference's workers again): --generate more")
+        parser.error(f"{args.data / 'train'} holds fewer than the {needed} images a round of each loader "
+                     "reads (a new pass would start the reference's workers again): --generate more")
     device = torch.device(args.device)
     ours_data = torchvision.datasets.ImageFolder(args.data / "train", train_transform(args.size))
-    # One pass each (no worker start-up inside the rounds): steady-state throughput.
-    ours = batch_stream(ours_data, args.batch_size, args.workers, seed=0)
-    theirs = iter(reference_loader(args.data, args.batch_size, args.workers, args.size))
-    next(ours), next(theirs)  # the workers are up and the queues full
 
-    def take(source, convert, batches):
+    def ours(seed: int) -> tuple[Iterator, Callable]:
+        return batch_stream(ours_data, args.batch_size, args.workers, seed=seed), \
+            lambda item: to_device(item[2][0], device)
+
+    def theirs(seed: int) -> tuple[Iterator, Callable]:
+        torch.manual_seed(seed)  # its shuffle
+        return iter(reference_loader(args.data, args.batch_size, args.workers, args.size)), \
+            lambda item: item[0].to(device, non_blocking=True)
+
+    def take(source: Iterator, convert: Callable, batches: int) -> None:
         for _ in range(batches):
             convert(next(source))
 
-    loaders = {"ours": (ours, lambda item: to_device(item[2][0], device)),
-               "torchvision": (theirs, lambda item: item[0].to(device, non_blocking=True))}
+    def rate(start: Callable, seed: int) -> float:
+        source, convert = start(seed)
+        take(source, convert, 1 + queued)  # the workers are up and delivering at their pace
+        _, seconds = timed(lambda: take(source, convert, args.batches), device)
+        return args.batches * args.batch_size / seconds
+
     rates = {"ours": [], "torchvision": []}
-    for _ in range(args.rounds):
-        for name, (source, convert) in loaders.items():
-            take(source, convert, queued)  # made while the other loader was timed
-            _, seconds = timed(lambda source=source, convert=convert: take(source, convert, args.batches),
-                               device)
-            rates[name].append(args.batches * args.batch_size / seconds)
+    for round_ in range(args.rounds):
+        for name, start in (("ours", ours), ("torchvision", theirs)):
+            rates[name].append(rate(start, round_))
+            gc.collect()  # the loader is gone: its workers stop before the other loader's start
+            if multiprocessing.active_children():
+                raise RuntimeError(f"{name}'s loader workers outlived their round")
     ratios = [a / b for a, b in zip(rates["ours"], rates["torchvision"], strict=True)]
     for name, values in rates.items():
         print(f"{name}: {statistics.median(values):.1f} images/s (rounds: "
