@@ -542,6 +542,10 @@ def test_write_sweep_table_and_plot(tmp_path):
     assert table_line(main_table, "search - one L2 for all") == ["search - one L2 for all", "+8.00", "+8.00"]
     # The clips of the 2-bit supernet: layers [3, 4.5] and [2.5, 5]; spreads 1.5 and 2.5.
     assert table_line(text, "200") == ["200", "3.75", "2.50", "5.00", "2.00", "2.50"]
+    assert table_line(text, "BASQ, one L2 decay for all layers", "2000") == [
+        "BASQ, one L2 decay for all layers", "2000", "0.001, 0.0001, 0.001"]  # branches 1, 2, 1
+    assert table_line(text, "BASQ (k-fold search)", "200")[2] == \
+        "0.01: 1.3, 0.001: 2.0, 0.0001: 0.3, 1e-05: 0.3"  # 4, 6, 1 and 1 of 12 layers in 3 folds
     write_sweep_plot(tmp_path / "out" / "budget_sweep.png", rows)
     assert (tmp_path / "out" / "budget_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

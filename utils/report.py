@@ -230,6 +230,8 @@ def write_sweep_table(path: Path, rows: list[Row], meta: dict) -> str:
             clips = [c for layer in layers for c in layer]
             travel.append(f"| {it} | {statistics.fmean(clips):.2f} | {min(clips):.2f} | {max(clips):.2f} | "
                           f"{statistics.fmean(spreads):.2f} | {max(spreads):.2f} |")
+    choices = [f"| {METHOD_NAMES[m]} | {it} | {_choice(index[m, it])} |" for m in ("basq-uniform", "basq")
+               for it in budgets if (m, it) in index]
     table = "\n".join(lines)
     network = rows[0].network()
     caption = (f"{network}, {rows[0].bits}-bit weights and activations: top-1 (%) on Fashion-MNIST test "
@@ -251,6 +253,13 @@ def write_sweep_table(path: Path, rows: list[Row], meta: dict) -> str:
         "| Iterations | Mean clip | Min | Max | Mean spread of a layer | Max spread |",
         "|---|---|---|---|---|---|",
         *travel,
+        "",
+        "Decays chosen: per fold for one L2 decay for all layers; for the search, the mean number of "
+        "layers that take each decay.",
+        "",
+        "| Method | Iterations | Decays |",
+        "|---|---|---|",
+        *choices,
         "",
     ])
 
