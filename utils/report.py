@@ -276,6 +276,7 @@ def write_sweep_plot(path: Path, rows: list[Row]) -> None:
                         marker="o", capsize=3, label=METHOD_NAMES[method],
                         ls="--" if method == "float" else "-")
     ax.set_xscale("log")
+    ax.minorticks_off()  # the budgets label the axis, not the log scale's minor ticks
     budgets = sorted({r.iters for r in rows})
     ax.set_xticks(budgets)
     ax.set_xticklabels([str(b) for b in budgets])
