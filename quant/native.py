@@ -53,7 +53,7 @@ SIGNATURES = {
                                 *[_ptr] * 4, ctypes.POINTER(After), _int]),
     "bn_train_backward": (None, [_ptr, _ptr, _ptr, _i64, _i64, _i64, *[_ptr] * 4,
                                  ctypes.POINTER(After), *[_ptr] * 3, _int]),
-    "normalize_images": (None, [_ptr, _ptr, _i64, _i64, _i64, _ptr, _int]),
+    "normalize_images": (None, [_ptr, _ptr, _i64, _i64, _i64, _ptr]),
 }
 
 

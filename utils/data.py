@@ -104,10 +104,7 @@ def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
         n, c, h, w = images.shape
         table = _normalisation_table(c)
         out = torch.empty(images.shape, dtype=torch.float32)
-        # One thread: a table lookup is ~1 ms a batch, and a second OpenMP thread, spinning after
-        # it, takes a core from the loader workers (measured: 15-20 % of their images/s on 2 cores).
-        native.library().normalize_images(native.ptr(images), native.ptr(out), n, c, h * w,
-                                          native.ptr(table), 1)
+        native.library().normalize_images(native.ptr(images), native.ptr(out), n, c, h * w, native.ptr(table))
         return out
     return normalise(images)
 
