@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant import ClipActivation, LsqActivation, QConv, native
-from quant.fused import quantizes_after
-
-from . import fused_eval, fused_train
-from .skip import FlexibleSkip
+from cpu_kernels import eval_unit as fused_eval
+from cpu_kernels import library as native
+from cpu_kernels import train_batch_norm as fused_train
+from cpu_kernels.after import quantizes_after
+from models.skip import FlexibleSkip
+from quant import ClipActivation, LsqActivation, QConv
 
 QUANTIZERS = ("basq", "lsq", "float")
 

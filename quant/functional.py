@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from . import native
+from cpu_kernels import library as native
 
 
 def clip_delta(clip: torch.Tensor, bin_: torch.Tensor) -> torch.Tensor:

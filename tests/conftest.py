@@ -25,7 +25,7 @@ def fixtures_dir() -> Path:
 
 def require_native() -> None:
     """Skip without the fused CPU kernels (quant/native.py); CI (``BASQ_REQUIRE_FIXTURES=1``) fails."""
-    from quant import native
+    from cpu_kernels import library as native
 
     if native.library() is None:
         why = "the fused CPU kernels did not build here (no working C compiler; see the warning)"
@@ -37,7 +37,7 @@ def require_native() -> None:
 @pytest.fixture(params=["fused", "pytorch"])
 def kernels(request, monkeypatch) -> str:
     """Run a test with the quantizers' fused CPU kernels, then with PyTorch's ops."""
-    from quant import native
+    from cpu_kernels import library as native
 
     if request.param == "pytorch":
         monkeypatch.setattr(native, "usable", lambda *tensors: False)

@@ -32,7 +32,7 @@ def random_image(seed: int, size=(37, 29)) -> Image.Image:
 
 @pytest.mark.parametrize("path", ["kernel", "pytorch"])
 def test_to_device_gives_the_values_of_totensor_and_normalize(path, monkeypatch):
-    from quant import native
+    from cpu_kernels import library as native
 
     if path == "pytorch":
         monkeypatch.setattr(native, "library", lambda: None)

@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-from quant import native
+from cpu_kernels import library as native
+from cpu_kernels.after import quantizes_after
 from quant.functional import clip_quantize, lsq_quantize
-from quant.fused import quantizes_after
 from tests.conftest import ROOT, require_native
 
 # Values on and next to every boundary, and the non-finite ones.
@@ -104,7 +104,7 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
                           env={**os.environ, **env}, timeout=300)
 
 
-QUANTIZE = ("import torch, warnings; from quant import native; from quant.functional import "
+QUANTIZE = ("import torch, warnings; from cpu_kernels import library as native; from quant.functional import "
             "clip_quantize; warnings.simplefilter('always'); "
             "print(native.library() is None, clip_quantize(torch.tensor([0.4, 1.6, 9.0]), "
             "torch.tensor(3.0), torch.tensor([0.75])).tolist())")
@@ -164,7 +164,7 @@ def fused_and_pytorch(model, x, selection, monkeypatch):
 
 @pytest.fixture
 def exact():
-    from models import fused_eval
+    from cpu_kernels import eval_unit as fused_eval
 
     if not fused_eval.is_exact():
         pytest.skip("this machine's PyTorch rounds BatchNorm otherwise: evaluation runs PyTorch's "
@@ -185,7 +185,7 @@ def test_fused_evaluation_is_pytorch_bit_for_bit(exact, monkeypatch, arch, width
 
 
 def test_fused_evaluation_runs_only_without_autograd_in_eval_mode(exact, monkeypatch):
-    from models import fused_eval
+    from cpu_kernels import eval_unit as fused_eval
 
     calls = []
     unit = fused_eval.unit
@@ -211,7 +211,7 @@ def test_fused_evaluation_follows_changed_batchnorm_statistics(exact, monkeypatc
 
 
 def test_evaluation_keeps_pytorchs_ops_where_the_kernels_differ(monkeypatch):
-    from models import fused_eval
+    from cpu_kernels import eval_unit as fused_eval
 
     terms = fused_eval._bn_terms
     monkeypatch.setattr(fused_eval, "_bn_terms",
@@ -229,7 +229,7 @@ def test_evaluation_keeps_pytorchs_ops_where_the_kernels_differ(monkeypatch):
 
 
 def test_the_check_leaves_the_random_stream_alone():
-    from models import fused_eval
+    from cpu_kernels import eval_unit as fused_eval
 
     fused_eval.is_exact.cache_clear()
     torch.manual_seed(5)
@@ -240,7 +240,7 @@ def test_the_check_leaves_the_random_stream_alone():
 
 
 def test_fused_evaluation_under_inference_mode(exact, monkeypatch):
-    from models import fused_eval
+    from cpu_kernels import eval_unit as fused_eval
 
     fused_eval.is_exact.cache_clear()  # the first check may come under inference_mode
     model = supernet("mobilenet_v2", 0.35)
@@ -255,7 +255,7 @@ def test_fused_evaluation_under_inference_mode(exact, monkeypatch):
 
 @pytest.fixture
 def exact_train():
-    from models import fused_train
+    from cpu_kernels import train_batch_norm as fused_train
 
     if not fused_train.is_exact():
         pytest.skip("this machine's PyTorch computes training-mode BatchNorm otherwise: training "
@@ -265,7 +265,7 @@ def exact_train():
 @pytest.mark.parametrize("shape, momentum", [((8, 24, 9, 7), 0.1), ((3, 13, 16, 16), None),
                                              ((1, 96, 28, 28), 0.1), ((5, 7, 2, 3), 0.3)])
 def test_training_batchnorm_is_pytorch_bit_for_bit(exact_train, shape, momentum):
-    from models import fused_train
+    from cpu_kernels import train_batch_norm as fused_train
 
     gen = torch.Generator().manual_seed(0)
     ours, theirs = (torch.nn.BatchNorm2d(shape[1], momentum=momentum) for _ in range(2))
@@ -318,7 +318,7 @@ def test_training_step_is_pytorchs(exact_train, monkeypatch, arch):
 
 
 def test_training_batchnorm_applies_only_where_pytorch_sums_the_same_way(exact_train):
-    from models import fused_train
+    from cpu_kernels import train_batch_norm as fused_train
 
     bn = torch.nn.BatchNorm2d(4)
     assert fused_train.applies(bn, torch.randn(2, 4, 3, 3))
@@ -331,7 +331,7 @@ def test_training_batchnorm_applies_only_where_pytorch_sums_the_same_way(exact_t
 
 
 def test_training_keeps_pytorchs_batchnorm_where_the_kernel_differs(monkeypatch):
-    from models import fused_train
+    from cpu_kernels import train_batch_norm as fused_train
 
     batch_norm = fused_train.batch_norm
     monkeypatch.setattr(fused_train, "batch_norm",
@@ -347,7 +347,7 @@ def test_training_keeps_pytorchs_batchnorm_where_the_kernel_differs(monkeypatch)
 
 @pytest.mark.parametrize("after", ["relu and skip", "clip", "lsq"])
 def test_training_batchnorm_with_what_follows_it_is_pytorchs(exact_train, after):
-    from models import fused_train
+    from cpu_kernels import train_batch_norm as fused_train
     from quant import ClipActivation, LsqActivation
 
     gen = torch.Generator().manual_seed(4)

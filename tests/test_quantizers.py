@@ -192,7 +192,7 @@ def test_lsq_quantizes_with_the_references_value_of_the_step(hi, kernels):
 
 
 def test_fused_batch_norm_quantizes_with_the_references_step(kernels):
-    from models import fused_train
+    from cpu_kernels import train_batch_norm as fused_train
 
     s = steps_off_by_a_bit(64, 3, seed=1)
     x = boundary_inputs(s, 3)

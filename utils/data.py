@@ -16,7 +16,7 @@ import torchvision
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import transforms
 
-from quant import native
+from cpu_kernels import library as native
 
 from . import distributed
 from .errors import DataError

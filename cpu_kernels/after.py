@@ -6,10 +6,10 @@ in the same pass: these functions say whether it can, and describe the quantizer
 import torch
 from torch import nn
 
-from . import native
-from .clip import ClipActivation
-from .functional import clip_range
-from .lsq import LsqActivation
+from cpu_kernels import library as native
+from quant.clip import ClipActivation
+from quant.functional import clip_range
+from quant.lsq import LsqActivation
 
 
 def has_hooks(module: nn.Module) -> bool:

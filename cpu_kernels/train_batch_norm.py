@@ -14,9 +14,10 @@ import ctypes
 import torch
 from torch import nn
 
-from quant import ClipActivation, LsqActivation, native
+from cpu_kernels import library as native
+from cpu_kernels.after import after_quantizer, has_hooks, quantizer_tensors
+from quant import ClipActivation, LsqActivation
 from quant.functional import lsq_scale, lsq_step
-from quant.fused import after_quantizer, has_hooks, quantizer_tensors
 
 
 def applies(bn: nn.Module, x: torch.Tensor) -> bool:

@@ -12,11 +12,11 @@ import weakref
 import torch
 from torch import nn
 
-from quant import ClipActivation, LsqActivation, QConv, native
+from cpu_kernels import library as native
+from cpu_kernels.after import after_quantizer, has_hooks, quantizer_tensors, quantizes_after
+from models.skip import FlexibleSkip
+from quant import ClipActivation, LsqActivation, QConv
 from quant.functional import lsq_scale, lsq_step, values_key
-from quant.fused import after_quantizer, has_hooks, quantizer_tensors, quantizes_after
-
-from .skip import FlexibleSkip
 
 
 def _in_evaluation(bn: nn.Module) -> bool:

@@ -1,0 +1,1 @@
+"""BASQ's CPU back end: fused C kernels that give PyTorch's values bit for bit, faster."""
