@@ -1,15 +1,16 @@
-"""The quantizers as the fused CPU kernels of ``quant/kernels.c`` take them.
+"""What follows a BatchNorm in a kernel's pass: the quantizers as the kernels take them.
 
-A kernel that runs a BatchNorm (``models.fused_train``, ``models.fused_eval``) can quantize its output
-in the same pass: these functions say whether it can, and describe the quantizer to it.
+A kernel that runs a BatchNorm (``train_batch_norm``, ``eval_unit``) can quantize its output in the
+same pass: these functions say whether it can, and describe the quantizer to it.
 """
 import torch
 from torch import nn
 
-from cpu_kernels import library as native
 from quant.clip import ClipActivation
-from quant.functional import clip_range
+from quant.functional import clip_range, lsq_scale, lsq_step
 from quant.lsq import LsqActivation
+
+from . import library as native
 
 
 def has_hooks(module: nn.Module) -> bool:
@@ -26,6 +27,13 @@ def quantizer_tensors(quantizer: nn.Module | None) -> tuple:
     if isinstance(quantizer, LsqActivation):
         return None, None, quantizer.s, float(quantizer.qp)
     return None, None, None, 0.0
+
+
+def lsq_step_and_scale(s: torch.Tensor, x: torch.Tensor, hi: float) -> tuple[torch.Tensor, float]:
+    """The step LSQ quantizes ``x`` with (``lsq_step``) and its gradient scale ``k``
+    (``lsq_scale``), as ``quant.functional.lsq_quantize`` takes them."""
+    k = lsq_scale(x.numel(), hi)
+    return lsq_step(s, k), k
 
 
 def after_quantizer(clip: torch.Tensor | None, bin_: torch.Tensor | None,

@@ -1,10 +1,11 @@
 """A unit in evaluation without autograd, as two fused CPU kernels around its convolution.
 
 ``BN_pre`` and the quantizer run as one pass over the unit's input; ``BN_post``, ReLU, the skip and
-``BN_last`` as one pass over its output (``quant/kernels.c``), where PyTorch's ops make six to nine.
+``BN_last`` as one pass over its output (``kernels.c``), where PyTorch's ops make six to nine.
 The values are PyTorch's bit for bit, which depends on how this machine's PyTorch computes
 BatchNorm: ``is_exact`` checks every kind of unit against PyTorch's ops once per process, and the
-units keep PyTorch's ops if any bit differs.
+units keep PyTorch's ops if any bit differs. The skip is the model's (``models.skip.FlexibleSkip``):
+the kernels repeat and pool its input themselves, and the check builds skips of its type.
 """
 import ctypes
 import weakref
@@ -12,11 +13,11 @@ import weakref
 import torch
 from torch import nn
 
-from cpu_kernels import library as native
-from cpu_kernels.after import after_quantizer, has_hooks, quantizer_tensors, quantizes_after
-from models.skip import FlexibleSkip
 from quant import ClipActivation, LsqActivation, QConv
-from quant.functional import lsq_scale, lsq_step, values_key
+from quant.functional import values_key
+
+from . import library as native
+from .after import after_quantizer, has_hooks, lsq_step_and_scale, quantizer_tensors, quantizes_after
 
 
 def _in_evaluation(bn: nn.Module) -> bool:
@@ -26,12 +27,12 @@ def _in_evaluation(bn: nn.Module) -> bool:
 
 
 def applies(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, bn_post: nn.Module,
-            bn_last: nn.Module) -> bool:
+            skip: nn.Module, bn_last: nn.Module) -> bool:
     """Whether the fused kernels can run this unit: no autograd, eval-mode BatchNorms, CPU float32,
     no hooks on the parts the kernels stand in for."""
     return (not torch.is_grad_enabled() and x.dim() == 4 and native.usable(x)
             and quantizes_after(quantizer)
-            and all(_in_evaluation(bn) for bn in (bn_pre, bn_post, bn_last)) and is_exact())
+            and all(_in_evaluation(bn) for bn in (bn_pre, bn_post, bn_last)) and is_exact(type(skip)))
 
 
 _alphas: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
@@ -56,14 +57,14 @@ def _bn_terms(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 def unit(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, conv: nn.Module,
          bn_post: nn.Module, skip: nn.Module, bn_last: nn.Module) -> torch.Tensor:
-    """``models.units.unit_forward`` where ``applies`` holds."""
+    """``BN_last(ReLU(BN_post(conv(Q(BN_pre(x))))) + skip(x))`` where ``applies`` holds."""
     lib, threads = native.library(), native.threads()
     n, c, h, w = x.shape
     q = torch.empty_like(x)
     pre = _bn_terms(bn_pre)  # held here: the kernel reads them
     clip, bin_, step, hi = quantizer_tensors(quantizer)
     if step is not None:  # held here: the kernel reads it
-        step = lsq_step(step, lsq_scale(x.numel(), hi))
+        step = lsq_step_and_scale(step, x, hi)[0]
     after = after_quantizer(clip, bin_, step, hi)
     lib.bn_quantize(native.ptr(x), native.ptr(q), n, c, h * w, *map(native.ptr, pre),
                     ctypes.byref(after), threads)
@@ -80,7 +81,7 @@ def unit(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, conv: nn.Modu
 
 
 def _by_pytorch_ops(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, conv: nn.Module,
-                    bn_post: nn.Module, skip: FlexibleSkip, bn_last: nn.Module) -> torch.Tensor:
+                    bn_post: nn.Module, skip: nn.Module, bn_last: nn.Module) -> torch.Tensor:
     """The unit in evaluation, one PyTorch op after the other: what ``unit`` must equal."""
     return bn_last(skip.add_to(torch.relu(bn_post(conv(quantizer(bn_pre(x))))), x))
 
@@ -91,7 +92,7 @@ _CHECKED_UNITS = [(8, 24, 1, 1, "lsq"), (24, 24, 3, 2, "clip"), (24, 24, 3, 1, "
                   (24, 8, 1, 1, "lsq"), (20, 8, 1, 2, "lsq"), (8, 20, 1, 2, "none"), (16, 16, 3, 1, "none")]
 
 
-def _matches() -> bool:
+def _matches(skip_type: type[nn.Module]) -> bool:
     gen = torch.Generator().manual_seed(0)
     for cin, cout, kernel, stride, kind in _CHECKED_UNITS:
         quantizer = {"lsq": LsqActivation(2, cin), "none": nn.Identity()}.get(kind) or ClipActivation(2)
@@ -108,7 +109,7 @@ def _matches() -> bool:
         x = torch.randn(3, cin, 9, 7, generator=gen) * 3
         if kind == "lsq":
             quantizer.init_from(bns[0](x))
-        parts = (bns[0], quantizer, conv, bns[1], FlexibleSkip(cin, cout, stride), bns[2])
+        parts = (bns[0], quantizer, conv, bns[1], skip_type(cin, cout, stride), bns[2])
         if not torch.equal(unit(x, *parts), _by_pytorch_ops(x, *parts)):
             return False
     return True

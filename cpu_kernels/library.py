@@ -4,8 +4,8 @@ The quantizers and the units call them on contiguous float32 CPU tensors and fal
 PyTorch's ops (same forward values, bit for bit; slower) everywhere else: on a GPU, under bfloat16
 autocast, with ``BASQ_NATIVE=0``, or where no compiler works (a warning says so, once). The library
 is built with ``-march=native`` into ``$BASQ_CACHE`` (default ``~/.cache/basq``), named by a hash
-of the source, the compiler, its flags and the CPU, and replaced atomically, so processes started
-together (torchrun) can build it at the same time.
+of the source, the compiler, its flags and the CPU, and renamed into place when complete, so
+processes started together (torchrun) can build it at the same time.
 """
 import ctypes
 import functools
@@ -14,13 +14,12 @@ import os
 import platform
 import shutil
 import subprocess
+import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-
-from utils.files import atomic_path
 
 SOURCE = Path(__file__).with_name("kernels.c")
 # -ffp-contract=off: no fused multiply-add, so every value is rounded as PyTorch's ops round it.
@@ -74,10 +73,13 @@ def _build(cc: str, flags: list[str], cache: Path) -> Path:
     key = "\n".join([SOURCE.read_text(), cc, _compiler_version(cc), " ".join(flags), platform.machine(),
                      _cpu_id()])
     target = cache / f"basq_kernels_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
-    if not target.exists():
-        with atomic_path(target) as tmp:
-            subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp)], check=True, capture_output=True,
+    if not target.exists():  # built beside the target, renamed when complete
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            built = Path(tmp) / target.name
+            subprocess.run([cc, *flags, str(SOURCE), "-o", str(built)], check=True, capture_output=True,
                            text=True, timeout=300)
+            os.replace(built, target)
     return target
 
 
@@ -123,14 +125,14 @@ def threads() -> int:
     return torch.get_num_threads()
 
 
-def checked_once(matches: Callable[[], bool], warning: str) -> Callable[[], bool]:
-    """``matches`` (a comparison of kernels with PyTorch's ops) run once per process, leaving the
-    caller's random stream as it was and making ordinary tensors even under ``inference_mode``;
-    ``warning`` when it fails. The result has ``cache_clear``, for tests."""
+def checked_once(matches: Callable[..., bool], warning: str) -> Callable[..., bool]:
+    """``matches`` (a comparison of kernels with PyTorch's ops) run once per process and
+    arguments, leaving the caller's random stream as it was and making ordinary tensors even under
+    ``inference_mode``; ``warning`` when it fails. The result has ``cache_clear``, for tests."""
     @functools.cache
-    def is_exact() -> bool:
+    def is_exact(*args) -> bool:
         with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.no_grad():
-            if matches():
+            if matches(*args):
                 return True
         warnings.warn(warning, stacklevel=3)
         return False

@@ -1,7 +1,7 @@
 """BatchNorm in training on the CPU: PyTorch's values bit for bit, with faster batch statistics.
 
 PyTorch's CPU kernel sums every channel in double, one element after the other: a chain of
-dependent additions that takes most of a training-mode BatchNorm's time. ``quant/kernels.c`` runs
+dependent additions that takes most of a training-mode BatchNorm's time. ``kernels.c`` runs
 the same sums in the same order for eight channels at once, so that their chains overlap; the
 output, the saved statistics and the running statistics are PyTorch's bit for bit (checked once per
 process against ``nn.BatchNorm2d``, which is used instead if any bit differs). A unit's BN_pre runs
@@ -14,10 +14,10 @@ import ctypes
 import torch
 from torch import nn
 
-from cpu_kernels import library as native
-from cpu_kernels.after import after_quantizer, has_hooks, quantizer_tensors
 from quant import ClipActivation, LsqActivation
-from quant.functional import lsq_scale, lsq_step
+
+from . import library as native
+from .after import after_quantizer, has_hooks, lsq_step_and_scale, quantizer_tensors
 
 
 def applies(bn: nn.Module, x: torch.Tensor) -> bool:
@@ -49,8 +49,9 @@ class _BatchNormTrain(torch.autograd.Function):
                 skip: torch.Tensor | None, clip: torch.Tensor | None, bin_: torch.Tensor | None,
                 step: torch.Tensor | None, hi: float) -> torch.Tensor:
         n, c, h, w = x.shape
+        k = None
         if step is not None:  # LSQ quantizes with the reference's value of its step
-            step = lsq_step(step, lsq_scale(x.numel(), hi))
+            step, k = lsq_step_and_scale(step, x, hi)
         if skip is None:
             after = after_quantizer(clip, bin_, step, hi)
         else:
@@ -62,11 +63,11 @@ class _BatchNormTrain(torch.autograd.Function):
             native.ptr(x), native.ptr(y), n, c, h * w, native.ptr(weight), native.ptr(bias),
             native.ptr(running_mean), native.ptr(running_var), momentum, eps, *map(native.ptr, stats),
             ctypes.byref(after), native.threads())
-        # Through PyTorch, so that the buffers' version counters move (models.fused_eval keys on them).
+        # Through PyTorch, so that the buffers' version counters move (eval_unit keys on them).
         running_mean.copy_(new_mean)
         running_var.copy_(new_var)
         after.skip = None
-        ctx.after, ctx.eps, ctx.clip_shape = after, eps, None if clip is None else clip.shape
+        ctx.after, ctx.eps, ctx.k, ctx.clip_shape = after, eps, k, None if clip is None else clip.shape
         ctx.skip_channels = skip.shape[1] if skip is not None else 0
         ctx.save_for_backward(x, weight, bias, mean, invstd, step)
         return y
@@ -96,7 +97,7 @@ class _BatchNormTrain(torch.autograd.Function):
         if needs[8]:  # the clip: the sum of g over the outputs above it
             grad_clip = grad_after.sum().to(weight.dtype).reshape(ctx.clip_shape)
         if needs[10]:  # LSQ's step, with its gradient scale k (quant.functional.lsq_quantize)
-            grad_step = grad_after.to(weight.dtype) * lsq_scale(x.numel(), after.hi)
+            grad_step = grad_after.to(weight.dtype) * ctx.k
         return (grad_x if needs[0] else None, grad_weight if needs[1] else None,
                 grad_bias if needs[2] else None, None, None, None, None, grad_skip, grad_clip,
                 None, grad_step, None)

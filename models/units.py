@@ -15,10 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cpu_kernels import eval_unit as fused_eval
-from cpu_kernels import library as native
-from cpu_kernels import train_batch_norm as fused_train
-from cpu_kernels.after import quantizes_after
+from cpu_kernels import units as cpu_units
 from models.skip import FlexibleSkip
 from quant import ClipActivation, LsqActivation, QConv
 
@@ -43,34 +40,13 @@ def unit_forward(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, conv:
                  bn_post: nn.Module, skip: FlexibleSkip, bn_last: nn.Module) -> torch.Tensor:
     """``U(x) = BN_last(ReLU(BN_post(QConv(Q(BN_pre(x))))) + Skip(x))``, for every unit and branch.
 
-    On the CPU, the fused kernels do the elementwise work where they give PyTorch's values bit for
-    bit on this machine: in evaluation without autograd, two passes around the convolution
-    (``models.fused_eval``); in training, BatchNorm with what follows it (``models.fused_train``).
+    On the CPU, the back end's fused kernels run it where they give PyTorch's values bit for bit on
+    this machine (``cpu_kernels.units``); PyTorch's ops everywhere else.
     """
-    parts = (bn_pre, quantizer, conv, bn_post, skip, bn_last)
-    if fused_eval.applies(x, bn_pre, quantizer, bn_post, bn_last):
-        return fused_eval.unit(x, *parts)
-    return unit_op_by_op(x, *parts)
-
-
-def unit_op_by_op(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, conv: nn.Module,
-                  bn_post: nn.Module, skip: FlexibleSkip, bn_last: nn.Module) -> torch.Tensor:
-    """``unit_forward`` one part after the other (training-mode BatchNorms fused with what follows)."""
-    if fused_train.applies(bn_pre, x) and quantizes_after(quantizer):
-        z = conv(fused_train.batch_norm(bn_pre, x, quantizer=quantizer))  # BN_pre and Q in one pass
-    else:
-        z = conv(quantizer(_norm(bn_pre, x)))
-    if fused_train.applies(bn_post, z):  # BN_post, ReLU and the sum in one pass
-        repeats = skip.out_channels % skip.in_channels == 0
-        src = (skip.pool(x) if repeats else skip(x)).contiguous()
-        if native.usable(src):
-            return _norm(bn_last, fused_train.batch_norm(bn_post, z, src))
-    return _norm(bn_last, skip.add_to(F.relu(_norm(bn_post, z)), x))
-
-
-def _norm(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``bn(x)``; in training on the CPU with the faster statistics of ``models.fused_train``."""
-    return fused_train.batch_norm(bn, x) if fused_train.applies(bn, x) else bn(x)
+    out = cpu_units.forward(x, bn_pre, quantizer, conv, bn_post, skip, bn_last)
+    if out is not None:
+        return out
+    return bn_last(skip.add_to(F.relu(bn_post(conv(quantizer(bn_pre(x))))), x))
 
 
 class Unit:

@@ -1,13 +1,14 @@
 """The quantizers' arithmetic and autograd functions (SPEC section 1).
 
-Each function runs the fused CPU kernels of ``native`` where they apply (contiguous float32 CPU
-tensors) and PyTorch's ops elsewhere; both give the same values bit for bit.
+Each function asks the CPU back end (``cpu_kernels.quantizers``) whether its fused kernels apply
+(contiguous float32 CPU tensors) and runs PyTorch's ops elsewhere; both give the same values bit
+for bit.
 """
 import math
 
 import torch
 
-from cpu_kernels import library as native
+from cpu_kernels import quantizers as kernels
 
 
 def clip_delta(clip: torch.Tensor, bin_: torch.Tensor) -> torch.Tensor:
@@ -64,10 +65,8 @@ class ClipQuantize(torch.autograd.Function):
         upper, delta = clip_range(clip, bin_)
         # round(clamp(x, 0, c) / delta) * delta, in this order (bit-exact rounding): in one pass,
         # or in place on the one new tensor.
-        if native.usable(x):
-            y = torch.empty_like(x)
-            native.library().clip_forward(native.ptr(x), native.ptr(y), x.numel(), float(upper),
-                                          float(delta), native.threads())
+        if kernels.applies(x):
+            y = kernels.clip_forward(x, float(upper), float(delta))
         else:
             y = torch.clamp(x, min=torch.zeros_like(upper), max=upper).div_(delta).round_().mul_(delta)
         ctx.save_for_backward(x, clip)
@@ -76,12 +75,8 @@ class ClipQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, clip = ctx.saved_tensors
-        if native.usable(x):
-            grad = grad.contiguous()
-            grad_x = torch.empty_like(x)
-            grad_clip = native.library().clip_backward(native.ptr(x), native.ptr(grad),
-                                                       native.ptr(grad_x), x.numel(), float(clip),
-                                                       native.threads())
+        if kernels.applies(x):
+            grad_x, grad_clip = kernels.clip_backward(x, grad, float(clip))
             grad_clip = torch.tensor(grad_clip, dtype=clip.dtype).reshape(clip.shape)
             return (grad_x if ctx.needs_input_grad[0] else None,
                     grad_clip if ctx.needs_input_grad[1] else None, None)
@@ -110,7 +105,7 @@ class LsqQuantize(torch.autograd.Function):
     ``a`` takes the reference's forward value (``lsq_step``).
 
     Autograd through the composite saves five temporaries and runs a dozen kernels; this saves one
-    tensor (``x`` for the fused CPU kernels of ``native``, ``q = x / a`` for PyTorch's ops). Same
+    tensor (``x`` for the fused CPU kernels, ``q = x / a`` for PyTorch's ops). Same
     gradients: ``dx = g`` where ``lo <= q <= hi``; ``ds = k * sum(g *
     (round(q) - q))`` inside the range and ``k * sum(g * clamp(q))`` outside, summed over all
     dimensions but the channel ``dim``.
@@ -121,12 +116,9 @@ class LsqQuantize(torch.autograd.Function):
                 dim: int) -> torch.Tensor:
         ctx.lo, ctx.hi, ctx.k, ctx.dim = lo, hi, k, dim
         a = lsq_step(s, k)
-        if native.usable(x, a):  # one pass; the backward recomputes q from x
+        if kernels.applies(x, a):  # one pass; the backward recomputes q from x
             ctx.save_for_backward(x, a)
-            y = torch.empty_like(x)
-            native.library().lsq_forward(native.ptr(x), native.ptr(a), native.ptr(y),
-                                         *_channel_view(x, dim), lo, hi, native.threads())
-            return y
+            return kernels.lsq_forward(x, a, lo, hi, dim)
         shape = [1] * x.dim()
         shape[dim] = -1
         a = a.view(shape)
@@ -140,13 +132,7 @@ class LsqQuantize(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x_or_q, a = ctx.saved_tensors
         if a is not None:
-            x, grad = x_or_q, grad.contiguous()
-            grad_x = torch.empty_like(x)
-            grad_s = torch.empty(a.numel(), dtype=torch.float64)
-            native.library().lsq_backward(native.ptr(x), native.ptr(a), native.ptr(grad),
-                                          native.ptr(grad_x), native.ptr(grad_s),
-                                          *_channel_view(x, ctx.dim), ctx.lo, ctx.hi,
-                                          native.threads())
+            grad_x, grad_s = kernels.lsq_backward(x_or_q, a, grad, ctx.lo, ctx.hi, ctx.dim)
             return (grad_x if ctx.needs_input_grad[0] else None,
                     grad_s.to(a.dtype) * ctx.k if ctx.needs_input_grad[1] else None,
                     None, None, None, None)
@@ -159,11 +145,6 @@ class LsqQuantize(torch.autograd.Function):
             r = torch.round(torch.clamp(q, ctx.lo, ctx.hi))
             grad_s = (grad * torch.where(inside, r - q, r)).sum(dims) * ctx.k
         return grad_x, grad_s, None, None, None, None
-
-
-def _channel_view(x: torch.Tensor, dim: int) -> tuple[int, int, int]:
-    """``x`` as ``[outer, channels, inner]`` around ``dim``."""
-    return math.prod(x.shape[:dim]), x.shape[dim], math.prod(x.shape[dim + 1:])
 
 
 def lsq_quantize(x: torch.Tensor, s: torch.Tensor, lo: float, hi: float, dim: int) -> torch.Tensor:

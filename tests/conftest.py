@@ -24,7 +24,7 @@ def fixtures_dir() -> Path:
 
 
 def require_native() -> None:
-    """Skip without the fused CPU kernels (quant/native.py); CI (``BASQ_REQUIRE_FIXTURES=1``) fails."""
+    """Skip without the fused CPU kernels (cpu_kernels/library.py); CI (``BASQ_REQUIRE_FIXTURES=1``) fails."""
     from cpu_kernels import library as native
 
     if native.library() is None:
@@ -32,6 +32,20 @@ def require_native() -> None:
         if os.environ.get("BASQ_REQUIRE_FIXTURES") == "1":
             pytest.fail(why)
         pytest.skip(why)
+
+
+def require_exact(is_exact, why: str) -> None:
+    """Skip where this process's check turned a fused BatchNorm kernel off (``is_exact()`` false):
+    PyTorch's baseline CPU kernels (``ATEN_CPU_CAPABILITY=default``) round BatchNorm otherwise, and
+    the kernels then stand aside by design. Where PyTorch runs its vectorised kernels (AVX2,
+    AVX-512), the kernels must match, so CI (``BASQ_REQUIRE_FIXTURES=1``) fails there instead."""
+    require_native()
+    if is_exact():
+        return
+    if (os.environ.get("BASQ_REQUIRE_FIXTURES") == "1"
+            and torch.backends.cpu.get_cpu_capability() != "DEFAULT"):
+        pytest.fail(f"{why}, under PyTorch's {torch.backends.cpu.get_cpu_capability()} kernels")
+    pytest.skip(why)
 
 
 @pytest.fixture(params=["fused", "pytorch"])

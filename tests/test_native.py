@@ -1,4 +1,4 @@
-"""The fused CPU kernels (quant/kernels.c) against PyTorch's ops: forward values and input gradients
+"""The fused CPU kernels (cpu_kernels/kernels.c) against PyTorch's ops: forward values and input gradients
 the same bit for bit, the sums of the step-size and clip gradients to float accuracy."""
 import os
 import subprocess
@@ -7,10 +7,12 @@ import sys
 import pytest
 import torch
 
+from cpu_kernels import eval_unit, train_batch_norm
 from cpu_kernels import library as native
 from cpu_kernels.after import quantizes_after
+from models.skip import FlexibleSkip
 from quant.functional import clip_quantize, lsq_quantize
-from tests.conftest import ROOT, require_native
+from tests.conftest import ROOT, require_exact, require_native
 
 # Values on and next to every boundary, and the non-finite ones.
 EDGES = [0.0, -0.0, 6.0, 3.0, 2.0, 4.0, 1.5, 0.5, 2.5, 3.0000002, 5.9999995, 6.0000005, -1e-30,
@@ -132,7 +134,7 @@ def test_the_library_is_built_once_into_the_cache(tmp_path):
     assert len(built) == 1 and built[0].suffix == ".so" and sorted(tmp_path.iterdir()) == built
 
 
-# ---- A unit in evaluation as two fused kernels (models/fused_eval.py) ----
+# ---- A unit in evaluation as two fused kernels (models/eval_unit.py) ----
 
 def randomise_batchnorms(model: torch.nn.Module, seed: int = 0) -> None:
     """BatchNorm statistics and affine terms far from the identity, as after training."""
@@ -164,16 +166,14 @@ def fused_and_pytorch(model, x, selection, monkeypatch):
 
 @pytest.fixture
 def exact():
-    from cpu_kernels import eval_unit as fused_eval
-
-    if not fused_eval.is_exact():
-        pytest.skip("this machine's PyTorch rounds BatchNorm otherwise: evaluation runs PyTorch's "
-                    "ops (test_evaluation_keeps_pytorchs_ops_where_the_kernels_differ)")
+    require_exact(lambda: eval_unit.is_exact(FlexibleSkip),
+                  "this machine's PyTorch rounds BatchNorm otherwise: evaluation runs PyTorch's ops "
+                  "(test_evaluation_keeps_pytorchs_ops_where_the_kernels_differ)")
 
 
 @pytest.mark.parametrize("arch, width, size", [("mobilenet_v2", 0.5, 32), ("mobilenet_v2", 0.35, 33),
                                                ("mobilenet_v2", 1.0, 57), ("resnet18", 0.5, 40)])
-def test_fused_evaluation_is_pytorch_bit_for_bit(exact, monkeypatch, arch, width, size):
+def test_eval_unituation_is_pytorch_bit_for_bit(exact, monkeypatch, arch, width, size):
     model = supernet(arch, width)
     x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(3))
     for seed in range(3):
@@ -184,12 +184,10 @@ def test_fused_evaluation_is_pytorch_bit_for_bit(exact, monkeypatch, arch, width
         assert torch.equal(fused, pytorch)
 
 
-def test_fused_evaluation_runs_only_without_autograd_in_eval_mode(exact, monkeypatch):
-    from cpu_kernels import eval_unit as fused_eval
-
+def test_eval_unituation_runs_only_without_autograd_in_eval_mode(exact, monkeypatch):
     calls = []
-    unit = fused_eval.unit
-    monkeypatch.setattr(fused_eval, "unit", lambda *a: calls.append(1) or unit(*a))
+    unit = eval_unit.unit
+    monkeypatch.setattr(eval_unit, "unit", lambda *a: calls.append(1) or unit(*a))
     model = supernet("mobilenet_v2", 0.35)
     x, selection = torch.randn(2, 3, 32, 32), [0] * model.num_searchable_layers
     model(x, selection)
@@ -201,7 +199,7 @@ def test_fused_evaluation_runs_only_without_autograd_in_eval_mode(exact, monkeyp
     assert len(calls) == 51  # every unit: 17 depthwise, 17 project, 16 expand, the last conv
 
 
-def test_fused_evaluation_follows_changed_batchnorm_statistics(exact, monkeypatch):
+def test_eval_unituation_follows_changed_batchnorm_statistics(exact, monkeypatch):
     model = supernet("mobilenet_v2", 0.35)
     x, selection = torch.randn(2, 3, 32, 32), [1] * model.num_searchable_layers
     before, _ = fused_and_pytorch(model, x, selection, monkeypatch)
@@ -211,62 +209,52 @@ def test_fused_evaluation_follows_changed_batchnorm_statistics(exact, monkeypatc
 
 
 def test_evaluation_keeps_pytorchs_ops_where_the_kernels_differ(monkeypatch):
-    from cpu_kernels import eval_unit as fused_eval
-
-    terms = fused_eval._bn_terms
-    monkeypatch.setattr(fused_eval, "_bn_terms",
+    terms = eval_unit._bn_terms
+    monkeypatch.setattr(eval_unit, "_bn_terms",
                         lambda bn: (terms(bn)[0] * 1.0000001, *terms(bn)[1:]))
-    fused_eval.is_exact.cache_clear()
+    eval_unit.is_exact.cache_clear()
     try:
         with pytest.warns(UserWarning, match="evaluation uses PyTorch's ops"):
-            assert not fused_eval.is_exact()
+            assert not eval_unit.is_exact(FlexibleSkip)
         model = supernet("mobilenet_v2", 0.35)
         x, selection = torch.randn(2, 3, 32, 32), [2] * model.num_searchable_layers
         fused, pytorch = fused_and_pytorch(model, x, selection, monkeypatch)
         assert torch.equal(fused, pytorch)
     finally:
-        fused_eval.is_exact.cache_clear()
+        eval_unit.is_exact.cache_clear()
 
 
 def test_the_check_leaves_the_random_stream_alone():
-    from cpu_kernels import eval_unit as fused_eval
-
-    fused_eval.is_exact.cache_clear()
+    eval_unit.is_exact.cache_clear()
     torch.manual_seed(5)
-    fused_eval.is_exact()
+    eval_unit.is_exact(FlexibleSkip)
     drawn = torch.rand(3)
     torch.manual_seed(5)
     assert torch.equal(drawn, torch.rand(3))
 
 
-def test_fused_evaluation_under_inference_mode(exact, monkeypatch):
-    from cpu_kernels import eval_unit as fused_eval
-
-    fused_eval.is_exact.cache_clear()  # the first check may come under inference_mode
+def test_eval_unituation_under_inference_mode(exact, monkeypatch):
+    eval_unit.is_exact.cache_clear()  # the first check may come under inference_mode
     model = supernet("mobilenet_v2", 0.35)
     x, selection = torch.randn(2, 3, 32, 32), [0] * model.num_searchable_layers
     with torch.inference_mode():
         fused = model(x, selection)
-    assert fused_eval.is_exact()
+    assert eval_unit.is_exact(FlexibleSkip)
     assert torch.equal(fused, fused_and_pytorch(model, x, selection, monkeypatch)[1])
 
 
-# ---- BatchNorm in training with faster statistics (models/fused_train.py) ----
+# ---- BatchNorm in training with faster statistics (models/train_batch_norm.py) ----
 
 @pytest.fixture
 def exact_train():
-    from cpu_kernels import train_batch_norm as fused_train
-
-    if not fused_train.is_exact():
-        pytest.skip("this machine's PyTorch computes training-mode BatchNorm otherwise: training "
-                    "runs nn.BatchNorm2d (test_training_keeps_pytorchs_batchnorm_where_the_kernel_differs)")
+    require_exact(train_batch_norm.is_exact,
+                  "this machine's PyTorch computes training-mode BatchNorm otherwise: training runs "
+                  "nn.BatchNorm2d (test_training_keeps_pytorchs_batchnorm_where_the_kernel_differs)")
 
 
 @pytest.mark.parametrize("shape, momentum", [((8, 24, 9, 7), 0.1), ((3, 13, 16, 16), None),
                                              ((1, 96, 28, 28), 0.1), ((5, 7, 2, 3), 0.3)])
 def test_training_batchnorm_is_pytorch_bit_for_bit(exact_train, shape, momentum):
-    from cpu_kernels import train_batch_norm as fused_train
-
     gen = torch.Generator().manual_seed(0)
     ours, theirs = (torch.nn.BatchNorm2d(shape[1], momentum=momentum) for _ in range(2))
     with torch.no_grad():
@@ -277,8 +265,8 @@ def test_training_batchnorm_is_pytorch_bit_for_bit(exact_train, shape, momentum)
     for _ in range(3):
         x = (torch.randn(shape, generator=gen) * 4 + 2).requires_grad_()
         g = torch.randn(shape, generator=gen)
-        assert fused_train.applies(ours, x)
-        y = fused_train.batch_norm(ours, x)
+        assert train_batch_norm.applies(ours, x)
+        y = train_batch_norm.batch_norm(ours, x)
         (grad_x, grad_w, grad_b) = torch.autograd.grad(y, (x, ours.weight, ours.bias), g)
         y0 = theirs(x)
         assert torch.equal(y, y0)
@@ -318,36 +306,31 @@ def test_training_step_is_pytorchs(exact_train, monkeypatch, arch):
 
 
 def test_training_batchnorm_applies_only_where_pytorch_sums_the_same_way(exact_train):
-    from cpu_kernels import train_batch_norm as fused_train
-
     bn = torch.nn.BatchNorm2d(4)
-    assert fused_train.applies(bn, torch.randn(2, 4, 3, 3))
-    assert not fused_train.applies(bn, torch.randn(8, 4, 1, 1))  # also channels-last contiguous
-    assert not fused_train.applies(torch.nn.BatchNorm2d(1), torch.randn(8, 1, 3, 3))
-    assert not fused_train.applies(bn, torch.randn(2, 4, 3, 3).to(memory_format=torch.channels_last))
-    assert not fused_train.applies(bn.eval(), torch.randn(2, 4, 3, 3))
+    assert train_batch_norm.applies(bn, torch.randn(2, 4, 3, 3))
+    assert not train_batch_norm.applies(bn, torch.randn(8, 4, 1, 1))  # also channels-last contiguous
+    assert not train_batch_norm.applies(torch.nn.BatchNorm2d(1), torch.randn(8, 1, 3, 3))
+    assert not train_batch_norm.applies(bn, torch.randn(2, 4, 3, 3).to(memory_format=torch.channels_last))
+    assert not train_batch_norm.applies(bn.eval(), torch.randn(2, 4, 3, 3))
     bn.train().register_forward_hook(lambda *args: None)
-    assert not fused_train.applies(bn, torch.randn(2, 4, 3, 3))
+    assert not train_batch_norm.applies(bn, torch.randn(2, 4, 3, 3))
 
 
 def test_training_keeps_pytorchs_batchnorm_where_the_kernel_differs(monkeypatch):
-    from cpu_kernels import train_batch_norm as fused_train
-
-    batch_norm = fused_train.batch_norm
-    monkeypatch.setattr(fused_train, "batch_norm",
+    batch_norm = train_batch_norm.batch_norm
+    monkeypatch.setattr(train_batch_norm, "batch_norm",
                         lambda *args, **kwargs: batch_norm(*args, **kwargs) * 1.0000001)
-    fused_train.is_exact.cache_clear()
+    train_batch_norm.is_exact.cache_clear()
     try:
         with pytest.warns(UserWarning, match="training uses PyTorch's BatchNorm"):
-            assert not fused_train.is_exact()
-        assert not fused_train.applies(torch.nn.BatchNorm2d(4), torch.randn(2, 4, 3, 3))
+            assert not train_batch_norm.is_exact()
+        assert not train_batch_norm.applies(torch.nn.BatchNorm2d(4), torch.randn(2, 4, 3, 3))
     finally:
-        fused_train.is_exact.cache_clear()
+        train_batch_norm.is_exact.cache_clear()
 
 
 @pytest.mark.parametrize("after", ["relu and skip", "clip", "lsq"])
 def test_training_batchnorm_with_what_follows_it_is_pytorchs(exact_train, after):
-    from cpu_kernels import train_batch_norm as fused_train
     from quant import ClipActivation, LsqActivation
 
     gen = torch.Generator().manual_seed(4)
@@ -357,7 +340,7 @@ def test_training_batchnorm_with_what_follows_it_is_pytorchs(exact_train, after)
     g = torch.randn(shape, generator=gen)
     if after == "relu and skip":  # a skip of 4 channels, repeated 3 times
         skip = torch.randn(6, 4, 10, 9, generator=gen).requires_grad_()
-        y = fused_train.batch_norm(ours, x, skip)
+        y = train_batch_norm.batch_norm(ours, x, skip)
         y0 = torch.relu(theirs(x)) + skip.repeat(1, 3, 1, 1)
         own = skip
     else:
@@ -368,7 +351,7 @@ def test_training_batchnorm_with_what_follows_it_is_pytorchs(exact_train, after)
         else:
             quantizer.s.data.copy_(torch.rand(12, generator=gen) * 0.5 + 0.2)
         assert quantizes_after(quantizer)
-        y = fused_train.batch_norm(ours, x, quantizer=quantizer)
+        y = train_batch_norm.batch_norm(ours, x, quantizer=quantizer)
         y0 = quantizer(theirs(x))
         own = quantizer.upper_bound if after == "clip" else quantizer.s
     grads = torch.autograd.grad(y, [x, ours.weight, ours.bias, own], g)
