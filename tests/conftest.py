@@ -73,6 +73,17 @@ def load_fixture(fixtures_dir):
     return load
 
 
+def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float,
+                          floor: float = 1e-5, msg: str | None = None) -> None:
+    """``torch.testing.assert_close`` with an absolute tolerance of at least ``floor`` times the
+    tensor's largest element. A sum of many terms (a convolution's weight gradient, a BatchNorm's
+    bias gradient) carries float noise of the order of its terms' size, which another CPU's kernels
+    (AVX2, AVX-512) or another thread count change: an element that nearly cancels, or is zero
+    in exact arithmetic, is off by that much however small it is."""
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=max(atol, floor * scale), msg=msg)
+
+
 def normalised(images: torch.Tensor) -> torch.Tensor:
     """The loaders' uint8 images as the model takes them, by torchvision's ``ToTensor`` arithmetic
     and ``Normalize`` (not the project's ``to_device``): for independent checks."""
