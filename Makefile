@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DATA := data
 
-.PHONY: demo test lint data reproduce sweep
+.PHONY: demo test test-numeric lint data reproduce sweep
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,13 @@ data: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+# The tests that compare numbers (fixtures, trajectories, kernels, the stages' steps): CI runs them
+# a second time under another CPU's float noise (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, OMP_NUM_THREADS).
+NUMERIC_TESTS := $(addprefix tests/test_,$(addsuffix .py,mobilenet_v2 resnet variants quantizers native \
+  trajectories training stage1 stage3))
+test-numeric: $(VENV)/.installed
+	$(PY) -m pytest -q $(NUMERIC_TESTS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

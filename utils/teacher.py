@@ -26,6 +26,11 @@ from .errors import CheckpointError, UsageError
 from .runtime import fail_cleanly, seed_everything
 
 REFERENCE_WEIGHTS = "IMAGENET1K_V1"  # what ``pretrained=True`` gave the authors
+# The teacher's layout: oneDNN's CPU convolutions take channels-last tensors without reordering
+# them at every layer, cuDNN's use tensor cores with them. A ResNet-18 at 32 px, batch 128, side by
+# side with the default layout: training steps x0.85 and evaluation x0.62 under AVX2 kernels,
+# x0.95 and x0.83 under AVX-512 (README, "Speed").
+FORMAT = torch.channels_last
 
 
 def _torchvision_model(name: str, num_classes: int, weights: str | None = None) -> nn.Module:
@@ -87,7 +92,7 @@ def load_teacher(spec: str, num_classes: int, device: torch.device, trust_pickle
     else:
         model = _torchvision_model(spec, num_classes, weights)
         description = weights_description(spec, weights)
-    model.to(device).eval()
+    model.to(device, memory_format=FORMAT).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model, description
@@ -98,7 +103,7 @@ def train_teacher(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     data = build_datasets(args.data, resolution(args.base_resolution, 1.0), args.data_root,
                           args.min_crop_scale)
-    model = _torchvision_model(args.arch, data.num_classes).to(device)
+    model = _torchvision_model(args.arch, data.num_classes).to(device, memory_format=FORMAT)
     loader = DataLoader(data.train, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                         drop_last=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
