@@ -377,3 +377,16 @@ def test_parts_with_hooks_run_as_themselves_in_evaluation(exact):
     with torch.no_grad():
         model(torch.randn(2, 3, 32, 32), [0] * model.num_searchable_layers)
     assert called == ["bn"]
+
+
+def test_the_back_end_stands_aside_where_no_kernel_applies(monkeypatch):
+    from cpu_kernels import units
+
+    model = supernet("mobilenet_v2", 0.35)  # eval mode
+    parts = model.feature[2].depthwise.parts(1)
+    x = torch.randn(2, parts[0].num_features, 8, 8)
+    assert units.forward(x, *parts) is None  # autograd on, BatchNorms in eval mode
+    with monkeypatch.context() as m:
+        m.setattr(native, "usable", lambda *tensors: False)
+        assert units.forward(x, *(p.train() for p in parts)) is None  # no kernel takes the tensors
+    assert units.forward(x, *parts) is not None  # training-mode BatchNorms
