@@ -1,5 +1,6 @@
 """Stage 2 on a briefly trained supernet: the JSON and printed results, resumable folds, the fold
-accuracy against an independent computation, and bad input.
+accuracy against an independent computation, history.jsonl, a search killed inside a fold and
+continued (with either random stream), and bad input.
 
 The fold split, mutation, crossover and the memo are tested in test_folds.py and test_evolution.py.
 One stage-1 and one stage-2 run serve this module and test_stage3.py.

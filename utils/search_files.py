@@ -56,7 +56,7 @@ def check_settings(save: Path, settings: dict) -> None:
     """Refuse to continue a search in ``save`` that was run with other settings (fold results and
     fold states alike), naming the settings that differ."""
     for path in sorted((save / "folds").glob("fold*.json")):
-        data = _read(path)
+        data = _read(path) if path.is_file() else None
         if data is None or data["settings"] == settings:
             continue
         theirs = data["settings"]
