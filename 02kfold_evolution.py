@@ -209,7 +209,7 @@ def search_fold(args: argparse.Namespace, setup: Evaluation, fold: int, calibrat
         result = uniform_search(model.num_searchable_layers, model.num_branches, scored, candidates)
     else:
         if state is not None:
-            log.info(f"fold {fold}: continuing its search after epoch {state.generation} "
+            log.info(f"fold {fold}: continuing its search at epoch {state.generation}/{args.max_epochs} "
                      f"({len(state.evaluated)} candidates scored, {state_file})")
         search = EvolutionSearch(
             model.num_searchable_layers, model.num_branches, scored,
