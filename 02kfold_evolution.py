@@ -10,9 +10,17 @@ scored on every other batch ("full accuracy"). Finished folds are saved, so a re
 Under torchrun the folds are spread over the processes (rank r searches folds r, r + N, ...; each
 on its own GPU); rank 0 gathers them into one search_result.json and one printed block. A fold's
 search depends on the seed and the fold alone, so the result is that of a single process.
+
+With --rng reference the search draws from the reference's stream instead (numpy's generator seeded
+once, folds 0 ... k-1 in sequence on it), which replays the authors' search exactly; fold i then
+depends on every earlier fold, so all folds run in one process.
+
+Each evaluated candidate is a line of history.jsonl as it is scored, each epoch's top-k goes to
+log.txt, and each fold's search state is saved after every generation: a killed search continues
+inside its fold and ends as the uninterrupted one would.
 """
 import argparse
-import random
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,8 +29,10 @@ from tqdm import tqdm
 from utils import distributed
 from utils.cli import add_eval_args, comma_list, non_negative_int, positive_int, probability, stage_parser
 from utils.data import batch_stream
+from utils.draws import FoldDraws, ReferenceDraws
+from utils.errors import DataError, UsageError
 from utils.evaluation import Evaluation, evaluation_setup, gather_by_fold
-from utils.evolution import EvolutionSearch, uniform_search
+from utils.evolution import Candidate, EvolutionSearch, Ranked, uniform_search
 from utils.folds import fold_batches
 from utils.logs import RunLog
 from utils.prefix_scorer import PrefixScorer
@@ -35,6 +45,7 @@ from utils.results import (
     write_json,
 )
 from utils.runtime import fail_cleanly, seed_everything
+from utils.search_files import FoldHistory, check_settings, read_state, state_path, write_state
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,6 +66,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="memory for the fold's stage outputs, reused by every candidate that "
                              "shares their prefix of branches (same accuracies, less compute; 0: off). "
                              "Used when the validation batches fit in memory")
+    parser.add_argument("--rng", choices=("fold", "reference"), default="fold",
+                        help="fold: Python's random seeded --seed + fold per fold (folds independent: "
+                             "--folds and torchrun work); reference: the reference's stream, numpy's "
+                             "seeded once for folds 0..k-1 in sequence, which replays the authors' search")
+    parser.add_argument("--leader_full_acc", action="store_true",
+                        help="as the reference, compute the full accuracy of each epoch's leader for the "
+                             "log (each new leader costs one pass over the validation set outside the fold; "
+                             "off: only the winner's)")
     parser.add_argument("--uniform", action="store_true",
                         help="no evolution: score only the selections with one branch (one L2 decay) "
                              "in every layer and keep the best per fold (an ablation)")
@@ -62,6 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def search(args: argparse.Namespace) -> dict:
+    check_reference_stream(args)
     seed_everything(args.seed)  # seeds 0 for torch, numpy and random, as the reference
     torch.backends.cudnn.deterministic = True  # as the reference: a candidate scores the same each time
     setup = evaluation_setup(args)
@@ -74,18 +94,19 @@ def search(args: argparse.Namespace) -> dict:
         stream = batch_stream(setup.data.train, args.recalibration_batch_size, args.workers, args.seed)
         calibration = [next(stream)[2] for _ in range(args.bn_recalibration_batches)]
     save = Path(args.save)
+    stat = Path(args.supernet).stat()  # a retrained supernet is another search
+    settings = {"config": setup.config, "supernet": str(args.supernet), "k": args.k,
+                "supernet_size_mtime": [stat.st_size, stat.st_mtime_ns],
+                "num_batches": setup.num_batches, "seed": args.seed, "rng": args.rng,
+                "bn_recalibration_batches": args.bn_recalibration_batches, "uniform": args.uniform,
+                **{k: getattr(args, k) for k in ("max_epochs", "select_num", "population_num", "m_prob",
+                                                 "crossover_num", "mutation_num", "val_batch_size")}}
+    check_settings(save, settings)
     log = RunLog(save, enabled=distributed.is_main(), tensorboard=False)
     log.info(f"stage 2: {args.supernet} ({setup.config['arch']}, {setup.config['bits']}-bit, "
              f"{model.num_branches} branches), {setup.num_batches} validation batches in {args.k} folds"
              + (f", spread over {distributed.world_size()} processes" if distributed.is_distributed()
                 else ""))
-    stat = Path(args.supernet).stat()  # a retrained supernet invalidates the finished folds
-    settings = {"config": setup.config, "supernet": str(args.supernet), "k": args.k,
-                "supernet_size_mtime": [stat.st_size, stat.st_mtime_ns],
-                "num_batches": setup.num_batches, "seed": args.seed,
-                "bn_recalibration_batches": args.bn_recalibration_batches, "uniform": args.uniform,
-                **{k: getattr(args, k) for k in ("max_epochs", "select_num", "population_num", "m_prob",
-                                                 "crossover_num", "mutation_num", "val_batch_size")}}
     mine = distributed.share(folds_to_search)
     searched = []
     for fold in tqdm(mine, desc="folds", position=0, dynamic_ncols=True, disable=not distributed.is_main()):
@@ -94,7 +115,7 @@ def search(args: argparse.Namespace) -> dict:
         if done is not None:
             log.info(f"fold {fold}: finished earlier, kept ({fold_file})")
         else:
-            done = search_fold(args, setup, fold, calibration, settings)
+            done = search_fold(args, setup, fold, calibration, settings, log)
             write_json(done, fold_file)
             log.info(fold_line(done))
         searched.append(done)
@@ -103,18 +124,30 @@ def search(args: argparse.Namespace) -> dict:
     if distributed.is_main():
         write_json(result, save / "search_result.json")
         print(format_block("total-result", {k: result[k] for k in BLOCK_ROWS}))
-    log.info(f"search result: {save / 'search_result.json'}; log: {save / 'log.txt'}")
+    log.info(f"search result: {save / 'search_result.json'}; history: {save / 'history.jsonl'}; "
+             f"log: {save / 'log.txt'}")
     log.close()
     return result
 
 
-def search_fold(args: argparse.Namespace, setup: Evaluation, fold: int, calibration: list,
-                settings: dict) -> dict:
-    """The evolutionary (or ``--uniform``) search on one fold; its winner's full accuracy."""
+def check_reference_stream(args: argparse.Namespace) -> None:
+    """--rng reference searches every fold in one process: fold i continues fold i-1's stream."""
+    if args.rng != "reference":
+        return
+    why = "fold i continues the random stream where fold i-1 left it, so it depends on every earlier fold"
+    if args.folds is not None and args.folds != list(range(args.k)):
+        raise UsageError(f"--rng reference searches folds 0..k-1 in sequence ({why}): drop --folds, "
+                         "or use --rng fold")
+    if distributed.is_distributed():
+        raise UsageError(f"--rng reference runs in one process ({why}): run it with python, not torchrun "
+                         f"({distributed.world_size()} processes), or use --rng fold")
+
+
+def fold_scorers(args: argparse.Namespace, setup: Evaluation, fold: int, calibration: list
+                 ) -> tuple[Callable[[Candidate], float], Callable[[Candidate], float]]:
+    """Top-1 of a candidate on the fold, and on every other batch (its full accuracy)."""
     fold_range, full = fold_batches(setup.num_batches, args.k, fold)
     model = setup.model
-    candidates = tqdm(desc=f"fold {fold} candidates", position=1, leave=False, dynamic_ncols=True,
-                      disable=not distributed.is_main())
     kept = setup.val.kept(fold_range, setup.device)  # decoded once for all of the fold's candidates
     if kept is not None and args.prefix_cache_gb > 0:
         on_fold = PrefixScorer(model, kept, calibration, setup.device, args.prefix_cache_gb * 2**30).accuracy
@@ -123,17 +156,71 @@ def search_fold(args: argparse.Namespace, setup: Evaluation, fold: int, calibrat
             return setup.accuracy(candidate, kept if kept is not None else setup.val.stream(fold_range),
                                   calibration)
 
+    def on_rest(candidate):
+        return setup.accuracy(candidate, setup.val.stream(full), calibration)  # the rest, read once
+
+    return on_fold, on_rest
+
+
+def fold_draws(args: argparse.Namespace, save: Path, fold: int) -> FoldDraws | ReferenceDraws:
+    """The fold's random stream when its search starts: seeded by the seed and the fold, or (--rng
+    reference) where the previous fold's search left the reference's stream."""
+    if args.rng == "fold":
+        return FoldDraws(args.seed + fold)
+    draws = ReferenceDraws(args.seed)
+    if fold > 0:
+        previous = read_state(state_path(save, fold - 1))
+        if previous is None:
+            raise DataError(f"{state_path(save, fold - 1)} is missing: with --rng reference fold {fold} "
+                            f"continues fold {fold - 1}'s stream; remove {save / 'folds'} and "
+                            f"{save / 'history.jsonl'} to search again")
+        draws.state = previous[0].draws
+    return draws
+
+
+def search_fold(args: argparse.Namespace, setup: Evaluation, fold: int, calibration: list,
+                settings: dict, log: RunLog) -> dict:
+    """The evolutionary (or ``--uniform``) search on one fold, continued from its saved state; its
+    winner's full accuracy."""
+    save = Path(args.save)
+    model = setup.model
+    on_fold, on_rest = fold_scorers(args, setup, fold, calibration)
+    state_file = state_path(save, fold)
+    saved = None if args.uniform else read_state(state_file)
+    state, full_accs = saved if saved is not None else (None, {})
+    scored = FoldHistory(save, fold, on_fold, state)
+    candidates = tqdm(desc=f"fold {fold} candidates", position=1, leave=False, dynamic_ncols=True,
+                      disable=not distributed.is_main(), initial=len(state.evaluated) if state else 0)
+
+    def full_acc(candidate: Candidate) -> float:
+        if candidate not in full_accs:
+            full_accs[candidate] = on_rest(candidate)
+        return full_accs[candidate]
+
+    def ranked(epoch: int, top: Ranked) -> None:
+        scored.epoch = epoch + 1  # the children bred next enter the next epoch's ranking
+        final = epoch == args.max_epochs
+        leader = (f", full_acc {full_acc(top[0][0]):.2f}" if final or args.leader_full_acc else "")
+        log.info(f"fold {fold} {'final ranking' if final else f'epoch {epoch}/{args.max_epochs}'}: "
+                 f"top {len(top)} of {len(search.state.evaluated)} evaluated{leader}\n"
+                 + "\n".join(f"  No.{i + 1} {c} fold_acc {acc:.2f}" for i, (c, acc) in enumerate(top)))
+
     if args.uniform:
-        result = uniform_search(model.num_searchable_layers, model.num_branches, on_fold, candidates)
+        result = uniform_search(model.num_searchable_layers, model.num_branches, scored, candidates)
     else:
-        result = EvolutionSearch(
-            model.num_searchable_layers, model.num_branches, on_fold,
+        if state is not None:
+            log.info(f"fold {fold}: continuing its search at epoch {state.generation}/{args.max_epochs} "
+                     f"({len(state.evaluated)} candidates scored, {state_file})")
+        search = EvolutionSearch(
+            model.num_searchable_layers, model.num_branches, scored,
             population_num=args.population_num, select_num=args.select_num,
             mutation_num=args.mutation_num, crossover_num=args.crossover_num, m_prob=args.m_prob,
-            max_epochs=args.max_epochs, rng=random.Random(args.seed + fold), progress=candidates).run()
+            max_epochs=args.max_epochs, draws=fold_draws(args, save, fold), progress=candidates,
+            state=state, ranked=ranked,
+            checkpoint=lambda state: write_state(state_file, state, settings, full_accs))
+        result = search.run()
     candidates.close()
-    full_acc = setup.accuracy(result.best, setup.val.stream(full), calibration)  # the rest, read once
-    return fold_record(fold, result.best_acc, full_acc,
+    return fold_record(fold, result.best_acc, full_acc(result.best),
                        list(result.best), result.num_evaluated, settings)
 
 

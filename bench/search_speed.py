@@ -8,13 +8,13 @@ hits both alike. The accuracies must be identical; the figure of merit is candid
     python -m bench.search_speed --recalibration_batches 0   # the reference's scoring
 """
 import argparse
-import random
 
 import torch
 
 from bench.timing import timed
 from models import build_supernet
 from utils.bn_recalibration import recalibrate_bn
+from utils.draws import FoldDraws
 from utils.evaluation import accuracy_on
 from utils.evolution import EvolutionSearch
 from utils.prefix_scorer import PrefixScorer
@@ -73,7 +73,7 @@ def main() -> None:
     EvolutionSearch(model.num_searchable_layers, model.num_branches, both,
                     population_num=args.population_num, select_num=args.select_num,
                     mutation_num=args.mutation_num, crossover_num=args.crossover_num,
-                    max_epochs=args.max_epochs, rng=random.Random(0)).run()
+                    max_epochs=args.max_epochs, draws=FoldDraws(0)).run()
     stages = len(model.stages())
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads; "
           f"{args.arch} width {args.width}, {args.size} px, {model.num_branches} branches; fold of "

@@ -157,7 +157,11 @@ def test_stage2_two_ranks_give_the_single_process_result(search_runs):
     assert printed_two.count("===total-result===") == 1
     blocks = [parse_block(text[text.index("===total-result==="):]) for text in (printed_two, printed_one)]
     assert blocks[0] == blocks[1] and blocks[0]["archs"] == single["archs"]
-    assert sorted(p.name for p in (two / "folds").iterdir()) == [f"fold{i}.json" for i in range(K)]
+    assert sorted(p.name for p in (two / "folds").iterdir()) == sorted(
+        name for i in range(K) for name in (f"fold{i}.json", f"fold{i}.state.json"))
+    # both ranks appended their folds' lines to the one history.jsonl: the single process's lines
+    lines = [sorted((save / "history.jsonl").read_text().splitlines()) for save in (two, one)]
+    assert lines[0] == lines[1] and len(lines[0]) == sum(single["num_candidates"])
     assert "fold 1: " in (two / "log.txt").read_text()  # rank 1's fold, logged by rank 0
 
 

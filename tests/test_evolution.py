@@ -4,7 +4,9 @@ from collections import Counter
 
 import pytest
 
+from utils.draws import FoldDraws, ReferenceDraws
 from utils.evolution import EvolutionSearch, SearchResult, uniform_search
+from utils.search_files import FoldHistory, read_state, state_path, write_state
 
 TARGET = (2, 0, 1, 1, 0, 2, 2, 1)
 
@@ -16,7 +18,7 @@ def matches(cand: tuple[int, ...]) -> float:
 
 def make(seed: int = 0, score_fn=matches, **kwargs) -> EvolutionSearch:
     kwargs = {"num_layers": len(TARGET), "num_branches": 3, **kwargs}
-    return EvolutionSearch(score_fn=score_fn, rng=random.Random(seed), **kwargs)
+    return EvolutionSearch(score_fn=score_fn, draws=FoldDraws(seed), **kwargs)
 
 
 # -- single candidates, replayed with a second generator of the same seed --------------------
@@ -89,29 +91,29 @@ def test_score_fn_is_called_once_per_distinct_candidate():
              max_epochs=10, num_branches=2)  # a small space (256): many repeats are drawn
     result = s.run()
     assert max(calls.values()) == 1
-    assert set(calls) == set(s.memo)
-    assert result.num_evaluated == len(calls) == len(s.memo)
-    assert all(s.memo[c] == matches(c) for c in s.memo)
+    assert set(calls) == set(s.state.evaluated)
+    assert result.num_evaluated == len(calls) == len(s.state.evaluated)
+    assert all(s.state.evaluated[c] == matches(c) for c in s.state.evaluated)
 
 
 def test_update_top_k_merges_sorts_by_error_and_keeps_earlier_on_ties():
     scores = {(0,): 50.0, (1,): 70.0, (2,): 50.0, (3,): 90.0, (4,): 10.0}
-    s = EvolutionSearch(1, 5, scores.__getitem__, select_num=3, rng=random.Random(0))
+    s = EvolutionSearch(1, 5, scores.__getitem__, select_num=3, draws=FoldDraws(0))
     for c in [(0,), (4,), (1,)]:
         s.try_evaluate(c)
     s.update_top_k([(0,), (4,), (1,)])
-    assert s.top_k == [(1,), (0,), (4,)]
+    assert s.state.top_k == [(1,), (0,), (4,)]
     for c in [(2,), (3,)]:
         s.try_evaluate(c)
     s.update_top_k([(2,), (3,)])
-    assert s.top_k == [(3,), (1,), (0,)]  # (0,) was kept before (2,) ties with it
+    assert s.state.top_k == [(3,), (1,), (0,)]  # (0,) was kept before (2,) ties with it
 
 
 def test_breeding_gives_up_after_ten_tries_per_child_in_an_exhausted_space():
     s = make(num_layers=2, num_branches=2, score_fn=lambda c: float(sum(c)), mutation_num=3,
              crossover_num=4)
     assert sorted(s.fill_random([])) == [(0, 0), (0, 1), (1, 0), (1, 1)]  # population 45 > 4
-    s.update_top_k(list(s.memo))
+    s.update_top_k(list(s.state.evaluated))
     tries = Counter()
     s.mutate = lambda parents: tries.update(["m"]) or parents[0]
     s.crossover = lambda parents: tries.update(["c"]) or parents[0]
@@ -173,8 +175,8 @@ def test_search_finds_the_hidden_target_and_never_gets_worse():
 def test_same_seed_same_search_other_seed_other_path():
     a, b, c = make(seed=11), make(seed=11), make(seed=12)
     ra, rb, rc = a.run(), b.run(), c.run()
-    assert ra == rb and list(a.memo.items()) == list(b.memo.items())
-    assert list(a.memo) != list(c.memo)
+    assert ra == rb and list(a.state.evaluated.items()) == list(b.state.evaluated.items())
+    assert list(a.state.evaluated) != list(c.state.evaluated)
     assert rc.best == TARGET
 
 
@@ -250,3 +252,46 @@ def test_uniform_search_with_one_branch_and_integer_scores():
     assert result.best == (0, 0, 0, 0, 0)
     assert result.best_acc == 7.0 and type(result.best_acc) is float
     assert result.num_evaluated == 1
+
+
+# -- a search killed at any point continues from its state and history ------------------------
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("draws", [FoldDraws, ReferenceDraws])
+def test_a_search_killed_anywhere_continues_to_the_uninterrupted_result(tmp_path, draws):
+    settings = {"population_num": 6, "select_num": 3, "mutation_num": 2, "crossover_num": 2,
+                "max_epochs": 3}
+
+    def run(save, kill_after=None):
+        calls = []
+
+        def score(cand):
+            if len(calls) == kill_after:
+                raise Killed
+            calls.append(cand)
+            return matches(cand)
+
+        path = state_path(save, 0)
+        saved = read_state(path)
+        state = saved[0] if saved is not None else None
+        scored = FoldHistory(save, 0, score, state)
+        search = EvolutionSearch(len(TARGET), 3, scored, draws=draws(5), state=state,
+                                 ranked=lambda epoch, top: setattr(scored, "epoch", epoch + 1),
+                                 checkpoint=lambda state: write_state(path, state, {}, {}), **settings)
+        return search.run(), calls
+
+    whole, calls = run(tmp_path / "whole")
+    total = len(calls)
+    assert total == 6 * 4
+    expected = (tmp_path / "whole" / "history.jsonl").read_text()
+    for kill_after in range(total):
+        save = tmp_path / f"killed{kill_after}"
+        with pytest.raises(Killed):
+            run(save, kill_after)
+        again, rescored = run(save)
+        assert again == whole
+        assert len(rescored) == total - kill_after  # none scored twice
+        assert (save / "history.jsonl").read_text() == expected

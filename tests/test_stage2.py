@@ -1,5 +1,6 @@
 """Stage 2 on a briefly trained supernet: the JSON and printed results, resumable folds, the fold
-accuracy against an independent computation, and bad input.
+accuracy against an independent computation, history.jsonl, a search killed inside a fold and
+continued (with either random stream), and bad input.
 
 The fold split, mutation, crossover and the memo are tested in test_folds.py and test_evolution.py.
 One stage-1 and one stage-2 run serve this module and test_stage3.py.
@@ -7,6 +8,7 @@ One stage-1 and one stage-2 run serve this module and test_stage3.py.
 import contextlib
 import io
 import json
+import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,6 +18,7 @@ import torch
 
 from utils.checkpoint import load_file, load_supernet
 from utils.data import build_datasets, val_loader
+from utils.errors import UsageError
 from utils.folds import fold_batches
 from utils.results import parse_block
 
@@ -237,6 +240,143 @@ def test_a_subset_of_folds_gives_those_folds_of_the_full_run(search_run, image_f
         assert only[key] == first[key][1:]
 
 
+def read_history(save: Path) -> list[dict]:
+    return [json.loads(line) for line in (save / "history.jsonl").read_text().splitlines()]
+
+
+def test_history_has_one_line_per_evaluated_candidate(search_run):
+    save, found, text = search_run
+    lines = read_history(save)
+    assert len(lines) == sum(found["num_candidates"])
+    for fold in range(K):
+        mine = [line for line in lines if line["fold"] == fold]
+        assert [line["index"] for line in mine] == list(range(found["num_candidates"][fold]))
+        assert len({tuple(line["candidate"]) for line in mine}) == len(mine)  # none scored twice
+        # population 4 per epoch: the initial one (epoch 0), then one bred in each of the 2 epochs
+        assert [line["epoch"] for line in mine] == [0] * 4 + [1] * 4 + [2] * 4
+        best = max(mine, key=lambda line: line["fold_acc"])
+        assert best["fold_acc"] == found["fold_accs"][fold]
+        tied = [line["candidate"] for line in mine if line["fold_acc"] == best["fold_acc"]]
+        assert found["archs"][fold] in tied
+        state = json.loads((save / "folds" / f"fold{fold}.state.json").read_text())
+        assert state["evaluated"] == [[line["candidate"], line["fold_acc"]] for line in mine]
+        assert state["generation"] == 2
+    log = (save / "log.txt").read_text()
+    assert "fold 0 epoch 0/2: top 2 of 4 evaluated\n  No.1 " in log
+    assert f"fold 1 final ranking: top 2 of 12 evaluated, full_acc {found['full_accs'][1]:.2f}" in log
+
+
+class Killed(Exception):
+    """Stands for the process being killed: raised by a scorer after so many evaluations."""
+
+
+def killing_scorers(monkeypatch, after: int, in_full_acc: bool = False) -> dict:
+    """Stage 2's real scorers, counted; the fold scorer raises ``Killed`` once it has scored ``after``
+    candidates (or the full accuracy raises, with ``in_full_acc``)."""
+    real = stage2.fold_scorers
+    counts = {"fold": 0, "full": 0}
+
+    def scorers(*args):
+        on_fold, on_rest = real(*args)
+
+        def counted_fold(cand):
+            if counts["fold"] == after:
+                raise Killed
+            counts["fold"] += 1
+            return on_fold(cand)
+
+        def counted_rest(cand):
+            if in_full_acc:
+                raise Killed
+            counts["full"] += 1
+            return on_rest(cand)
+
+        return counted_fold, counted_rest
+
+    monkeypatch.setattr(stage2, "fold_scorers", scorers)
+    return counts
+
+
+@pytest.fixture(scope="module")
+def reference_run(supernet, image_folder, tmp_path_factory):
+    save = tmp_path_factory.mktemp("stage2-reference")
+    result, _ = captured(stage2.search, stage2_args(image_folder, supernet, save, "--rng", "reference"))
+    return save, result
+
+
+@pytest.mark.parametrize("rng", ["fold", "reference"])
+@pytest.mark.parametrize("after, in_full_acc, continued", [  # every point of a search: test_evolution.py
+    # inside epoch 0's breeding, the fold's state saved after its initial population
+    (6, False, "fold 0: continuing its search at epoch 0/2 (4 candidates scored"),
+    # fold 0's candidates all scored, killed in its winner's full accuracy
+    (12, True, "fold 0: continuing its search at epoch 2/2 (12 candidates scored"),
+    # fold 0 finished, at fold 1's first (--rng reference: continuing fold 0's stream)
+    (12, False, None),
+    # inside fold 1's initial population, before its first state
+    (14, False, None),
+])
+def test_killed_inside_a_fold_and_rerun_ends_as_the_uninterrupted_run(
+        search_run, reference_run, image_folder, supernet, tmp_path, monkeypatch, rng, after, in_full_acc,
+        continued):
+    whole, expected = (search_run[0], search_run[1]) if rng == "fold" else reference_run
+    args = stage2_args(image_folder, supernet, tmp_path, "--rng", rng)
+    counts = killing_scorers(monkeypatch, after, in_full_acc)
+    with pytest.raises(Killed):
+        captured(stage2.search, args)
+    assert counts["fold"] == after and len(read_history(tmp_path)) == after
+    assert not (tmp_path / "search_result.json").exists()
+
+    monkeypatch.undo()
+    counts = killing_scorers(monkeypatch, after=10**6)
+    again, text = captured(stage2.search, args)
+    assert again == expected
+    assert json.loads((tmp_path / "search_result.json").read_text()) == expected
+    assert read_history(tmp_path) == read_history(whole)  # no line lost or written twice
+    assert counts["fold"] == sum(expected["num_candidates"]) - after  # nothing scored again
+    # the fold killed had saved its state (after its initial population of 4) or had none
+    assert text.count("continuing its search") == (continued is not None)
+    assert continued is None or continued in text
+
+
+def test_leader_full_acc_is_logged_each_epoch_and_changes_no_result(search_run, image_folder, supernet,
+                                                                     tmp_path, monkeypatch):
+    counts = killing_scorers(monkeypatch, after=10**6)
+    found, _ = captured(stage2.search, stage2_args(image_folder, supernet, tmp_path, "--leader_full_acc"))
+    assert found == search_run[1]  # not a setting: it only informs
+    log = (tmp_path / "log.txt").read_text()
+    leaders = set()
+    for fold in range(K):
+        state = json.loads((tmp_path / "folds" / f"fold{fold}.state.json").read_text())
+        # the kept top-k of each epoch, then the final ranking (not saved in a state: the winner)
+        ranked = [top[0][0] for top in state["rankings"]] + [found["archs"][fold]]
+        leaders |= {(fold, tuple(arch)) for arch in ranked}
+        for epoch in range(2):
+            assert f"fold {fold} epoch {epoch}/2: top 2 of {4 * (epoch + 1)} evaluated, full_acc " in log
+        assert dict(map(tuple, [(tuple(c), a) for c, a in state["full_accs"]]))[tuple(found["archs"][fold])] \
+            == found["full_accs"][fold]
+    assert counts["full"] == len(leaders)  # each distinct leader's full accuracy computed once
+
+
+def test_rng_reference_refuses_a_subset_of_folds_and_several_processes(image_folder, supernet, tmp_path,
+                                                                       monkeypatch):
+    with pytest.raises(UsageError, match=r"--rng reference searches folds 0..k-1 in sequence \(fold i "
+                                         r"continues .* depends on every earlier fold\): drop --folds"):
+        stage2.search(stage2_args(image_folder, supernet, tmp_path, "--rng", "reference", "--folds", "1"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match=r"--rng reference runs in one process .* \(2 processes\)"):
+        stage2.search(stage2_args(image_folder, supernet, tmp_path, "--rng", "reference"))
+    assert not list(tmp_path.iterdir())
+    # every fold, named: no subset
+    monkeypatch.delenv("WORLD_SIZE")
+    args = stage2_args(image_folder, supernet, tmp_path, "--rng", "reference", "--folds", "0,1")
+    stage2.check_reference_stream(args)
+
+
+def test_reference_stream_and_fold_stream_differ(search_run, reference_run):
+    assert reference_run[1]["rng"] == "reference" and search_run[1]["rng"] == "fold"
+    assert read_history(reference_run[0]) != read_history(search_run[0])
+
+
 @pytest.mark.parametrize("recalibration", [[], ["--bn_recalibration_batches", "2",
                                                  "--recalibration_batch_size", "4"]])
 def test_prefix_sharing_changes_no_result(image_folder, supernet, tmp_path, recalibration):
@@ -247,23 +387,21 @@ def test_prefix_sharing_changes_no_result(image_folder, supernet, tmp_path, reca
         assert shared[key] == plain[key]
 
 
-def test_rerun_with_other_settings_searches_again(search_run, image_folder, supernet, tmp_path,
-                                                  monkeypatch):
-    save, first, _ = search_run
+@pytest.mark.parametrize("flags, named", [(["--max-epochs", "1"], "max_epochs 2 (the flags say 1)"),
+                                          (["--seed", "1"], "seed 0 (the flags say 1)"),
+                                          (["--rng", "reference"], "rng 'fold' (the flags say 'reference')")])
+def test_rerun_with_other_settings_is_refused(search_run, image_folder, supernet, tmp_path, monkeypatch,
+                                              flags, named):
+    """Another search would mix its folds, states and history lines with this one's."""
     copy = tmp_path / "save"
-    shutil.copytree(save, copy)
+    shutil.copytree(search_run[0], copy)
+    (copy / "folds" / "fold1.json").unlink()  # an unfinished search is refused as well
+    before = folder_bytes(copy)
     spy = SearchSpy(monkeypatch)
-    again, text = captured(stage2.search, stage2_args(image_folder, supernet, copy, "--max-epochs", "1"))
-    assert spy.calls == K
-    assert "finished earlier" not in text
-    assert again["max_epochs"] == 1
-    for fold in range(K):
-        assert json.loads((copy / "folds" / f"fold{fold}.json").read_text())["settings"]["max_epochs"] == 1
-    assert json.loads((copy / "search_result.json").read_text()) == again
-    # Another seed is another setting as well.
-    captured(stage2.search, stage2_args(image_folder, supernet, copy, "--max-epochs", "1", "--seed", "1"))
-    assert spy.calls == 2 * K
-    assert first["seed"] == 0
+    with pytest.raises(UsageError, match=re.escape(named)) as refused:
+        captured(stage2.search, stage2_args(image_folder, supernet, copy, *flags))
+    assert "rerun with the same flags" in str(refused.value)
+    assert spy.calls == 0 and folder_bytes(copy) == before
 
 
 @pytest.mark.parametrize("content", [b"[]", b"\x80\x81"])
@@ -371,6 +509,10 @@ BAD_STAGE2 = {
     "bare arch": (["--supernet", "BARE", "--arch", "resnet18"],
                   ["bare.pth", "17 searchable layers, the model 16"]),
     "k": (["--k", "7"], ["--k 7", "6 validation batches"]),
+    "reference folds": (["--rng", "reference", "--folds", "1"],
+                        ["--rng reference", "depends on every earlier fold", "drop --folds"]),
+    "other settings": (["--m_prob", "0.5"],
+                       ["holds a search with other settings", "m_prob 0.1 (the flags say 0.5)"]),
 }
 
 

@@ -1,30 +1,34 @@
 """Evolutionary search over branch choices, single-path-one-shot style (SPEC section 4).
 
 A candidate is a tuple with one branch index per searchable layer. Structure and constants follow
-the reference ``search.py`` (itself the Single Path One-Shot searcher): a random initial
+the reference ``02kfold_evolution.py`` (itself the Single Path One-Shot searcher): a random initial
 population; each epoch the top ``select_num`` by fold error are kept, children are bred from them
 by mutation and by crossover, and random candidates fill the population up again.
 
-Draw order, all from the one injected ``random.Random`` (so a seed fixes the whole search):
+Draw order, all from the one injected stream (utils/draws.py, so a seed fixes the whole search):
 
-* random candidate: ``randrange(num_branches)`` per gene, first layer first;
-* mutation: ``choice(top_k)`` for the parent, then per gene ``random()``, followed by
-  ``randrange(num_branches)`` only when that draw is below ``m_prob``;
-* crossover: ``choice(top_k)`` twice (first and second parent), then per gene ``random()``;
-  below 0.5 takes the first parent's gene, otherwise the second's;
-* an epoch draws all its mutation tries, then all crossover tries, then the random fill.
+* random candidate: ``below(num_branches)`` per gene, first layer first;
+* mutation: ``below(len(top_k))`` for the parent, then per gene ``uniform()``, followed by
+  ``below(num_branches)`` only when that draw is below ``m_prob``;
+* crossover: ``below(len(top_k))`` twice (first and second parent), then per gene ``either``;
+* an epoch draws all its mutation tries, then all crossover tries, then the random fill;
+* each of those draws ``draws.batch`` candidates at a time and drops what is left of a batch when
+  it has enough (the reference's ``stack_random_cand``: ten; the default stream: one).
 
 After the last epoch's selection the reference still breeds and evaluates one more generation and
 ranks it with the rest, so the winner can come from it: so does this search (SPEC 4).
 
-Differences from the reference that do not change which candidate wins: candidates are drawn one
-at a time (the reference pre-draws batches of 10). The random fill stops when every candidate of
-the space has been evaluated (the reference loops forever there).
+The search's ``SearchState`` after each complete generation is everything a rerun needs to
+continue it and end as the uninterrupted search would (``checkpoint`` is given it).
+
+Difference from the reference: the random fill stops when every candidate of the space has been
+evaluated (the reference loops forever there).
 """
-import random
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from .draws import Draws, FoldDraws
 
 Candidate = tuple[int, ...]
 Ranked = list[tuple[Candidate, float]]
@@ -50,19 +54,59 @@ class SearchResult:
     num_evaluated: int
 
 
+@dataclass
+class SearchState:
+    """Where a search stands once a generation is complete (the reference's checkpoint).
+
+    ``generation``: the population's number (0: the initial one, ``e + 1``: bred in epoch ``e``);
+    ``evaluated``: every candidate scored, in scoring order, with its fold accuracy (the
+    reference's ``vis_dict``); ``top_k``: the kept top-k before this population is ranked;
+    ``rankings``: each earlier epoch's top-k; ``draws``: the stream's state.
+    """
+
+    generation: int = 0
+    evaluated: dict[Candidate, float] = field(default_factory=dict)
+    top_k: list[Candidate] = field(default_factory=list)
+    population: list[Candidate] = field(default_factory=list)
+    rankings: list[Ranked] = field(default_factory=list)
+    draws: Any = None
+
+    def to_json(self) -> dict:
+        return {"generation": self.generation,
+                "evaluated": [[list(c), acc] for c, acc in self.evaluated.items()],
+                "top_k": [list(c) for c in self.top_k], "population": [list(c) for c in self.population],
+                "rankings": [[[list(c), acc] for c, acc in top] for top in self.rankings],
+                "draws": self.draws}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "SearchState":
+        return cls(generation=data["generation"],
+                   evaluated={tuple(c): acc for c, acc in data["evaluated"]},
+                   top_k=[tuple(c) for c in data["top_k"]],
+                   population=[tuple(c) for c in data["population"]],
+                   rankings=[[(tuple(c), acc) for c, acc in top] for top in data["rankings"]],
+                   draws=data["draws"])
+
+
 class EvolutionSearch:
     """One search over ``num_branches ** num_layers`` candidates, scored by ``score_fn``.
 
     ``score_fn(candidate)`` returns the fold accuracy in percent (higher is better); it is called
-    at most once per distinct candidate, the result kept in ``memo`` (the reference's
-    ``vis_dict``). ``progress`` is told about each evaluation: a callable gets
-    ``(candidate, accuracy)``, a tqdm-like object gets ``update(1)``. One instance runs one search.
+    at most once per distinct candidate, the result kept in ``state.evaluated``. ``progress`` is
+    told about each evaluation: a callable gets ``(candidate, accuracy)``, a tqdm-like object gets
+    ``update(1)``. ``ranked(epoch, top_k)`` is called after each epoch's selection and after the
+    final ranking (``epoch == max_epochs``); ``checkpoint(state)`` once each generation is
+    complete. A search given the ``state`` of an earlier one continues it. One instance runs one
+    search.
     """
 
     def __init__(self, num_layers: int, num_branches: int, score_fn: Callable[[Candidate], float],
                  population_num: int = 45, select_num: int = 10, mutation_num: int = 15,
                  crossover_num: int = 15, m_prob: float = 0.1, max_epochs: int = 20,
-                 rng: random.Random | None = None, progress: Progress | None = None) -> None:
+                 draws: Draws | None = None, progress: Progress | None = None,
+                 state: SearchState | None = None,
+                 ranked: Callable[[int, Ranked], object] | None = None,
+                 checkpoint: Callable[[SearchState], object] | None = None) -> None:
         for name, value in [("num_layers", num_layers), ("num_branches", num_branches),
                             ("population_num", population_num), ("select_num", select_num),
                             ("max_epochs", max_epochs)]:
@@ -82,39 +126,49 @@ class EvolutionSearch:
         self.crossover_num = crossover_num
         self.m_prob = m_prob
         self.max_epochs = max_epochs
-        self.rng = rng if rng is not None else random.Random()
+        self.draws = draws if draws is not None else FoldDraws(0)
         self.progress = progress
-        self.memo: dict[Candidate, float] = {}
-        self.top_k: list[Candidate] = []
+        self.ranked = ranked
+        self.checkpoint = checkpoint
+        self.resumed = state is not None
+        self.state = state if state is not None else SearchState()
+        if self.resumed:
+            self.draws.state = self.state.draws
 
     # -- single candidates ------------------------------------------------------------------
 
     def random_candidate(self) -> Candidate:
         """Each gene uniform over the branches."""
-        return tuple(self.rng.randrange(self.num_branches) for _ in range(self.num_layers))
+        return tuple(self.draws.below(self.num_branches) for _ in range(self.num_layers))
 
     def mutate(self, parents: list[Candidate]) -> Candidate:
         """A random parent with each gene resampled (possibly to the same value) w.p. ``m_prob``."""
-        child = list(self.rng.choice(parents))
+        child = list(parents[self.draws.below(len(parents))])
         for i in range(self.num_layers):
-            if self.rng.random() < self.m_prob:
-                child[i] = self.rng.randrange(self.num_branches)
+            if self.draws.uniform() < self.m_prob:
+                child[i] = self.draws.below(self.num_branches)
         return tuple(child)
 
     def crossover(self, parents: list[Candidate]) -> Candidate:
         """Each gene from one of two random parents (possibly the same one), even odds."""
-        first = self.rng.choice(parents)
-        second = self.rng.choice(parents)
-        return tuple(a if self.rng.random() < 0.5 else b for a, b in zip(first, second, strict=True))
+        first = parents[self.draws.below(len(parents))]
+        second = parents[self.draws.below(len(parents))]
+        return tuple(self.draws.either(a, b) for a, b in zip(first, second, strict=True))
+
+    def drawn(self, make: Callable[[], Candidate]):
+        """Candidates from ``make``, ``draws.batch`` drawn at a time (the reference's
+        ``stack_random_cand``); a caller that stops early drops the rest of the batch."""
+        while True:
+            yield from [make() for _ in range(self.draws.batch)]
 
     # -- evaluation and selection -----------------------------------------------------------
 
     def try_evaluate(self, cand: Candidate) -> bool:
         """Score ``cand`` unless seen before; ``True`` when it is new (the reference's ``is_legal``)."""
-        if cand in self.memo:
+        if cand in self.state.evaluated:
             return False
         acc = float(self.score_fn(cand))
-        self.memo[cand] = acc
+        self.state.evaluated[cand] = acc
         self._report(cand, acc)
         return True
 
@@ -129,9 +183,9 @@ class EvolutionSearch:
 
         The sort is stable, so on equal error the candidates kept earlier stay ahead.
         """
-        merged = self.top_k + candidates
-        merged.sort(key=lambda c: 100.0 - self.memo[c])
-        self.top_k = merged[:self.select_num]
+        merged = self.state.top_k + candidates
+        merged.sort(key=lambda c: 100.0 - self.state.evaluated[c])
+        self.state.top_k = merged[:self.select_num]
 
     # -- populations ------------------------------------------------------------------------
 
@@ -139,9 +193,11 @@ class EvolutionSearch:
         """Up to ``num`` new children; gives up after ``10 * num`` tries, seen children included."""
         children: list[Candidate] = []
         tries = 0
+        parents = self.state.top_k
+        drawn = self.drawn(lambda: make_child(parents))
         while len(children) < num and tries < 10 * num:
             tries += 1
-            cand = make_child(self.top_k)
+            cand = next(drawn)
             if self.try_evaluate(cand):
                 children.append(cand)
         return children
@@ -161,13 +217,27 @@ class EvolutionSearch:
         """
         population = list(population)
         space = self.num_branches ** self.num_layers
-        while len(population) < self.population_num and len(self.memo) < space:
-            cand = self.random_candidate()
+        drawn = self.drawn(self.random_candidate)
+        while len(population) < self.population_num and len(self.state.evaluated) < space:
+            cand = next(drawn)
             if self.try_evaluate(cand):
                 population.append(cand)
         return population
 
     # -- the search -------------------------------------------------------------------------
+
+    def _generation_done(self, population: list[Candidate]) -> None:
+        self.state.population = population
+        self.state.draws = self.draws.state
+        if self.checkpoint is not None:
+            self.checkpoint(self.state)
+
+    def _rank(self, epoch: int) -> None:
+        self.update_top_k(self.state.population)
+        top = [(c, self.state.evaluated[c]) for c in self.state.top_k]
+        self.state.rankings.append(top)
+        if self.ranked is not None:
+            self.ranked(epoch, top)
 
     def run(self) -> SearchResult:
         """Run ``max_epochs`` epochs of selection and breeding; return the best fold accuracy.
@@ -177,20 +247,21 @@ class EvolutionSearch:
         (max_epochs + 1)`` candidates when breeding never runs out (945 at the defaults).
         ``history`` holds the top-k after each epoch's selection, then the final ranking.
         """
-        history: list[Ranked] = []
-        population = self.fill_random([])
-        for epoch in range(self.max_epochs):
-            self.update_top_k(population)
-            history.append([(c, self.memo[c]) for c in self.top_k])
+        state = self.state
+        if not self.resumed:
+            self._generation_done(self.fill_random([]))
+        while state.generation < self.max_epochs:
+            self._rank(state.generation)
             if hasattr(self.progress, "set_postfix"):  # a tqdm bar shows the epoch and the best so far
-                self.progress.set_postfix(epoch=f"{epoch + 1}/{self.max_epochs}",
-                                          best=f"{self.memo[self.top_k[0]]:.2f}")
-            population = self.fill_random(self.get_mutation() + self.get_crossover())
-        self.update_top_k(population)
-        history.append([(c, self.memo[c]) for c in self.top_k])
-        best = self.top_k[0]
-        return SearchResult(best=best, best_acc=self.memo[best], history=history,
-                            num_evaluated=len(self.memo))
+                self.progress.set_postfix(epoch=f"{state.generation + 1}/{self.max_epochs}",
+                                          best=f"{state.evaluated[state.top_k[0]]:.2f}")
+            children = self.fill_random(self.get_mutation() + self.get_crossover())
+            state.generation += 1
+            self._generation_done(children)
+        self._rank(self.max_epochs)
+        best = state.top_k[0]
+        return SearchResult(best=best, best_acc=state.evaluated[best], history=state.rankings,
+                            num_evaluated=len(state.evaluated))
 
 
 def uniform_search(num_layers: int, num_branches: int, score_fn: Callable[[Candidate], float],
