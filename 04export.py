@@ -1,7 +1,7 @@
 """Export a searched, fine-tuned arch as a deployable quantized model (after stage 3).
 
 From a stage-3 checkpoint (or a supernet, a search result and an arch index) it writes to --out:
-- ``arch{i}.pt``: the single-path model (``models/deploy.py``): only the selected branch of every
+- ``arch{i}.pt``: the single-path model (``export/deploy.py``): only the selected branch of every
   searchable layer, int8 weight codes with their per-channel steps, explicit quantizers; a plain
   ``{"config", "state_dict"}`` that ``torch.load(weights_only=True)`` reads and
   ``DeployedNet.from_description`` rebuilds;
@@ -25,9 +25,9 @@ import numpy as np
 import onnxruntime
 import torch
 
+from export.deploy import deploy, size_report
+from export.onnx_export import to_onnx
 from models import build_supernet
-from models.deploy import deploy, size_report
-from models.onnx_export import to_onnx
 from utils.checkpoint import load_file, load_model_state, save_file, state_dict_of
 from utils.cli import add_model_args, model_config
 from utils.data import build_datasets, resolution, to_device, val_loader

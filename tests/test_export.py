@@ -1,4 +1,4 @@
-"""04export.py and models/deploy.py: the standalone model equals the supernet's selection, its file
+"""04export.py and export/: the standalone model equals the supernet's selection, its file
 loads safely, the ONNX graph writes every quantizer out and onnxruntime agrees, the size report."""
 
 import json
@@ -9,9 +9,9 @@ import onnxruntime
 import pytest
 import torch
 
+from export.deploy import ClipQuant, DeployedNet, LsqQuant, deploy, size_report
+from export.onnx_export import to_onnx
 from models import build_supernet
-from models.deploy import ClipQuant, DeployedNet, LsqQuant, deploy, size_report
-from models.onnx_export import to_onnx
 from utils.data import build_datasets, to_device, val_loader
 
 from .conftest import assert_clean_failure, load_script, run_script

@@ -16,8 +16,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from models.skip import FlexibleSkip
+
 from .deploy import ClipQuant, DeployedNet, DeployedUnit, LsqQuant
-from .skip import FlexibleSkip
 
 OPSET = 17
 

@@ -21,11 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.skip import FlexibleSkip
+from models.supernet import Supernet
 from quant import ClipActivation, LsqActivation, QConv
 from quant.functional import clip_range, lsq_scale, lsq_step, values_key
-
-from .skip import FlexibleSkip
-from .supernet import Supernet
 
 
 class ClipQuant(nn.Module):
