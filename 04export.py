@@ -29,7 +29,7 @@ from export.deploy import deploy, size_report
 from export.onnx_export import to_onnx
 from models import build_supernet
 from utils.checkpoint import load_file, load_model_state, save_file, state_dict_of
-from utils.cli import add_model_args, model_config
+from utils.cli import add_loader_args, add_model_args, add_trust_arg, add_val_batch_arg, model_config
 from utils.data import build_datasets, resolution, to_device, val_loader
 from utils.errors import UsageError
 from utils.files import atomic_path
@@ -55,23 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="score on this validation set (an ImageNet-layout folder or fashion-mnist)",
     )
-    parser.add_argument("--data-root", default="data", help="where built-in datasets are unpacked")
-    parser.add_argument(
-        "--val_batch_size",
-        type=int,
-        default=200,
-        help="evaluation batch (LSQ's steps are those of this batch, as in stages 2 and 3)",
-    )
+    add_loader_args(parser)
+    add_val_batch_arg(parser)
     parser.add_argument(
         "--compare_batches", type=int, default=2, help="batches on which the supernet is run too"
     )
-    parser.add_argument("-j", "--workers", type=int, default=4)
-    parser.add_argument(
-        "--trust-pickled-checkpoint-DANGEROUS",
-        dest="trust_pickle",
-        action="store_true",
-        help="DANGEROUS: load legacy checkpoints with full unpickling",
-    )
+    add_trust_arg(parser)
     add_model_args(parser)
     args = parser.parse_args(argv)
     if (args.checkpoint is None) == (args.supernet is None):
