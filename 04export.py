@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from export.deploy import deploy, size_report
-from export.onnx_export import MIN_OPSET, OPSET, ort_session, to_onnx
+from export.onnx_export import MIN_OPSET, OPSET, ORT_SETTINGS, ort_session, to_onnx
 from models import build_supernet
 from utils.checkpoint import load_file, load_model_state, state_dict_of
 from utils.cli import add_loader_args, add_model_args, add_trust_arg, add_val_batch_arg, model_config
@@ -178,9 +178,9 @@ def export(args: argparse.Namespace) -> dict:
     report = size_report(net, [model_file, *graphs.values()])
     write_json(report, size_file)
     sessions = {
-        (name, optimise): ort_session(path, optimise)
+        (name, setting): ort_session(path, *ORT_SETTINGS[setting])
         for name, path in graphs.items()
-        for optimise in (False, True)
+        for setting in ORT_SETTINGS
     }
     inputs, what = scoring_inputs(args, size)
     ours, theirs, labels = [], [], []
@@ -205,12 +205,12 @@ def export(args: argparse.Namespace) -> dict:
         "supernet_top1_agreement": float((compared.argmax(1) == theirs_all.argmax(1)).mean() * 100),
         "onnxruntime": [],
     }
-    for (name, optimise), logits in runs.items():
+    for (name, setting), logits in runs.items():
         got = np.concatenate(logits)
         entry = {
             "graph": name,
             "file": str(graphs[name]),
-            "graph_optimisations": "all" if optimise else "off",
+            "graph_optimisations": setting,
             "top1_agreement": float((got.argmax(1) == ours_all.argmax(1)).mean() * 100),
             "max_logit_difference": float(np.abs(got - ours_all).max()),
         }

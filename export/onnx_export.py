@@ -220,11 +220,23 @@ def to_onnx(net: DeployedNet, path: str | Path, opset: int = OPSET, fold: bool =
     return model
 
 
+# onnxruntime's settings the export checks and the benchmark measures: graph optimisations off; all
+# (its default); all with the weights dequantized once, at load.
+ORT_SETTINGS = {"off": (False, False), "all": (True, False), "all, weights at load": (True, True)}
+
+
 def ort_session(
-    path: str | Path, optimise: bool = True, threads: int = 0
+    path: str | Path, optimise: bool = True, weights_at_load: bool = False, threads: int = 0
 ) -> onnxruntime.InferenceSession:
     """An onnxruntime CPU session of ``path``: every graph optimisation (onnxruntime's default) or
-    none; ``threads`` 0 lets onnxruntime choose."""
+    none; ``threads`` 0 lets onnxruntime choose.
+
+    By default onnxruntime keeps a constant weight's ``DequantizeLinear`` for its QDQ fusions (a
+    ``DequantizeLinear -> Conv -> QuantizeLinear`` group becomes an integer convolution; no group of
+    ours ends in a ``QuantizeLinear``) and dequantizes the codes at every run. ``weights_at_load``
+    turns those fusions off (``session.disable_quant_qdq``): constant folding then dequantizes the
+    weights once, at load, and fuses the convolutions with what follows.
+    """
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = (
         onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -232,4 +244,6 @@ def ort_session(
         else onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     options.intra_op_num_threads = threads
+    if weights_at_load:
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

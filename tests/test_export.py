@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from export.deploy import ClipQuant, DeployedNet, LsqQuant, QuantizedConv, deploy, size_report
-from export.onnx_export import ort_session, to_onnx
+from export.onnx_export import ORT_SETTINGS, ort_session, to_onnx
 from export.packing import pack_codes, unpack_codes
 from models import build_supernet
 from utils.data import build_datasets, to_device, val_loader
@@ -119,13 +119,13 @@ CODE_TYPES = {  # opset: weight codes, activation codes, their bits (2-bit codes
     21: (onnx.TensorProto.INT4, onnx.TensorProto.UINT4, 4),
     17: (onnx.TensorProto.INT8, onnx.TensorProto.UINT8, 8),
 }
-OPTIMISATIONS = (False, True)  # onnxruntime's graph optimisations off, then all
 
 
 def run_onnx(net: DeployedNet, path, x: torch.Tensor, **kwargs) -> tuple[onnx.GraphProto, list[np.ndarray]]:
     """Write ``net``'s graph, check its weight codes are only ever dequantized into a convolution
     (the onnxruntime defect that zeroed negative constants passed through DequantizeLinear and
-    Reshape needs a Reshape there), and run it with graph optimisations off and on."""
+    Reshape needs a Reshape there), and run it with graph optimisations off, all, and all with the
+    weights dequantized at load (where constant folding turns the codes into float weights)."""
     to_onnx(net, path, **kwargs)
     graph = onnx.load(path).graph
     consumers = {}
@@ -135,8 +135,8 @@ def run_onnx(net: DeployedNet, path, x: torch.Tensor, **kwargs) -> tuple[onnx.Gr
     for node in graph.node:
         if node.op_type == "DequantizeLinear" and node.input[0].startswith("weight_codes"):
             assert consumers[node.output[0]] == ["Conv"]
-    runs = [ort_session(path, optimise).run(None, {"images": x.numpy()})[0] for optimise in OPTIMISATIONS]
-    return graph, runs
+    images = {"images": x.numpy()}
+    return graph, [ort_session(path, *setting).run(None, images)[0] for setting in ORT_SETTINGS.values()]
 
 
 def assert_agrees(ours: np.ndarray, theirs: np.ndarray) -> None:
@@ -280,7 +280,7 @@ def test_export_of_a_stage3_checkpoint(tmp_path, finetune_run, image_folder, fou
     assert "top-1 on the whole validation set" in run.stdout and "onnxruntime" in run.stdout
     # Each graph, with onnxruntime's optimisations off and on, scored against the standalone model.
     runs = {(e["graph"], e["graph_optimisations"]): e for e in check["onnxruntime"]}
-    assert set(runs) == {(g, o) for g in ("onnx", "onnx --fold") for o in ("off", "all")}
+    assert set(runs) == {(g, o) for g in ("onnx", "onnx --fold") for o in ORT_SETTINGS}
     assert all(e["top1_agreement"] >= 90 and "top1" in e for e in runs.values())
     # The size report gives each file's bytes on disk.
     size = json.loads((tmp_path / "arch1_size.json").read_text())
