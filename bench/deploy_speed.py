@@ -20,7 +20,6 @@ classes), 2 bits.
 import argparse
 import statistics
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +29,7 @@ import onnxruntime
 import torch
 import torchvision
 
+from bench.timing import timed
 from export.deploy import deploy
 from export.onnx_export import ort_session, to_onnx
 from models import build_supernet
@@ -103,13 +103,12 @@ def measure(config: str, batch: int, args: argparse.Namespace, folder: Path) -> 
     x = np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
     calls = max(1, args.images // batch)
     seconds = {name: [] for name in models}
+    cpu = torch.device("cpu")
     for round_ in range(args.warmup + args.rounds):
         for name, run in models.items():
-            start = time.perf_counter()
-            for _ in range(calls):
-                run(x)
+            _, took = timed(lambda run=run: [run(x) for _ in range(calls)], cpu)
             if round_ >= args.warmup:
-                seconds[name].append(time.perf_counter() - start)
+                seconds[name].append(took)
     return {
         name: {
             "images_s": calls * batch / statistics.median(t),
