@@ -5,7 +5,8 @@ Models, in one process, alternating call by call: torchvision's float ``mobilene
 and in onnxruntime (its ONNX export), our standalone model (``export.deploy``, PyTorch) and our ONNX
 graphs in onnxruntime: each code type's opset (25 INT2, 21 INT4, 17 int8) and opset 25 with
 ``--fold``, with onnxruntime's default graph optimisations, and the opset-25 graphs again with the
-weights dequantized at load (``export.onnx_export.ort_session``). Random weights serve: speed does
+weights dequantized at load (``export.onnx_export.ort_session``; every session without its memory
+arena, which at 224 px and batch 64 would keep gigabytes each). Random weights serve: speed does
 not depend on their values. Each round runs every model on the same 64 images (``--images``: 64
 calls at batch 1, one at batch 64); a cell gives the median images/s and, in brackets, the median
 over rounds of the speed relative to torchvision's PyTorch model in the same round (above 1:
@@ -80,7 +81,7 @@ def runners(config: str, batch: int, folder: Path, threads: int) -> dict[str, Ca
         return run
 
     def ort_model(path: Path, weights_at_load: bool = False) -> Callable[[np.ndarray], object]:
-        session = ort_session(path, optimise=True, weights_at_load=weights_at_load, threads=threads)
+        session = ort_session(path, weights_at_load=weights_at_load, threads=threads, arena=False)
         return lambda x: session.run(None, {"images": x})
 
     return {

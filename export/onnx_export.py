@@ -226,10 +226,15 @@ ORT_SETTINGS = {"off": (False, False), "all": (True, False), "all, weights at lo
 
 
 def ort_session(
-    path: str | Path, optimise: bool = True, weights_at_load: bool = False, threads: int = 0
+    path: str | Path,
+    optimise: bool = True,
+    weights_at_load: bool = False,
+    threads: int = 0,
+    arena: bool = True,
 ) -> onnxruntime.InferenceSession:
     """An onnxruntime CPU session of ``path``: every graph optimisation (onnxruntime's default) or
-    none; ``threads`` 0 lets onnxruntime choose.
+    none; ``threads`` 0 lets onnxruntime choose; ``arena=False`` returns activations' memory after
+    each run (several sessions at a large batch otherwise each keep theirs).
 
     By default onnxruntime keeps a constant weight's ``DequantizeLinear`` for its QDQ fusions (a
     ``DequantizeLinear -> Conv -> QuantizeLinear`` group becomes an integer convolution; no group of
@@ -244,6 +249,7 @@ def ort_session(
         else onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     options.intra_op_num_threads = threads
+    options.enable_cpu_mem_arena = arena
     if weights_at_load:
         options.add_session_config_entry("session.disable_quant_qdq", "1")
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
