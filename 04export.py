@@ -1,13 +1,16 @@
 """Export a searched, fine-tuned arch as a deployable quantized model (after stage 3).
 
 From a stage-3 checkpoint (or a supernet, a search result and an arch index) it writes to --out:
-- ``arch{i}.pt``: the single-path model (``models/deploy.py``): only the selected branch of every
-  searchable layer, int8 weight codes with their per-channel steps, explicit quantizers; a plain
-  ``{"config", "state_dict"}`` that ``torch.load(weights_only=True)`` reads and
-  ``DeployedNet.from_description`` rebuilds;
-- ``arch{i}.onnx``: the same model in standard ONNX operators, every quantizer a
-  QuantizeLinear/DequantizeLinear pair, checked with onnxruntime;
-- ``arch{i}_size.json``: bits and packed bytes per layer and in total, against float32.
+- ``arch{i}.pt``: the single-path model (``export/deploy.py``): only the selected branch of every
+  searchable layer, weight codes packed at their bits with their per-channel steps, explicit
+  quantizers; a plain ``{"config", "state_dict"}`` that ``torch.load(weights_only=True)`` reads and
+  ``DeployedNet.load`` rebuilds;
+- ``arch{i}.onnx``: the same model in standard ONNX operators, codes in the opset's smallest integer
+  types (``--opset``; 25: INT2/UINT2), every quantizer a QuantizeLinear/DequantizeLinear pair, run
+  by onnxruntime with graph optimisations off and on; with ``--fold`` also ``arch{i}_fold.onnx``,
+  BatchNorms folded for speed (not bit-exact);
+- ``arch{i}_size.json``: bits and packed bytes per layer and in total, against float32, and each
+  file's bytes on disk.
 
     python 04export.py --checkpoint eval-blast/arch0_model_actwbin_2_2_bn_2ep.pth --data DIR
     python 04export.py --supernet train-supernet/model_actwbin_best_466000it.pth \\
@@ -19,17 +22,17 @@ model are scored on the whole validation set; without it they are compared on ra
 
 import argparse
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
 import torch
 
+from export.deploy import deploy, size_report
+from export.onnx_export import MIN_OPSET, OPSET, ORT_SETTINGS, ort_session, to_onnx
 from models import build_supernet
-from models.deploy import deploy, size_report
-from models.onnx_export import to_onnx
-from utils.checkpoint import load_file, load_model_state, save_file, state_dict_of
-from utils.cli import add_model_args, model_config
+from utils.checkpoint import load_file, load_model_state, state_dict_of
+from utils.cli import add_loader_args, add_model_args, add_trust_arg, add_val_batch_arg, model_config
 from utils.data import build_datasets, resolution, to_device, val_loader
 from utils.errors import UsageError
 from utils.files import atomic_path
@@ -55,29 +58,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="score on this validation set (an ImageNet-layout folder or fashion-mnist)",
     )
-    parser.add_argument("--data-root", default="data", help="where built-in datasets are unpacked")
-    parser.add_argument(
-        "--val_batch_size",
-        type=int,
-        default=200,
-        help="evaluation batch (LSQ's steps are those of this batch, as in stages 2 and 3)",
-    )
+    add_loader_args(parser)
+    add_val_batch_arg(parser)
     parser.add_argument(
         "--compare_batches", type=int, default=2, help="batches on which the supernet is run too"
     )
-    parser.add_argument("-j", "--workers", type=int, default=4)
     parser.add_argument(
-        "--trust-pickled-checkpoint-DANGEROUS",
-        dest="trust_pickle",
-        action="store_true",
-        help="DANGEROUS: load legacy checkpoints with full unpickling",
+        "--opset",
+        type=int,
+        default=OPSET,
+        help=f"ONNX opset of the graph ({MIN_OPSET}-{OPSET}): 25 stores 2-bit codes as INT2/UINT2, 21-24 "
+        "as INT4/UINT4, older opsets as int8/uint8 (for runtimes without the low-bit types; README)",
     )
+    parser.add_argument(
+        "--fold",
+        action="store_true",
+        help="also write arch{i}_fold.onnx, a graph for speed: BatchNorms folded into the weights' "
+        "scales, not bit-exact (its top-1 agreement is reported)",
+    )
+    add_trust_arg(parser)
     add_model_args(parser)
     args = parser.parse_args(argv)
     if (args.checkpoint is None) == (args.supernet is None):
         parser.error(
             "give --checkpoint (a stage-3 checkpoint), or --supernet with --search-result and --arch-index"
         )
+    if not MIN_OPSET <= args.opset <= OPSET:
+        parser.error(f"--opset {args.opset}: the export writes opsets {MIN_OPSET} to {OPSET}")
     if args.supernet is not None and (args.search_result is None or args.arch_index is None):
         parser.error("--supernet needs --search-result and --arch-index")
     return args
@@ -140,6 +147,19 @@ def top1(logits: list[np.ndarray], labels: list[np.ndarray]) -> float:
     )
 
 
+def scoring_inputs(args: argparse.Namespace, size: int) -> tuple[Iterable, str]:
+    """The batches the models are compared on (with labels when --data is given), and what they are."""
+    if args.data is not None:  # the whole validation set
+        data = build_datasets(args.data, size, args.data_root)
+        cpu = torch.device("cpu")
+        loader = val_loader(data.val, args.val_batch_size, args.workers)
+        what = f"the {len(data.val)} validation images of {args.data}"
+        return ((to_device(x, cpu), y) for x, y in loader), what
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(args.val_batch_size, 3, size, size, generator=gen), None) for _ in range(2)]
+    return batches, f"{2 * args.val_batch_size} random inputs"
+
+
 def export(args: argparse.Namespace) -> dict:
     out = writable(Path(args.out))
     supernet, selection, index, source = selected_supernet(args)
@@ -147,37 +167,34 @@ def export(args: argparse.Namespace) -> dict:
     supernet.eval()
     size = resolution(supernet.config["base_resolution"], supernet.config["resolution_multiplier"])
     net = deploy(supernet, selection, args.val_batch_size, size)
-    model_file, onnx_file, size_file = (
-        out / f"arch{index}.pt",
-        out / f"arch{index}.onnx",
-        out / f"arch{index}_size.json",
-    )
-    save_file({"config": net.describe(), "state_dict": net.state_dict()}, model_file)
-    with atomic_path(onnx_file) as tmp:
-        to_onnx(net, tmp)
-    report = size_report(net)
+    model_file, size_file = out / f"arch{index}.pt", out / f"arch{index}_size.json"
+    graphs = {"onnx": out / f"arch{index}.onnx"}
+    if args.fold:
+        graphs["onnx --fold"] = out / f"arch{index}_fold.onnx"
+    net.save(model_file)
+    for name, path in graphs.items():
+        with atomic_path(path) as tmp:
+            to_onnx(net, tmp, args.opset, fold=name != "onnx")
+    report = size_report(net, [model_file, *graphs.values()])
     write_json(report, size_file)
-    session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
-    cpu = torch.device("cpu")
-    if args.data is not None:  # the whole validation set
-        data = build_datasets(args.data, size, args.data_root)
-        inputs = ((to_device(x, cpu), y) for x, y in val_loader(data.val, args.val_batch_size, args.workers))
-        what = f"the {len(data.val)} validation images of {args.data}"
-    else:
-        gen = torch.Generator().manual_seed(0)
-        inputs = [(torch.randn(args.val_batch_size, 3, size, size, generator=gen), None) for _ in range(2)]
-        what = f"{2 * args.val_batch_size} random inputs"
-    ours, theirs, onnx_out, labels = [], [], [], []
+    sessions = {
+        (name, setting): ort_session(path, *ORT_SETTINGS[setting])
+        for name, path in graphs.items()
+        for setting in ORT_SETTINGS
+    }
+    inputs, what = scoring_inputs(args, size)
+    ours, theirs, labels = [], [], []
+    runs = {key: [] for key in sessions}
     with torch.no_grad():
         for x, y in inputs:
             ours.append(net(x).numpy())
-            onnx_out.append(session.run(None, {"images": x.numpy()})[0])
+            for key, session in sessions.items():
+                runs[key].append(session.run(None, {"images": x.numpy()})[0])
             if len(theirs) < args.compare_batches:  # the supernet is slower: a few batches show it
                 theirs.append(supernet(x, selection).numpy())
             if y is not None:
                 labels.append(y.numpy())
-    ours_all, onnx_all = np.concatenate(ours), np.concatenate(onnx_out)
-    theirs_all = np.concatenate(theirs)
+    ours_all, theirs_all = np.concatenate(ours), np.concatenate(theirs)
     compared = ours_all[: len(theirs_all)]
     check = {
         "compared_on": what,
@@ -186,19 +203,29 @@ def export(args: argparse.Namespace) -> dict:
             np.abs(compared - theirs_all).max() / np.abs(theirs_all).max()
         ),
         "supernet_top1_agreement": float((compared.argmax(1) == theirs_all.argmax(1)).mean() * 100),
-        "onnx_max_logit_difference": float(np.abs(onnx_all - ours_all).max()),
-        "onnx_top1_agreement": float((onnx_all.argmax(1) == ours_all.argmax(1)).mean() * 100),
+        "onnxruntime": [],
     }
+    for (name, setting), logits in runs.items():
+        got = np.concatenate(logits)
+        entry = {
+            "graph": name,
+            "file": str(graphs[name]),
+            "graph_optimisations": setting,
+            "top1_agreement": float((got.argmax(1) == ours_all.argmax(1)).mean() * 100),
+            "max_logit_difference": float(np.abs(got - ours_all).max()),
+        }
+        if labels:
+            entry["top1"] = top1(logits, labels)
+        check["onnxruntime"].append(entry)
     if labels:
-        check.update(
-            top1_pytorch=top1(ours, labels),
-            top1_onnxruntime=top1(onnx_out, labels),
-        )
+        check["top1_pytorch"] = top1(ours, labels)
+    files = [str(model_file), *map(str, graphs.values()), str(size_file)]
     summary = {
         "arch": index,
         "selection": selection,
         "source": source,
-        "files": [str(model_file), str(onnx_file), str(size_file)],
+        "opset": args.opset,
+        "files": files,
         "size": {k: v for k, v in report.items() if k != "layers"},
         "check": check,
     }
@@ -208,23 +235,32 @@ def export(args: argparse.Namespace) -> dict:
         f"size: {report['total_bytes'] / 1024:.1f} KiB packed against "
         f"{report['total_float32_bytes'] / 1024:.1f} KiB in float32 ({report['compression']:.1f}x; "
         f"weights {report['weights_bytes'] / 1024:.1f} against "
-        f"{report['weights_float32_bytes'] / 1024:.1f} KiB)"
+        f"{report['weights_float32_bytes'] / 1024:.1f} KiB); on disk "
+        + ", ".join(
+            f"{Path(f).name} {b / 1024:.1f} KiB ({b / report['total_bytes']:.2f}x packed)"
+            for f, b in report["files"].items()
+        )
     )
     print(
         f"standalone model against the supernet on {check['compared_with_the_supernet_on']} ({what}): "
         f"top-1 agreement {check['supernet_top1_agreement']:.2f} %, "
         f"largest difference {check['supernet_max_relative_difference']:.1e} of the largest logit"
     )
-    print(
-        f"onnxruntime against the standalone model: top-1 agreement {check['onnx_top1_agreement']:.2f} %, "
-        f"largest logit difference {check['onnx_max_logit_difference']:.3g}"
-    )
+    for e in check["onnxruntime"]:
+        print(
+            f"onnxruntime ({e['graph']}, opset {args.opset}, graph optimisations {e['graph_optimisations']}) "
+            f"against the standalone model: top-1 agreement {e['top1_agreement']:.2f} %, "
+            f"largest logit difference {e['max_logit_difference']:.3g}"
+        )
     if labels:
         print(
-            f"top-1 on the whole validation set: standalone {check['top1_pytorch']:.2f} %, onnxruntime "
-            f"{check['top1_onnxruntime']:.2f} %"
+            f"top-1 on the whole validation set: standalone {check['top1_pytorch']:.2f} %, "
+            + ", ".join(
+                f"onnxruntime {e['graph']} (optimisations {e['graph_optimisations']}) {e['top1']:.2f} %"
+                for e in check["onnxruntime"]
+            )
         )
-    print(f"wrote {model_file}, {onnx_file}, {size_file} and {out / f'arch{index}_export.json'}")
+    print(f"wrote {', '.join(files)} and {out / f'arch{index}_export.json'}")
     return summary
 
 

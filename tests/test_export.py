@@ -1,17 +1,18 @@
-"""04export.py and models/deploy.py: the standalone model equals the supernet's selection, its file
-loads safely, the ONNX graph writes every quantizer out and onnxruntime agrees, the size report."""
+"""04export.py and export/: the standalone model equals the supernet's selection, its file holds the
+codes packed and loads safely, the ONNX graph writes every quantizer out with codes at their bits
+(each opset) and onnxruntime agrees with optimisations off and on, the folded graph, the sizes."""
 
 import json
 
 import numpy as np
 import onnx
-import onnxruntime
 import pytest
 import torch
 
+from export.deploy import ClipQuant, DeployedNet, LsqQuant, QuantizedConv, deploy, size_report
+from export.onnx_export import ORT_SETTINGS, ort_session, to_onnx
+from export.packing import pack_codes, unpack_codes
 from models import build_supernet
-from models.deploy import ClipQuant, DeployedNet, LsqQuant, deploy, size_report
-from models.onnx_export import to_onnx
 from utils.data import build_datasets, to_device, val_loader
 
 from .conftest import assert_clean_failure, load_script, run_script
@@ -21,7 +22,7 @@ from .test_stage3 import checkpoint_path, finetune_run, found, supernet  # noqa:
 CPU = torch.device("cpu")
 
 
-def trained(arch: str, quantizer: str = "basq") -> torch.nn.Module:
+def trained(arch: str, quantizer: str = "basq", bits: int = 2) -> torch.nn.Module:
     """A small supernet with non-trivial BatchNorm statistics, weights quantized, in evaluation."""
     torch.manual_seed(0)
     extra = {
@@ -29,7 +30,7 @@ def trained(arch: str, quantizer: str = "basq") -> torch.nn.Module:
         "resnet18": {"width_multiplier": 0.125, "width_divisor": 8},
     }[arch]
     model = build_supernet(
-        arch, 10, 2, [0.01, 0.001, 0.0001], base_resolution=32, quantizer=quantizer, **extra
+        arch, 10, bits, [0.01, 0.001, 0.0001], base_resolution=32, quantizer=quantizer, **extra
     )
     model.change_precision(True, False)
     last = [model.num_branches - 1] * model.num_searchable_layers
@@ -77,45 +78,157 @@ def test_the_standalone_model_computes_the_supernets_selection(arch, quantizer):
     assert kinds == expected
 
 
-def test_the_saved_model_loads_safely_and_rebuilds(tmp_path):
+def test_codes_pack_at_their_bits():
+    # Two's complement fields, lowest bits first: -1, 0, 1, -2 at 2 bits are 0b11, 0b00, 0b01, 0b10.
+    assert pack_codes(torch.tensor([-1, 0, 1, -2]), 2).tolist() == [0b10_01_00_11]
+    assert pack_codes(torch.tensor([-1, 7, 1]), 4).tolist() == [0x7F, 0x01]
+    gen = torch.Generator().manual_seed(0)
+    for bits in range(1, 9):
+        top = 2 ** (bits - 1)
+        codes = torch.randint(-top, top, (7, 3, 3, 3), generator=gen, dtype=torch.int8)
+        packed = pack_codes(codes, bits)
+        assert packed.dtype == torch.uint8 and packed.numel() == -(-codes.numel() * bits // 8)
+        assert torch.equal(unpack_codes(packed, bits, codes.shape), codes)
+    with pytest.raises(ValueError, match="do not hold"):
+        unpack_codes(torch.zeros(3, dtype=torch.uint8), 2, [4, 4])
+
+
+def test_the_saved_model_is_packed_loads_safely_and_rebuilds(tmp_path):
     model = trained("mobilenet_v2")
     selection = [2] * model.num_searchable_layers
     net = deploy(model, selection, batch_size=4, resolution=32)
     path = tmp_path / "arch.pt"
-    torch.save({"config": net.describe(), "state_dict": net.state_dict()}, path)
+    net.save(path)
     saved = torch.load(path, weights_only=True)  # plain data only
     assert saved["config"]["source"]["selection"] == selection
+    convs = [(name, m) for name, m in net.named_modules() if isinstance(m, QuantizedConv)]
+    assert len(convs) == len(net.units())
+    for name, conv in convs:  # four 2-bit codes a byte
+        codes = saved["state_dict"][f"{name}.codes"]
+        assert codes.dtype == torch.uint8 and codes.numel() == -(-conv.codes.numel() // 4)
     again = DeployedNet.load(path)
+    for a, b in zip(again.units(), net.units(), strict=True):
+        assert torch.equal(a.conv.codes, b.conv.codes) and a.conv.codes.dtype == torch.int8
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(again(x), net(x))
 
 
-def onnx_session(net: DeployedNet, path) -> onnxruntime.InferenceSession:
-    to_onnx(net, path)
-    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+CODE_TYPES = {  # opset: weight codes, activation codes, their bits (2-bit codes)
+    25: (onnx.TensorProto.INT2, onnx.TensorProto.UINT2, 2),
+    21: (onnx.TensorProto.INT4, onnx.TensorProto.UINT4, 4),
+    17: (onnx.TensorProto.INT8, onnx.TensorProto.UINT8, 8),
+}
+
+
+def run_onnx(net: DeployedNet, path, x: torch.Tensor, **kwargs) -> tuple[onnx.GraphProto, list[np.ndarray]]:
+    """Write ``net``'s graph, check its weight codes are only ever dequantized into a convolution
+    (the onnxruntime defect that zeroed negative constants passed through DequantizeLinear and
+    Reshape needs a Reshape there), and run it with graph optimisations off, all, and all with the
+    weights dequantized at load (where constant folding turns the codes into float weights)."""
+    to_onnx(net, path, **kwargs)
+    graph = onnx.load(path).graph
+    consumers = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.op_type)
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0].startswith("weight_codes"):
+            assert consumers[node.output[0]] == ["Conv"]
+    images = {"images": x.numpy()}
+    return graph, [ort_session(path, *setting).run(None, images)[0] for setting in ORT_SETTINGS.values()]
+
+
+def assert_agrees(ours: np.ndarray, theirs: np.ndarray) -> None:
+    """onnxruntime's BatchNorm and divisions round in their own order: an activation on a rounding
+    boundary may land on the next level, so all but a few top-1 agree and the typical logit matches."""
+    assert (ours.argmax(1) == theirs.argmax(1)).mean() >= 0.9
+    assert np.median(np.abs(ours - theirs)) < 1e-3
+
+
+@pytest.mark.parametrize("opset", sorted(CODE_TYPES, reverse=True))
+@pytest.mark.parametrize(
+    "arch, quantizer", [("mobilenet_v2", "basq"), ("resnet18", "basq"), ("mobilenet_v2", "lsq")]
+)
+def test_onnx_writes_every_quantizer_at_its_bits_and_onnxruntime_agrees(tmp_path, arch, quantizer, opset):
+    model = trained(arch, quantizer)
+    selection = [i % model.num_branches for i in range(model.num_searchable_layers)]
+    net = deploy(model, selection, batch_size=8, resolution=32)
+    x = torch.randn(16, 3, 32, 32)
+    graph, outputs = run_onnx(net, tmp_path / "net.onnx", x, opset=opset)
+    assert {o.domain: o.version for o in onnx.load(tmp_path / "net.onnx").opset_import} == {"": opset}
+    ops = [node.op_type for node in graph.node]
+    quants = [u.quant for u in net.units() if isinstance(u.quant, (ClipQuant, LsqQuant))]
+    assert ops.count("QuantizeLinear") == len(quants)  # one per activation quantizer
+    assert ops.count("DequantizeLinear") == len(quants) + len(net.units())  # and one per weight quantizer
+    weight_type, activation_type, bits = CODE_TYPES[opset]
+    codes = [i for i in graph.initializer if i.name.startswith("weight_codes")]
+    assert len(codes) == len(net.units()) and all(i.data_type == weight_type for i in codes)
+    assert [len(i.raw_data) for i in codes] == [-(-u.conv.codes.numel() * bits // 8) for u in net.units()]
+    assert all(i.data_type == activation_type for i in graph.initializer if i.name.startswith("act_zero"))
+    # A 2-bit type's range is the quantizer's: its saturation clamps; wider types clamp first in float.
+    clamps = 0 if bits == 2 else len(quants)
+    assert ops.count("Clip") + ops.count("Min") == clamps
+    assert ops[0] == "Conv" and ops[-1] == "Gemm"  # the stem and the classifier stay float
+    with torch.no_grad():
+        ours = net(x).numpy()
+    for theirs in outputs:
+        assert_agrees(ours, theirs)
+
+
+def test_onnx_of_three_bits_and_of_levels_below_the_types_range(tmp_path):
+    """3-bit codes go in INT4/UINT4, whose range is wider: the quantizers clamp in float first, as
+    does a clip whose ``bin`` gives five levels (not 2**b - 1)."""
+    model = trained("mobilenet_v2", "basq", bits=3)
+    net = deploy(model, [1] * model.num_searchable_layers, batch_size=8, resolution=32)
+    clip = next(u.quant for u in net.units() if isinstance(u.quant, ClipQuant))
+    clip.delta.copy_(clip.upper / 5)
+    x = torch.randn(16, 3, 32, 32) * 2
+    graph, outputs = run_onnx(net, tmp_path / "net.onnx", x)
+    codes = [i for i in graph.initializer if i.name.startswith("weight_codes")]
+    assert all(i.data_type == onnx.TensorProto.INT4 for i in codes)
+    ops = [node.op_type for node in graph.node]
+    assert ops.count("Clip") == sum(isinstance(u.quant, ClipQuant) for u in net.units())
+    assert ops.count("Min") == sum(isinstance(u.quant, LsqQuant) for u in net.units())
+    with torch.no_grad():
+        ours = net(x).numpy()
+    for theirs in outputs:
+        assert_agrees(ours, theirs)
 
 
 @pytest.mark.parametrize("arch", ["mobilenet_v2", "resnet18"])
-def test_onnx_writes_every_quantizer_and_onnxruntime_agrees(tmp_path, arch):
+def test_the_folded_graph_drops_the_batchnorms_into_the_weights_scales(tmp_path, arch):
     model = trained(arch)
-    selection = [i % 3 for i in range(model.num_searchable_layers)]
-    net = deploy(model, selection, batch_size=8, resolution=32)
-    session = onnx_session(net, tmp_path / "net.onnx")
-    graph = onnx.load(tmp_path / "net.onnx").graph
-    ops = [node.op_type for node in graph.node]
-    activation = sum(isinstance(u.quant, (ClipQuant, LsqQuant)) for u in net.units())
-    assert ops.count("QuantizeLinear") == activation  # one per activation quantizer
-    assert ops.count("DequantizeLinear") == activation + len(net.units())  # and one per weight quantizer
-    codes = [i for i in graph.initializer if i.name.startswith("weight_codes")]
-    assert len(codes) == len(net.units()) and all(i.data_type == onnx.TensorProto.INT8 for i in codes)
-    assert ops[0] == "Conv" and ops[-1] == "Gemm"  # the stem and the classifier stay float
-    x = torch.randn(16, 3, 32, 32)
+    net = deploy(model, [1] * model.num_searchable_layers, batch_size=8, resolution=32)
+    x = torch.randn(64, 3, 32, 32)
+    exact, _ = run_onnx(net, tmp_path / "exact.onnx", x)
+    folded, outputs = run_onnx(net, tmp_path / "fold.onnx", x, fold=True)
+    count = [node.op_type for node in exact.node].count("BatchNormalization")
+    assert [node.op_type for node in folded.node].count("BatchNormalization") == count - len(net.units()) - 1
+    def codes(graph: onnx.GraphProto) -> list[bytes]:
+        return [i.raw_data for i in graph.initializer if i.name.startswith("weight_codes")]
+
+    assert codes(folded) == codes(exact)  # the codes unchanged
     with torch.no_grad():
         ours = net(x).numpy()
-    theirs = session.run(None, {"images": x.numpy()})[0]
-    assert (ours.argmax(1) == theirs.argmax(1)).mean() >= 0.9  # all but a rounding-boundary few
-    assert np.median(np.abs(ours - theirs)) < 1e-3
+    for theirs in outputs:
+        assert_agrees(ours, theirs)
+
+
+def test_files_of_a_width_1_model_are_within_1_3x_of_the_packed_size(tmp_path):
+    """An ImageNet-config MobileNet-v2 (width 1.0, seven branches, random weights) at a small input."""
+    torch.manual_seed(0)
+    model = build_supernet("mobilenet_v2", 10, 2, [0.01, 0.005, 0.001, 0.0005, 0.0001, 0.00005, 0.00001])
+    model.change_precision(True, True)
+    model.init_weight_steps()
+    net = deploy(model.eval(), [0] * model.num_searchable_layers, batch_size=8, resolution=32)
+    files = [tmp_path / "arch.pt", tmp_path / "arch.onnx"]
+    net.save(files[0])
+    to_onnx(net, files[1])
+    report = size_report(net, files)
+    assert report["files"] == {str(f): f.stat().st_size for f in files}
+    for size in report["files"].values():
+        assert report["total_bytes"] <= size <= 1.3 * report["total_bytes"]
 
 
 def test_size_report_by_hand():
@@ -150,19 +263,29 @@ def test_export_of_a_stage3_checkpoint(tmp_path, finetune_run, image_folder, fou
         "4",
         "-j",
         "0",
+        "--fold",
     )
     assert run.returncode == 0, run.stderr
     assert {p.name for p in tmp_path.iterdir()} == {
         "arch1.pt",
         "arch1.onnx",
+        "arch1_fold.onnx",
         "arch1_size.json",
         "arch1_export.json",
     }
     summary = json.loads((tmp_path / "arch1_export.json").read_text())
-    assert summary["selection"] == found["archs"][1]
+    assert summary["selection"] == found["archs"][1] and summary["opset"] == 25
     check = summary["check"]
     assert check["supernet_top1_agreement"] == 100.0 and check["supernet_max_relative_difference"] <= 1e-5
     assert "top-1 on the whole validation set" in run.stdout and "onnxruntime" in run.stdout
+    # Each graph, with onnxruntime's optimisations off and on, scored against the standalone model.
+    runs = {(e["graph"], e["graph_optimisations"]): e for e in check["onnxruntime"]}
+    assert set(runs) == {(g, o) for g in ("onnx", "onnx --fold") for o in ORT_SETTINGS}
+    assert all(e["top1_agreement"] >= 90 and "top1" in e for e in runs.values())
+    # The size report gives each file's bytes on disk.
+    size = json.loads((tmp_path / "arch1_size.json").read_text())
+    names = ("arch1.pt", "arch1.onnx", "arch1_fold.onnx")
+    assert size["files"] == {str(tmp_path / n): (tmp_path / n).stat().st_size for n in names}
     # The standalone model scores what the checkpoint scores on the images outside the fold.
     net = DeployedNet.load(tmp_path / "arch1.pt")
     data = build_datasets(str(image_folder), 32)
@@ -196,7 +319,9 @@ def test_export_from_a_supernet_and_a_search_result(tmp_path, supernet, found): 
     assert summary["check"]["compared_on"] == "8 random inputs"
 
 
-@pytest.mark.parametrize("case", ["stage-1 checkpoint", "arch index", "unwritable out", "no source"])
+@pytest.mark.parametrize(
+    "case", ["stage-1 checkpoint", "arch index", "unwritable out", "no source", "opset"]
+)
 def test_export_bad_input(tmp_path, supernet, found, case):  # noqa: F811
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
@@ -211,6 +336,7 @@ def test_export_bad_input(tmp_path, supernet, found, case):  # noqa: F811
             ["--out", "cannot be"],
         ),
         "no source": ([], ["give --checkpoint"]),
+        "opset": (["--checkpoint", str(supernet), "--opset", "12"], ["--opset 12", "opsets 13 to 25"]),
     }[case]
     result = run_script(
         "04export.py", *(["--out", str(tmp_path / "out")] if case != "unwritable out" else []), *flags

@@ -112,19 +112,35 @@ def add_run_args(parser: argparse.ArgumentParser, save: str, dist_timeout: float
     """
     parser.add_argument("--data", default="fashion-mnist",
                         help="an ImageNet-layout folder (train/, val/) or 'fashion-mnist'")
-    parser.add_argument("--data-root", default="data", help="where built-in datasets are unpacked")
-    parser.add_argument("-j", "--workers", type=int, default=4, help="data loading workers")
+    add_loader_args(parser)
     parser.add_argument("--min_crop_scale", type=float, default=0.08,
                         help="smallest area fraction of RandomResizedCrop (0.08: the reference)")
     parser.add_argument("--save", default=save, help="output folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument(TRUST_FLAG, dest="trust_pickle", action="store_true",
-                        help="DANGEROUS: load legacy checkpoints with full unpickling, which runs "
-                             "any code the file contains; only for files you made yourself")
+    add_trust_arg(parser)
     parser.add_argument("--dist_timeout", type=float, default=dist_timeout,
                         help="under torchrun: minutes a process waits for the others at a "
                              "synchronisation point before the job fails")
+
+
+def add_loader_args(parser: argparse.ArgumentParser) -> None:
+    """Where built-in datasets are and how many processes load them (every stage, and the export)."""
+    parser.add_argument("--data-root", default="data", help="where built-in datasets are unpacked")
+    parser.add_argument("-j", "--workers", type=int, default=4, help="data loading workers")
+
+
+def add_trust_arg(parser: argparse.ArgumentParser) -> None:
+    """The opt-in to unpickling legacy checkpoints (every stage, and the export)."""
+    parser.add_argument(TRUST_FLAG, dest="trust_pickle", action="store_true",
+                        help="DANGEROUS: load legacy checkpoints with full unpickling, which runs "
+                             "any code the file contains; only for files you made yourself")
+
+
+def add_val_batch_arg(parser: argparse.ArgumentParser) -> None:
+    """The evaluation batch (stages 2 and 3, and the export): LSQ's steps are those of this batch."""
+    parser.add_argument("--val_batch_size", type=int, default=200,
+                        help="evaluation batch; LSQ's activation steps depend on its size in the last bit")
 
 
 def add_amp_arg(parser: argparse.ArgumentParser) -> None:
@@ -140,7 +156,7 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--supernet", default=RELEASED_SUPERNET,
                         help="stage-1 checkpoint, or the released one (the default)")
     parser.add_argument("--k", type=int, default=10, help="number of folds")
-    parser.add_argument("--val_batch_size", type=int, default=200)
+    add_val_batch_arg(parser)
     parser.add_argument("--max_val_iters", type=int, default=0,
                         help="use only the first N validation batches (0: all)")
     parser.add_argument("--val_cache_gb", type=float, default=8.0,

@@ -5,27 +5,32 @@ a plain ``nn.Module`` whose ``forward(x)`` computes, in evaluation, what ``super
 computes: the same operations in the same order up to the last quantizer (a quantizer turns a
 last-bit difference into a whole level, so nothing before one is re-associated). Its quantizers
 stay explicit modules with fixed steps, and each quantized convolution holds its weights as int8
-codes with one step per output channel. The one fold: where the last unit's BN_last meets the
-global average pool and the classifier (MobileNet-v2), the three become one linear layer (an
-affine commutes with an average), exact up to float rounding after the last quantizer.
+codes with one step per output channel (packed at their bits in its state dict). The one fold:
+where the last unit's BN_last meets the global average pool and the classifier (MobileNet-v2), the
+three become one linear layer (an affine commutes with an average), exact up to float rounding
+after the last quantizer.
 
 ``DeployedNet.describe()`` gives the configuration that rebuilds the module (``from_description``)
-from a state dict: ``torch.save({"config": ..., "state_dict": ...})`` loads with
-``torch.load(weights_only=True)``.
+from a state dict; ``save`` writes ``{"config", "state_dict"}``, which ``torch.load(weights_only=True)``
+reads and ``DeployedNet.load`` rebuilds.
 """
 
 import copy
+import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.skip import FlexibleSkip
+from models.supernet import Supernet
 from quant import ClipActivation, LsqActivation, QConv
 from quant.functional import clip_range, lsq_scale, lsq_step, values_key
+from utils.checkpoint import save_file
 
-from .skip import FlexibleSkip
-from .supernet import Supernet
+from .packing import pack_codes, unpack_codes
 
 
 class ClipQuant(nn.Module):
@@ -68,7 +73,11 @@ class LsqQuant(nn.Module):
 
 
 class QuantizedConv(nn.Module):
-    """A convolution whose weights are int8 ``codes`` times a per-output-channel ``scale``."""
+    """A convolution whose weights are int8 ``codes`` times a per-output-channel ``scale``.
+
+    Its state dict holds the codes packed at ``bits`` bits (``export.packing``: four 2-bit codes a
+    byte, a flat uint8 tensor); loading one unpacks them.
+    """
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bits: int, stride: int, groups: int):
         super().__init__()
@@ -85,6 +94,16 @@ class QuantizedConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.weight(), None, self.stride, self.codes.shape[-1] // 2, 1, self.groups)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "codes"] = pack_codes(self.codes, self.bits)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
+        key = prefix + "codes"
+        if key in state_dict:  # load_state_dict passes its own copy of the dict: replaced in place
+            state_dict[key] = unpack_codes(state_dict[key], self.bits, self.codes.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
 
 class DeployedUnit(nn.Module):
@@ -196,8 +215,12 @@ class DeployedNet(nn.Module):
             "classifier": [self.classifier.in_features, self.classifier.out_features],
         }
 
+    def save(self, path: str | os.PathLike) -> None:
+        """``{"config": describe(), "state_dict"}`` to ``path`` (codes packed at their bits)."""
+        save_file({"config": self.describe(), "state_dict": self.state_dict()}, path)
+
     @classmethod
-    def load(cls, path: str) -> "DeployedNet":
+    def load(cls, path: str | os.PathLike) -> "DeployedNet":
         """A model ``04export.py`` wrote (``arch{i}.pt``: ``{"config", "state_dict"}``), in evaluation."""
         saved = torch.load(path, map_location="cpu", weights_only=True)
         net = cls.from_description(saved["config"])
@@ -356,11 +379,16 @@ def _quantizer_inputs(
     return sizes
 
 
+def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """``bn`` in evaluation as ``x * scale + shift`` per channel."""
+    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    return scale, bn.bias.detach() - bn.running_mean * scale
+
+
 def _fold_into_classifier(bn: nn.BatchNorm2d, linear: nn.Linear) -> nn.Linear:
     """``linear(mean(bn(x)))`` as one linear layer of ``mean(x)``: ``bn`` in evaluation is a
     per-channel affine, which commutes with the average."""
-    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
-    shift = bn.bias.detach() - bn.running_mean * scale
+    scale, shift = bn_affine(bn)
     folded = nn.Linear(linear.in_features, linear.out_features)
     with torch.no_grad():
         folded.weight.copy_(linear.weight * scale)
@@ -368,11 +396,12 @@ def _fold_into_classifier(bn: nn.BatchNorm2d, linear: nn.Linear) -> nn.Linear:
     return folded
 
 
-def size_report(net: DeployedNet) -> dict[str, Any]:
+def size_report(net: DeployedNet, files: Sequence[str | os.PathLike] = ()) -> dict[str, Any]:
     """Per layer and in total: the bits of weights and of the activations a layer takes, and the
     bytes of its weights packed at those bits (the per-channel steps as float32) against float32.
     The full-precision stem and classifier count as float32; ``other`` counts the BatchNorms and the
-    activation quantizers' steps, float32 in both."""
+    activation quantizers' steps, float32 in both. ``files``: the model's files, whose bytes on
+    disk the report gives beside those totals."""
     layers = [
         {
             "layer": "stem",
@@ -424,4 +453,5 @@ def size_report(net: DeployedNet) -> dict[str, Any]:
         "total_bytes": packed + other,
         "total_float32_bytes": full + other,
         "compression": (full + other) / (packed + other),
+        "files": {str(f): os.path.getsize(f) for f in files},
     }
