@@ -175,7 +175,7 @@ def stage_datasets(args: argparse.Namespace) -> Datasets:
 def val_loader(dataset: Dataset, batch_size: int, workers: int) -> DataLoader:
     """The validation set in its fixed order (folds are defined by batch index)."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      pin_memory=torch.cuda.is_available())
+                      pin_memory=distributed.pin_memory())
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -243,7 +243,8 @@ def train_loader(dataset: Dataset, batch_size: int, workers: int, seed: int, num
     """A loader of training batches and its sampler (``set_epoch`` before iterating an epoch).
 
     Its workers persist across epochs (no start-up per epoch) and return uint8 images
-    (``to_device``); batches are pinned for a non-blocking copy when CUDA is there.
+    (``to_device``); batches are pinned for a non-blocking copy when the stage computes on a GPU
+    (``distributed.pin_memory``).
     ``drop_last=False`` keeps an epoch's last, partial batch (stage 3's whole epochs).
     """
     sampler = EpochSampler(len(dataset), seed, num_replicas=num_replicas, rank=rank)
@@ -251,7 +252,7 @@ def train_loader(dataset: Dataset, batch_size: int, workers: int, seed: int, num
     # leaves the caller's generator alone.
     loader = DataLoader(SeededSamples(dataset), batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                         num_workers=workers, persistent_workers=workers > 0,
-                        pin_memory=torch.cuda.is_available(),
+                        pin_memory=distributed.pin_memory(),
                         generator=torch.Generator().manual_seed(rank_seed(seed, rank)))
     return loader, sampler
 
@@ -320,7 +321,7 @@ class ValidationBatches:
         samples = [s for b in wanted for s in range(b * step, min((b + 1) * step, size))]
         # Whole batches in order: batching the subset again gives the same batches.
         yield from DataLoader(Subset(self.dataset, samples), batch_size=self.batch_size, shuffle=False,
-                              num_workers=self.workers, pin_memory=torch.cuda.is_available())
+                              num_workers=self.workers, pin_memory=distributed.pin_memory())
 
     def load(self, indices: Iterable[int]) -> list[Batch]:
         return list(self.stream(indices))
