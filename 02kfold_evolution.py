@@ -34,7 +34,7 @@ from utils.results import (
     search_result_file,
     write_json,
 )
-from utils.runtime import fail_cleanly, seed_everything
+from utils.runtime import fail_cleanly, seed_everything, use_tf32
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,6 +75,7 @@ def search(args: argparse.Namespace) -> dict:
         calibration = [next(stream)[2] for _ in range(args.bn_recalibration_batches)]
     save = Path(args.save)
     log = RunLog(save, enabled=distributed.is_main(), tensorboard=False)
+    log.info(use_tf32(args.tf32, setup.device))
     log.info(f"stage 2: {args.supernet} ({setup.config['arch']}, {setup.config['bits']}-bit, "
              f"{model.num_branches} branches), {setup.num_batches} validation batches in {args.k} folds"
              + (f", spread over {distributed.world_size()} processes" if distributed.is_distributed()

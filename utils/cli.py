@@ -119,6 +119,10 @@ def add_run_args(parser: argparse.ArgumentParser, save: str, dist_timeout: float
     parser.add_argument("--save", default=save, help="output folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--tf32", type=boolean, default=True,
+                        help="on (the default, PyTorch's and the reference's): Ampere and later GPUs "
+                             "compute float32 convolutions in TF32 (10-bit mantissa); off: in float32. "
+                             "See README, 'TF32'")
     parser.add_argument(TRUST_FLAG, dest="trust_pickle", action="store_true",
                         help="DANGEROUS: load legacy checkpoints with full unpickling, which runs "
                              "any code the file contains; only for files you made yourself")
