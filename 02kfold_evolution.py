@@ -116,9 +116,10 @@ def search_fold(args: argparse.Namespace, setup: Evaluation, fold: int, calibrat
     model = setup.model
     candidates = tqdm(desc=f"fold {fold} candidates", position=1, leave=False, dynamic_ncols=True,
                       disable=not distributed.is_main())
-    kept = setup.val.kept(fold_range, setup.device)  # decoded once for all of the fold's candidates
-    if kept is not None and args.prefix_cache_gb > 0:
-        on_fold = PrefixScorer(model, kept, calibration, setup.device, args.prefix_cache_gb * 2**30).accuracy
+    kept = setup.val.kept(fold_range)  # decoded once for all of the fold's candidates
+    if kept is not None and args.prefix_cache_gb > 0:  # on the GPU as far as it has room
+        on_fold = PrefixScorer.on_device(model, kept, calibration, setup.device,
+                                         args.prefix_cache_gb * 2**30).accuracy
     else:
         def on_fold(candidate):
             return setup.accuracy(candidate, kept if kept is not None else setup.val.stream(fold_range),
