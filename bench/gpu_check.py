@@ -78,10 +78,11 @@ class Checks:
     def __init__(self, out: Path, cuda: bool):
         self.out, self.cuda, self.results = out, cuda, []
 
-    def run(self, name: str, check: Callable[[], tuple[str, list[str]]]) -> str:
-        """``check()`` gives a status and what it measured; an exception fails it."""
+    def run(self, name: str, check: Callable[[], tuple[str, list[str]]], fresh: bool = True) -> str:
+        """``check()`` gives a status and what it measured; an exception fails it. ``fresh``: the
+        peak GPU memory counts from here."""
         start = time.monotonic()
-        if self.cuda:
+        if self.cuda and fresh:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         try:
@@ -95,6 +96,18 @@ class Checks:
                              "measured": measured, "tail": tail})
         print(f"{status}: {name} ({seconds:.0f} s) {'; '.join(measured)}", flush=True)
         return status
+
+    def stage(self, name: str, run: Callable[[], Path], predicted: Callable[[], float], what: str) -> None:
+        """A stage's run (passed when it ends and writes ``run()``'s file) and its peak GPU memory
+        against the table, as two checks."""
+        def ran() -> tuple[str, list[str]]:
+            if not run().exists():
+                raise RuntimeError("the stage did not write its output")
+            return PASSED, []
+
+        done = self.run(name, ran)
+        self.run(f"{name}: peak memory", lambda: self.peak(predicted(), what) if done == PASSED
+                 else (NOT_EXERCISED, ["the stage failed"]), fresh=False)
 
     def peak(self, predicted: float, what: str) -> tuple[str, list[str]]:
         """The peak GPU memory since the check began against ``predicted`` (bytes)."""
@@ -176,27 +189,26 @@ def main(argv: list[str] | None = None) -> None:
     print("measuring the memory figures (bench.memory) ...", flush=True)
     # The figures of PyTorch's ops, as a GPU runs them (on the CPU the stages then run them too).
     os.environ["BASQ_NATIVE"] = "0"
-    figures = {amp: memory.measure(amp, sizes=(1, 2), model=size.supernet(), resolution=size.resolution,
+    figures = {amp: memory.measure(amp, model=size.supernet(), resolution=size.resolution,
                                    teacher=torchvision.models.get_model(size.teacher))
                for amp in (None, "bf16")}
     stage1, stage2, stage3 = (script(name) for name in ("01train_supernet.py", "02kfold_evolution.py",
                                                         "03finetune.py"))
 
-    def stage1_run(save: Path, *extra: str, amp: str | None = None) -> Callable:
-        def check():
-            flags = [*stage1_args, "--save", str(save), *(["--amp", amp] if amp else []), *extra]
-            stage1.train(stage1.parse_args(flags))
-            if not (save / last).exists():
-                return FAILED, [f"{save / last} was not written"]
-            figure = figures.get(amp, figures["bf16"])
-            return checks.peak(figure.stage1(size.piece, size.batch),
-                               f"stage 1, pieces of {size.piece}, {amp or 'float32'}")
-        return check
+    def stage1_run(save: Path, amp: str | None = None) -> Callable[[], Path]:
+        def run() -> Path:
+            amp_flag = ["--amp", amp] if amp else []
+            stage1.train(stage1.parse_args([*stage1_args, "--save", str(save), *amp_flag]))
+            return save / last
+        return run
 
     fp32 = args.out / "stage1-fp32"
-    checks.run(f"stage 1, float32, --batch_size {size.batch} --replicas {size.replicas}", stage1_run(fp32))
-    for amp in ("bf16", "fp16") if cuda else ("bf16",):
-        checks.run(f"stage 1, --amp {amp}", stage1_run(args.out / f"stage1-{amp}", amp=amp))
+    for amp in (None, "bf16", "fp16") if cuda else (None, "bf16"):
+        figure = figures.get(amp, figures["bf16"])  # fp16 keeps what bf16 keeps
+        checks.stage(f"stage 1, {'--amp ' + amp if amp else 'float32'}, --batch_size {size.batch} --replicas "
+                     f"{size.replicas}", stage1_run(fp32 if amp is None else args.out / f"stage1-{amp}", amp),
+                     lambda figure=figure: figure.stage1(size.piece, size.batch),
+                     f"stage 1, pieces of {size.piece}, {amp or 'float32'}")
     resumed = args.out / "stage1-resumed"
 
     def resume():
@@ -210,28 +222,31 @@ def main(argv: list[str] | None = None) -> None:
     search = args.out / "stage2"
     eval_args = [*common, "--supernet", str(fp32 / last), "--k", "2", "--val_batch_size", str(size.val_batch)]
 
-    def search_check():
+    def search_run() -> Path:
         stage2.search(stage2.parse_args([*eval_args, "--max-epochs", "1", "--population-num", "4",
                                          "--select-num", "2", "--mutation-num", "1", "--crossover-num", "1",
                                          "--save", str(search)]))
-        # The evaluation batch, and what the prefix scorer keeps of the fold (its cache at most 2 GiB).
-        fold = size.classes * size.val // 2
+        return search / "search_result.json"
+
+    def search_memory() -> float:
+        """An evaluation batch, and what the prefix scorer keeps of a fold (its cache 2 GiB at most)."""
         shape = (3, size.resolution, size.resolution)
         per_image = 5 * math.prod(shape) + bytes_per_image(size.supernet(), shape, torch.device("cpu"))
-        kept = figures[None].evaluation(size.val_batch) + fold * per_image + 2 * memory.GIB
-        return checks.peak(kept, f"evaluation of {size.val_batch}, a fold of {fold} on the device, "
-                                 "the prefix cache")
+        return figures[None].evaluation(size.val_batch) + fold * per_image + 2 * memory.GIB
 
-    checks.run(f"stage 2, batches of {size.val_batch}", search_check)
+    fold = size.classes * size.val // 2
+    checks.stage(f"stage 2, batches of {size.val_batch}", search_run, search_memory,
+                 f"evaluation of {size.val_batch}, a fold of {fold} on the device, the prefix cache")
 
-    def finetune_check():
+    def finetune_run() -> Path:
         stage3.finetune(stage3.parse_args([*eval_args, "--search-result", str(search / "search_result.json"),
                                            "--batch_size", str(size.batch), "--bn_epochs", "1",
                                            "--iters_per_epoch", "2", "--save", str(args.out / "stage3")]))
-        return checks.peak(figures[None].stage3(size.piece, size.batch, size.val_batch),
-                           f"stage 3, pieces of {size.piece}, float32")
+        return args.out / "stage3" / "final_result.json"
 
-    checks.run(f"stage 3 at --batch_size {size.batch} --replicas {size.replicas}", finetune_check)
+    checks.stage(f"stage 3 at --batch_size {size.batch} --replicas {size.replicas}", finetune_run,
+                 lambda: figures[None].stage3(size.piece, size.batch, size.val_batch),
+                 f"stage 3, pieces of {size.piece}, float32")
     checks.run(f"stage 1 under torchrun, 2 processes ({'NCCL' if cuda else 'gloo'})",
                lambda: torchrun_check(cuda, stage1_args, args.out / "stage1-torchrun"))
     if not checks.report(args.device):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from bench import data_loading, memory
+from bench import data_loading, gpu_check, memory
 from models import build_supernet
 
 
@@ -76,3 +76,26 @@ def test_memory_of_a_small_supernet_per_image():
     assert fp32.parameters == sum(p.numel() * 4 for p in model.parameters())
     rows = memory.table({None: fp32, "bf16": bf16}).splitlines()
     assert len(rows) == 2 + 2 * 3 and all(r.count("|") == 10 for r in rows)
+
+
+def test_gpu_check_statuses_and_resume_tolerance(tmp_path, monkeypatch):
+    """A check is passed, failed or not exercised, never passed by default: GPU memory on the CPU is
+    not exercised, a peak over the table fails; a resumed state agrees within the GPU's tolerance."""
+    checks = gpu_check.Checks(tmp_path, cuda=False)
+    checks.run("memory on the CPU", lambda: checks.peak(2**30, "a stage"))
+    checks.run("a stage that raises", lambda: (_ for _ in ()).throw(RuntimeError("boom")))
+    gpu = gpu_check.Checks(tmp_path, cuda=True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: int(1.2 * 2**30))
+    gpu.run("over the table", lambda: gpu.peak(2**30, "a stage"))
+    gpu.run("within the table", lambda: gpu.peak(1.2 * 2**30, "a stage"))
+    statuses = [r["status"] for r in checks.results + gpu.results]
+    assert statuses == ["not exercised", "failed", "failed", "passed"]
+    assert not checks.report("cpu")  # a failed check fails the run
+    state = {"w": torch.linspace(1, 2, 10_000), "n": torch.tensor(3)}
+    close = {"w": state["w"] * (1 + 5e-4), "n": torch.tensor(3)}
+    assert gpu_check.same_state(state, close)[0]
+    off = {"w": state["w"].clone(), "n": torch.tensor(3)}
+    off["w"][:20] += 1
+    assert not gpu_check.same_state(state, off)[0]
