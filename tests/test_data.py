@@ -90,10 +90,15 @@ def test_augmentation_is_the_same_with_any_number_of_workers_and_after_a_resume(
     assert [e for e, _, _ in serial] == [0] * 7 + [1] * 2  # 36 images in 7 batches of 5 an epoch
 
 
-def test_training_loader_keeps_its_workers_and_pins_for_gpus(image_folder):
+def test_training_loader_keeps_its_workers_and_pins_for_gpus(image_folder, monkeypatch):
+    from utils import distributed
+
     data = build_datasets(str(image_folder), 24)
+    monkeypatch.setattr(distributed, "_in_use", torch.device("cuda", 0))  # a stage on a GPU
+    assert train_loader(data.train, 4, 0, seed=0)[0].pin_memory
+    monkeypatch.setattr(distributed, "_in_use", torch.device("cpu"))
     loader, sampler = train_loader(data.train, 4, 2, seed=0, drop_last=False)
-    assert loader.persistent_workers and loader.pin_memory == torch.cuda.is_available()
+    assert loader.persistent_workers and not loader.pin_memory
     sizes = []
     for epoch in range(2):
         sampler.set_epoch(epoch)

@@ -62,7 +62,7 @@ def out_of_memory_message(error: torch.OutOfMemoryError, args: argparse.Namespac
         said += (f" with pieces of {math.ceil(batch / replicas)} images (--batch_size {batch} in "
                  f"--replicas {replicas} pieces): give more pieces, e.g. --replicas {more} (pieces of "
                  f"{math.ceil(batch / more)})" + ("" if getattr(args, "amp", None) else
-                                                   ", or --amp bf16 (about half the activations)"))
+                                                   ", or --amp bf16 (58 % of the activations)"))
     elif hasattr(args, "val_batch_size"):  # stage 2: evaluation batches, the fold and its cache
         said += (f" with evaluation batches of {args.val_batch_size} images: lower --val_batch_size "
                  "or --prefix_cache_gb")
@@ -71,7 +71,8 @@ def out_of_memory_message(error: torch.OutOfMemoryError, args: argparse.Namespac
 
 def fail_cleanly(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> Any:
     """Run a stage; a user error (``BasqError``) prints ``error: ...`` and exits with status 2,
-    without a traceback. Any other exception is a defect: it keeps its traceback.
+    without a traceback, and so does a GPU out of memory (``out_of_memory_message``: the flags to
+    change). Any other exception is a defect: it keeps its traceback.
 
     The process keeps freed memory for reuse (``utils.cpu_memory``), which makes large CPU steps
     faster (README, "Speed").
