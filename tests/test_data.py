@@ -218,7 +218,10 @@ def test_validation_batches_decode_only_what_is_asked_for_once_and_pin_only_batc
     assert val.keeps_all and sum(dataset.reads) == 1  # the size probe alone
     fold = val.kept([1, 2])
     assert [int(y[0]) for _, y in fold] == [4, 8] and pinned == [False]
+    state = torch.get_rng_state()
     rest = list(val.stream([0, 3, 4, 1, 2]))  # the full-accuracy batches: only 0, 3, 4 decoded
+    # Decoding during a stage leaves the generator that draws the training augmentation alone.
+    assert torch.equal(torch.get_rng_state(), state)
     assert [int(y[0]) for _, y in rest] == [0, 4, 8, 12, 16] and pinned == [False, False]
     list(val.stream(range(5)))
     assert dataset.reads == [2] + [1] * 19  # each sample once (and the probe)

@@ -331,9 +331,12 @@ class ValidationBatches:
             return
         size, step = len(self.dataset), self.batch_size
         samples = [s for b in indices for s in range(b * step, min((b + 1) * step, size))]
-        # Whole batches in order: batching the subset again gives the same batches.
+        # Whole batches in order: batching the subset again gives the same batches. The loader's own
+        # generator: decoding when first asked (any time in a stage) leaves the global one alone,
+        # which draws the training augmentation.
         yield from DataLoader(Subset(self.dataset, samples), batch_size=self.batch_size, shuffle=False,
-                              num_workers=self.workers, pin_memory=pin and distributed.pin_memory())
+                              num_workers=self.workers, pin_memory=pin and distributed.pin_memory(),
+                              generator=torch.Generator())
 
     def kept(self, indices: Sequence[int]) -> list[Batch] | None:
         """The batches at ``indices`` in memory (not pinned), for scoring many candidates on them:
