@@ -187,8 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     last = f"model_actwbin_best_{size.iters:05d}it.pth"
     checks = Checks(args.out, cuda)
     print("measuring the memory figures (bench.memory) ...", flush=True)
-    # The figures of PyTorch's ops, as a GPU runs them (on the CPU the stages then run them too).
-    os.environ["BASQ_NATIVE"] = "0"
+    if cuda:  # the figures of PyTorch's ops, as the GPU runs them (the smoke run keeps its fast kernels)
+        os.environ["BASQ_NATIVE"] = "0"
     figures = {amp: memory.measure(amp, model=size.supernet(), resolution=size.resolution,
                                    teacher=torchvision.models.get_model(size.teacher))
                for amp in (None, "bf16")}
