@@ -1,7 +1,6 @@
 """What a training and an evaluation step keep on the device, per image, and what each stage needs.
 
-    python -m bench.memory                    # the ImageNet model: width 1.0, 224 px, 2-bit, 7 branches
-    python -m bench.memory --markdown         # the README's table
+    python -m bench.memory    # the ImageNet model (width 1.0, 224 px, 2-bit, 7 branches): README's tables
 
 Measured from the tensors themselves, so the figures hold on any device (measured here on the CPU,
 with PyTorch's ops: the fused CPU kernels are turned off, as a GPU does not have them):
@@ -265,8 +264,10 @@ def per_image_lines(figures: Figures) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--amp", nargs="*", default=["none", "bf16"], choices=["none", "bf16", "fp16"])
+    parser.add_argument("--device", default="cpu", help="where to run the steps (the figures do not "
+                        "depend on it: on a GPU the backward pass may run outside the count's reach)")
+    parser.add_argument("--amp", nargs="*", default=["none", "bf16"], choices=["none", "bf16", "fp16"],
+                        help="precisions to measure (none: float32)")
     args = parser.parse_args(argv)
     os.environ["BASQ_NATIVE"] = "0"  # before the first quantizer runs: PyTorch's ops, as on a GPU
     torch.manual_seed(0)
