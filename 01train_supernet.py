@@ -39,7 +39,7 @@ from utils.errors import UsageError
 from utils.logs import RunLog
 from utils.losses import kd_loss
 from utils.param_groups import stage1_param_groups
-from utils.runtime import fail_cleanly, seed_everything
+from utils.runtime import fail_cleanly, seed_everything, use_tf32
 from utils.teacher import load_teacher
 from utils.training import Amp, DataWait, RunningStats, train_step
 
@@ -164,6 +164,7 @@ def train(args: argparse.Namespace) -> None:
     if resumed is not None:  # after everything that draws random numbers while setting up
         restore_rng(resumed["rng"], selection_rng, device)
     log = RunLog(save, enabled=distributed.is_main())
+    log.info(use_tf32(args.tf32, device))
     log.info(f"stage 1: {config['arch']} supernet, {model.num_searchable_layers} searchable layers x "
              f"{model.num_branches} branches, {config['bits']}-bit, {data.num_classes} classes, "
              f"teacher {teacher_name}, device {device}"

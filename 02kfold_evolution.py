@@ -44,7 +44,7 @@ from utils.results import (
     search_result_file,
     write_json,
 )
-from utils.runtime import fail_cleanly, seed_everything
+from utils.runtime import fail_cleanly, seed_everything, use_tf32
 from utils.search_files import FoldHistory, check_settings, read_state, state_path, write_state
 
 
@@ -103,6 +103,7 @@ def search(args: argparse.Namespace) -> dict:
                                                  "crossover_num", "mutation_num", "val_batch_size")}}
     check_settings(save, settings)
     log = RunLog(save, enabled=distributed.is_main(), tensorboard=False)
+    log.info(use_tf32(args.tf32, setup.device))
     log.info(f"stage 2: {args.supernet} ({setup.config['arch']}, {setup.config['bits']}-bit, "
              f"{model.num_branches} branches), {setup.num_batches} validation batches in {args.k} folds"
              + (f", spread over {distributed.world_size()} processes" if distributed.is_distributed()
@@ -148,9 +149,10 @@ def fold_scorers(args: argparse.Namespace, setup: Evaluation, fold: int, calibra
     """Top-1 of a candidate on the fold, and on every other batch (its full accuracy)."""
     fold_range, full = fold_batches(setup.num_batches, args.k, fold)
     model = setup.model
-    kept = setup.val.kept(fold_range, setup.device)  # decoded once for all of the fold's candidates
-    if kept is not None and args.prefix_cache_gb > 0:
-        on_fold = PrefixScorer(model, kept, calibration, setup.device, args.prefix_cache_gb * 2**30).accuracy
+    kept = setup.val.kept(fold_range)  # decoded once for all of the fold's candidates
+    if kept is not None and args.prefix_cache_gb > 0:  # on the GPU as far as it has room
+        on_fold = PrefixScorer.on_device(model, kept, calibration, setup.device,
+                                         args.prefix_cache_gb * 2**30).accuracy
     else:
         def on_fold(candidate):
             return setup.accuracy(candidate, kept if kept is not None else setup.val.stream(fold_range),

@@ -36,7 +36,7 @@ from utils.folds import fold_batches
 from utils.logs import RunLog
 from utils.param_groups import stage3_param_groups
 from utils.results import check_search_result, format_block, parse_block, read_search_result, write_json
-from utils.runtime import fail_cleanly, seed_everything
+from utils.runtime import fail_cleanly, seed_everything, use_tf32
 from utils.training import Amp, DataWait, RunningStats, train_step
 
 
@@ -96,6 +96,7 @@ def finetune(args: argparse.Namespace) -> dict:
                              f"here it is {ours}: use stage 2's --k, --val_batch_size and --max_val_iters")
     save = Path(args.save)
     log = RunLog(save, enabled=distributed.is_main())
+    log.info(use_tf32(args.tf32, setup.device))
     iters = args.iters_per_epoch or math.ceil(len(setup.data.train) / args.batch_size)
     log.info(f"stage 3: {len(found['archs'])} archs from {source}, supernet {args.supernet}, "
              f"{args.bn_epochs} epochs of {iters} iterations, lr {args.learning_rate_bnstabilize}"

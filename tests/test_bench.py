@@ -3,8 +3,11 @@ import multiprocessing
 import re
 
 import pytest
+import torch
+import torchvision
 
-from bench import data_loading, deploy_speed
+from bench import data_loading, deploy_speed, gpu_check, memory
+from models import build_supernet
 
 
 def test_loader_benchmark_reports_both_loaders_and_a_ratio(tmp_path, capsys):
@@ -37,3 +40,76 @@ def test_deployment_benchmark_reports_every_model_and_its_speed_against_torchvis
     assert [speed for _, speed in rows["torchvision float, PyTorch"]] == ["1.00", "1.00"]
     assert "ours opset 25 (INT2), onnxruntime" in rows
     assert "ours opset 25 --fold, onnxruntime, weights at load" in rows
+
+
+def test_live_tensors_counts_what_the_operations_make_while_it_lives():
+    x = torch.ones(1000)  # made outside: not counted, nor its views
+    with memory.LiveTensors([x]) as live:
+        a = x * 2  # 4,000 bytes
+        b = a + 1  # 8,000 alive
+        view = b.view(10, 100)  # the same storage: nothing more
+        del a, b  # the view keeps b's storage
+        c = x.view(100, 10) - 1  # 8,000 again
+        del view, c
+    assert live.peak == 8000 and live.live == 0
+
+
+def test_saved_bytes_counts_unique_storages_saved_for_backward_without_parameters():
+    w = torch.nn.Parameter(torch.ones(256))
+    x = torch.randn(256)
+
+    def step():
+        y = x * w  # saves x (1 KiB) and w (a parameter: left out)
+        return (y.sin() * y.exp()).sum()  # saves y once for both (1 KiB), sin(y) and exp(y) (2 KiB)
+
+    assert memory.saved_bytes(step, [w]) == 4 * 1024
+
+
+def test_a_fit_per_image_and_the_largest_piece_that_fits():
+    line = memory.fit(lambda n: 100 + 7 * n, (2, 4))
+    assert (line.per_image, line.per_step) == (7, 100)
+    figures = memory.Figures(None, line, line, line, line, 0, 0)
+    room = 16 * memory.GB - memory.RESERVE
+    largest = figures.largest_piece(16, lambda p: 2**30 * p)
+    assert largest * 2**30 <= room < (largest + 1) * 2**30
+    assert figures.largest_piece(16, lambda p: 10 * memory.GB * p) == 1
+    assert figures.largest_piece(16, lambda p: 20 * memory.GB) == 0
+
+
+def test_memory_of_a_small_supernet_per_image():
+    """Measured on a small model: the training step keeps what it saves for backward, and more per
+    image than evaluation; float32 saves more than bfloat16; the table covers every GPU size."""
+    model = build_supernet("mobilenet_v2", 10, 2, [0.01, 0.001], width_multiplier=0.25, width_divisor=8)
+    teacher = torchvision.models.resnet18(num_classes=10)
+    fp32 = memory.measure(None, model=model, resolution=32, teacher=teacher)
+    bf16 = memory.measure("bf16", model=model, resolution=32, teacher=teacher)
+    for f in (fp32, bf16):
+        assert f.saved.per_image > 0 and f.train.per_image >= 0.9 * f.saved.per_image
+        assert 0 < f.eval.per_image < f.train.per_image / 3 and f.teacher.per_image > 0
+    assert bf16.saved.per_image < 0.8 * fp32.saved.per_image
+    assert fp32.parameters == sum(p.numel() * 4 for p in model.parameters())
+    rows = memory.table({None: fp32, "bf16": bf16}).splitlines()
+    assert len(rows) == 2 + 2 * 3 and all(r.count("|") == 10 for r in rows)
+
+
+def test_gpu_check_statuses_and_resume_tolerance(tmp_path, monkeypatch):
+    """A check is passed, failed or not exercised, never passed by default: GPU memory on the CPU is
+    not exercised, a peak over the table fails; a resumed state agrees within the GPU's tolerance."""
+    checks = gpu_check.Checks(tmp_path, cuda=False)
+    checks.run("memory on the CPU", lambda: checks.peak(2**30, "a stage"))
+    checks.run("a stage that raises", lambda: (_ for _ in ()).throw(RuntimeError("boom")))
+    gpu = gpu_check.Checks(tmp_path, cuda=True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: int(1.2 * 2**30))
+    gpu.run("over the table", lambda: gpu.peak(2**30, "a stage"))
+    gpu.run("within the table", lambda: gpu.peak(1.2 * 2**30, "a stage"))
+    statuses = [r["status"] for r in checks.results + gpu.results]
+    assert statuses == ["not exercised", "failed", "failed", "passed"]
+    assert not checks.report("cpu")  # a failed check fails the run
+    state = {"w": torch.linspace(1, 2, 10_000), "n": torch.tensor(3)}
+    close = {"w": state["w"] * (1 + 5e-4), "n": torch.tensor(3)}
+    assert gpu_check.same_state(state, close)[0]
+    off = {"w": state["w"].clone(), "n": torch.tensor(3)}
+    off["w"][:20] += 1
+    assert not gpu_check.same_state(state, off)[0]

@@ -90,10 +90,15 @@ def test_augmentation_is_the_same_with_any_number_of_workers_and_after_a_resume(
     assert [e for e, _, _ in serial] == [0] * 7 + [1] * 2  # 36 images in 7 batches of 5 an epoch
 
 
-def test_training_loader_keeps_its_workers_and_pins_for_gpus(image_folder):
+def test_training_loader_keeps_its_workers_and_pins_for_gpus(image_folder, monkeypatch):
+    from utils import distributed
+
     data = build_datasets(str(image_folder), 24)
+    monkeypatch.setattr(distributed, "_in_use", torch.device("cuda", 0))  # a stage on a GPU
+    assert train_loader(data.train, 4, 0, seed=0)[0].pin_memory
+    monkeypatch.setattr(distributed, "_in_use", torch.device("cpu"))
     loader, sampler = train_loader(data.train, 4, 2, seed=0, drop_last=False)
-    assert loader.persistent_workers and loader.pin_memory == torch.cuda.is_available()
+    assert loader.persistent_workers and not loader.pin_memory
     sizes = []
     for epoch in range(2):
         sampler.set_epoch(epoch)
@@ -121,7 +126,7 @@ def test_validation_batches_in_memory_or_decoded_when_asked(image_folder):
     reference = list(val_loader(val, 5, 0))
     kept = ValidationBatches(val, 5, 0)
     streamed = ValidationBatches(val, 5, 0, cache_bytes=1)
-    assert kept.all is not None and streamed.all is None and len(kept) == len(streamed) == 5
+    assert kept.keeps_all and not streamed.keeps_all and len(kept) == len(streamed) == 5
     for source in (kept, streamed):
         for indices in ([0], [4, 1], [1, 2, 3], range(5)):
             got = list(source.stream(indices))
@@ -129,8 +134,8 @@ def test_validation_batches_in_memory_or_decoded_when_asked(image_folder):
             assert len(got) == len(want)
             for a, b in zip(got, want, strict=True):
                 assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    assert streamed.kept([0, 1], CPU) is None  # two batches do not fit in one byte
-    fold = ValidationBatches(val, 5, 0, cache_bytes=2.5 * streamed.batch_bytes).kept([3, 4], CPU)
+    assert streamed.kept([0, 1]) is None  # two batches do not fit in one byte
+    fold = ValidationBatches(val, 5, 0, cache_bytes=2.5 * streamed.batch_bytes).kept([3, 4])
     assert [len(y) for _, y in fold] == [5, 4]  # the last batch is partial, as in the loader
     assert len(ValidationBatches(val, 5, 0, max_batches=2)) == 2
     with pytest.raises(IndexError, match="beyond the 5 validation batches"):
@@ -178,3 +183,49 @@ def test_stage2_decodes_each_image_about_once_per_fold_when_the_set_does_not_fit
     assert results["streamed"]["archs"] == results["in memory"]["archs"]
     assert results["streamed"]["fold_accs"] == results["in memory"]["fold_accs"]
     assert results["streamed"]["full_accs"] == results["in memory"]["full_accs"]
+
+
+class Counted(torch.utils.data.Dataset):
+    """A dataset that counts how often each sample is read (decoded)."""
+
+    def __init__(self, size: int):
+        self.size, self.reads = size, [0] * size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int):
+        self.reads[index] += 1
+        return torch.full((3, 2, 2), index, dtype=torch.uint8), index
+
+
+def test_validation_batches_decode_only_what_is_asked_for_once_and_pin_only_batches_in_flight(monkeypatch):
+    """A process decodes the batches of its folds and the full-accuracy batches, each once, not the
+    whole set up front; kept batches are not pinned, streamed ones are (when the stage uses a GPU)."""
+    from utils import data
+
+    pinned = []
+    real_loader = data.DataLoader
+
+    def recording_loader(*args, **kwargs):
+        pinned.append(kwargs["pin_memory"])
+        return real_loader(*args, **{**kwargs, "pin_memory": False})  # no CUDA here to pin with
+
+    monkeypatch.setattr(data, "DataLoader", recording_loader)
+    monkeypatch.setattr(data.distributed, "pin_memory", lambda: True)
+    dataset = Counted(20)
+    val = ValidationBatches(dataset, 4, 0)  # five batches, all kept
+    assert val.keeps_all and sum(dataset.reads) == 1  # the size probe alone
+    fold = val.kept([1, 2])
+    assert [int(y[0]) for _, y in fold] == [4, 8] and pinned == [False]
+    state = torch.get_rng_state()
+    rest = list(val.stream([0, 3, 4, 1, 2]))  # the full-accuracy batches: only 0, 3, 4 decoded
+    # Decoding during a stage leaves the generator that draws the training augmentation alone.
+    assert torch.equal(torch.get_rng_state(), state)
+    assert [int(y[0]) for _, y in rest] == [0, 4, 8, 12, 16] and pinned == [False, False]
+    list(val.stream(range(5)))
+    assert dataset.reads == [2] + [1] * 19  # each sample once (and the probe)
+    streamed = ValidationBatches(Counted(20), 4, 0, cache_bytes=2 * val.batch_bytes)
+    assert not streamed.keeps_all
+    list(streamed.stream([0, 1])), streamed.kept([2, 3])
+    assert pinned[2:] == [True, False]  # streamed batches in flight are pinned, a kept fold is not

@@ -19,7 +19,10 @@ import torch
 from models import build_supernet
 from models.units import Unit
 from quant import LsqActivation
+from utils import distributed
 from utils.checkpoint import load_file
+from utils.data import ValidationBatches, train_loader
+from utils.errors import UsageError
 from utils.results import parse_block
 
 from .conftest import ROOT, load_script
@@ -228,3 +231,55 @@ def test_units_follow_sync_bn_conversion(arch):
             m.register_forward_hook(lambda *_: called.append(1))
     model.train()(torch.randn(2, 3, 32, 32), [0] * model.num_searchable_layers)
     assert len(called) == 1 + 3 * len(units)  # the stem, and three per unit
+
+
+class FakeCuda:
+    """The CUDA calls ``distributed.setup`` makes, on a node with ``count`` GPUs, recorded."""
+
+    def __init__(self, monkeypatch, count: int):
+        self.set_to, self.init = [], {}
+        monkeypatch.setattr(distributed, "_in_use", None)  # restored after the test
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        monkeypatch.setattr(torch.cuda, "set_device", self.set_to.append)
+        monkeypatch.setattr(torch.distributed, "init_process_group",
+                            lambda backend, **kw: self.init.update(backend=backend, **kw))
+
+
+def torchrun_env(monkeypatch, local_rank: int, world: int = 2) -> None:
+    for name, value in (("WORLD_SIZE", world), ("RANK", local_rank), ("LOCAL_RANK", local_rank)):
+        monkeypatch.setenv(name, str(value))
+
+
+@pytest.mark.parametrize("count, local_rank, expected", [(8, 3, 3), (1, 3, 0), (1, 0, 0)])
+def test_each_process_takes_its_gpu_and_binds_nccl_to_it(monkeypatch, count, local_rank, expected):
+    """LOCAL_RANK picks the GPU; a process that sees one GPU (one per task, as SLURM binds them)
+    takes it whatever its LOCAL_RANK; the process group is bound to that GPU (device_id)."""
+    cuda = FakeCuda(monkeypatch, count)
+    torchrun_env(monkeypatch, local_rank, world=8)
+    device = distributed.setup(None, 1.0)
+    assert device == torch.device("cuda", expected)
+    assert cuda.set_to == [device]
+    assert cuda.init["backend"] == "nccl" and cuda.init["device_id"] == device
+    assert distributed.pin_memory()
+
+
+def test_a_local_rank_beyond_the_gpus_seen_is_refused(monkeypatch):
+    FakeCuda(monkeypatch, 2)
+    torchrun_env(monkeypatch, 2, world=4)
+    with pytest.raises(UsageError, match="LOCAL_RANK 2 but this process sees 2 GPUs"):
+        distributed.setup("cuda", 1.0)
+
+
+def test_device_cpu_on_a_gpu_node_pins_nothing_and_touches_no_gpu(monkeypatch, tmp_path):
+    """--device cpu where CUDA is there: gloo without a device, no GPU chosen, and loaders that do
+    not pin (pinning would create a CUDA context)."""
+    cuda = FakeCuda(monkeypatch, 8)
+    torchrun_env(monkeypatch, 1)
+    assert distributed.setup("cpu", 1.0) == torch.device("cpu")
+    assert cuda.set_to == [] and cuda.init["backend"] == "gloo" and cuda.init["device_id"] is None
+    assert not distributed.pin_memory()
+    data = torch.utils.data.TensorDataset(torch.zeros(4, 3, 2, 2, dtype=torch.uint8), torch.zeros(4))
+    assert not train_loader(data, 2, 0, 0)[0].pin_memory
+    images, _ = next(ValidationBatches(data, 2, 0, cache_bytes=0).stream([0]))
+    assert not images.is_pinned()

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from models import build_supernet
+from utils import prefix_scorer
 from utils.bn_recalibration import recalibrate_bn
 from utils.evaluation import accuracy_on
 from utils.prefix_scorer import PrefixScorer
@@ -102,3 +103,76 @@ def test_bad_selection_and_no_batches():
     scorer = PrefixScorer(model, [(torch.randn(2, 3, 12, 12), torch.zeros(2, dtype=torch.long))], [], CPU)
     with pytest.raises(ValueError, match="searchable layers"):
         scorer.accuracy([0])
+
+
+@pytest.mark.parametrize("recalibrate", [False, True])
+def test_chunks_give_the_logits_of_the_whole_fold_at_once(recalibrate):
+    """A fold computed chunk after chunk (the GPU has no room for all of it) scores exactly as at once,
+    from a cache that holds entries per chunk."""
+    model = trained_like("mobilenet_v2")
+    batches = [(torch.randn(6, 3, 12, 12), torch.randint(0, 10, (6,))) for _ in range(5)]
+    calibration = [(torch.randn(16, 3, 12, 12), None)] if recalibrate else []
+    whole = PrefixScorer(model, batches, calibration, CPU)
+    chunked = {chunk: PrefixScorer(model, batches, calibration, CPU, chunk=chunk) for chunk in (1, 2, 5)}
+    assert [len(s.chunks) for s in chunked.values()] == [5, 3, 1]
+    for selection in family(model, 4, seed=2):
+        expected = whole.logits(selection)
+        for scorer in chunked.values():
+            assert torch.equal(scorer.logits(selection), expected)
+            assert scorer.accuracy(selection) == whole.accuracy(selection)
+    assert chunked[2].computed == 3 * chunked[5].computed  # the same prefixes reused, in each chunk
+    assert {key[0] for key in chunked[2].cache} == {0, 1, 2}
+
+
+def test_bytes_per_image_is_the_image_and_the_two_largest_consecutive_stage_outputs(monkeypatch):
+    model = trained_like("mobilenet_v2")
+    outputs = [3 * 12 * 12 * 4]  # the image as float32
+    x = torch.zeros(1, 3, 12, 12)
+    for stage in model.stages():  # each stage's output for one image
+        x = stage.run(x, [0] * stage.genes)
+        outputs.append(x.numel() * 4)
+    expected = outputs[0] + max(outputs[i] + outputs[i + 1] for i in range(len(outputs) - 1))
+    assert prefix_scorer.bytes_per_image(model, (3, 12, 12), CPU) == expected
+    assert model.training is False
+
+
+def fake_gpu(monkeypatch, free: float) -> torch.device:
+    """A GPU with ``free`` bytes (the CUDA memory query mocked); the scorer's probe runs on the CPU."""
+    real = prefix_scorer.bytes_per_image
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (int(free), 80 * 2**30))
+    monkeypatch.setattr(prefix_scorer, "bytes_per_image",
+                        lambda model, shape, device: real(model, shape, CPU))
+    return torch.device("cuda", 0)
+
+
+def test_the_room_check_counts_everything_the_scorer_keeps(monkeypatch):
+    """The fold (uint8), its images as float32 and two stage outputs, the calibration batches' alike,
+    and the cache, within 90 % of the free memory: all at once when they fit, else as many batches
+    as fit, at least one."""
+    model = trained_like("mobilenet_v2")
+    batches = [(torch.zeros(6, 3, 12, 12, dtype=torch.uint8), torch.zeros(6, dtype=torch.long))
+               for _ in range(10)]
+    calibration = [(torch.zeros(4, 3, 12, 12, dtype=torch.uint8), None)]
+    per_image, cache = prefix_scorer.bytes_per_image(model, (3, 12, 12), CPU), 10_000
+    whole = 60 * (3 * 12 * 12 + per_image) + 4 * per_image + cache
+
+    def chunk(free: float) -> int:
+        return prefix_scorer.fold_chunk(model, batches, calibration, fake_gpu(monkeypatch, free), cache)
+
+    assert chunk(whole / 0.9 + 1) == 0  # everything fits: the fold moves to the GPU
+    assert chunk(whole / 0.9 - 1) == 10  # not the uint8 fold too: all at once, from the host
+    three = 3 * 6 * per_image + 4 * per_image + cache
+    assert chunk(three / 0.9 + 1) == 3 and chunk(three / 0.9 - 1) == 2
+    assert chunk(0) == 1  # no room at all: one batch at a time (and a clear message if it fails)
+    assert prefix_scorer.fold_chunk(model, batches, calibration, CPU, cache) == 0  # the CPU: at once
+
+
+def test_on_device_scores_a_fold_too_large_for_the_gpu_in_chunks(monkeypatch):
+    model = trained_like("resnet18")
+    batches = [(torch.randn(6, 3, 12, 12), torch.randint(0, 10, (6,))) for _ in range(4)]
+    per_image = prefix_scorer.bytes_per_image(model, (3, 12, 12), CPU)
+    device = fake_gpu(monkeypatch, (2 * 6 * per_image + 100) / 0.9 + 10)  # room for two batches
+    assert prefix_scorer.fold_chunk(model, batches, [], device, 100) == 2
+    scorer = PrefixScorer(model, batches, [], CPU, 100, chunk=2)  # what on_device builds, on the CPU
+    selection = family(model, 0)[0]
+    assert torch.equal(scorer.logits(selection), PrefixScorer(model, batches, [], CPU).logits(selection))

@@ -227,6 +227,7 @@ def test_a_pasted_block_with_log_prefixes(tmp_path, image_folder, supernet, foun
     assert summary["archs"] == found["archs"] and summary["**bnfull_accs"] == found["full_accs"]
     log = (tmp_path / "out" / "log.txt").read_text()
     assert f"archs from {pasted}" in log
+    assert "TF32: not used on the CPU" in log  # each stage says which convolutions it computes
 
 
 def test_no_epochs_reports_the_stage2_accuracy(tmp_path, image_folder, supernet, found):

@@ -118,10 +118,18 @@ def add_run_args(parser: argparse.ArgumentParser, save: str, dist_timeout: float
     parser.add_argument("--save", default=save, help="output folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--tf32", type=boolean, default=True,
+                        help="on (the default, PyTorch's and the reference's): Ampere and later GPUs "
+                             "compute float32 convolutions in TF32 (10-bit mantissa); off: in float32. "
+                             "See README, 'TF32'")
     add_trust_arg(parser)
     parser.add_argument("--dist_timeout", type=float, default=dist_timeout,
                         help="under torchrun: minutes a process waits for the others at a "
                              "synchronisation point before the job fails")
+    parser.add_argument("--replicas", type=positive_int, default=8,
+                        help="the devices the reference's nn.DataParallel split each batch over "
+                             "(SPEC 5a): each batch is computed as that many pieces (torch.chunk), "
+                             "one after another; 1: the whole batch at once")
 
 
 def add_loader_args(parser: argparse.ArgumentParser) -> None:

@@ -175,7 +175,7 @@ def stage_datasets(args: argparse.Namespace) -> Datasets:
 def val_loader(dataset: Dataset, batch_size: int, workers: int) -> DataLoader:
     """The validation set in its fixed order (folds are defined by batch index)."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      pin_memory=torch.cuda.is_available())
+                      pin_memory=distributed.pin_memory())
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -243,7 +243,8 @@ def train_loader(dataset: Dataset, batch_size: int, workers: int, seed: int, num
     """A loader of training batches and its sampler (``set_epoch`` before iterating an epoch).
 
     Its workers persist across epochs (no start-up per epoch) and return uint8 images
-    (``to_device``); batches are pinned for a non-blocking copy when CUDA is there.
+    (``to_device``); batches are pinned for a non-blocking copy when the stage computes on a GPU
+    (``distributed.pin_memory``).
     ``drop_last=False`` keeps an epoch's last, partial batch (stage 3's whole epochs).
     """
     sampler = EpochSampler(len(dataset), seed, num_replicas=num_replicas, rank=rank)
@@ -251,7 +252,7 @@ def train_loader(dataset: Dataset, batch_size: int, workers: int, seed: int, num
     # leaves the caller's generator alone.
     loader = DataLoader(SeededSamples(dataset), batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                         num_workers=workers, persistent_workers=workers > 0,
-                        pin_memory=torch.cuda.is_available(),
+                        pin_memory=distributed.pin_memory(),
                         generator=torch.Generator().manual_seed(rank_seed(seed, rank)))
     return loader, sampler
 
@@ -287,10 +288,13 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 class ValidationBatches:
     """The validation set in its fixed order, by batch index (folds are batch indices), as uint8.
 
-    When all ``count`` batches fit in ``cache_bytes`` they are decoded once and kept in memory:
-    every fold and candidate then reads memory. Otherwise (ImageNet's 50,000 images) a batch is
-    decoded when asked for, and only the batches asked for are (``stream``); ``kept`` holds a
-    subset, a searched fold, decoded once for all of its candidates.
+    When all ``count`` batches fit in ``cache_bytes`` (``keeps_all``), a batch is decoded the
+    first time it is asked for and kept: a process decodes only the batches it uses (its folds, and
+    the full-accuracy batches), each once. Otherwise (ImageNet's 50,000 images over
+    ``--val_cache_gb``) a batch is decoded each time it is asked for, and only the batches asked for
+    are (``stream``); ``kept`` holds a subset, a searched fold, decoded once for all of its
+    candidates. Kept batches are in ordinary memory: only batches streamed to a GPU, those in
+    flight, are pinned.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, workers: int, max_batches: int = 0,
@@ -301,9 +305,8 @@ class ValidationBatches:
         image = dataset[0][0]
         self.batch_bytes = image.numel() * image.element_size() * batch_size
         self.cache_bytes = cache_bytes
-        self.all: list[Batch] | None = None
-        if self.count * self.batch_bytes <= cache_bytes:
-            self.all = self.load(range(self.count))
+        self.keeps_all = self.count * self.batch_bytes <= cache_bytes
+        self.decoded: dict[int, Batch] = {}  # what ``keeps_all`` kept so far
 
     def __len__(self) -> int:
         return self.count
@@ -313,28 +316,38 @@ class ValidationBatches:
         wanted = sorted(set(indices))
         if wanted and not 0 <= wanted[0] <= wanted[-1] < self.count:
             raise IndexError(f"batch index {wanted[-1]} is beyond the {self.count} validation batches")
-        if self.all is not None:
-            yield from (self.all[i] for i in wanted)
+        decoded = self._decode([i for i in wanted if i not in self.decoded], pin=not self.keeps_all)
+        for i in wanted:
+            if i not in self.decoded:
+                batch = next(decoded)
+                if not self.keeps_all:
+                    yield batch
+                    continue
+                self.decoded[i] = batch
+            yield self.decoded[i]
+
+    def _decode(self, indices: list[int], pin: bool) -> Iterator[Batch]:
+        if not indices:
             return
         size, step = len(self.dataset), self.batch_size
-        samples = [s for b in wanted for s in range(b * step, min((b + 1) * step, size))]
-        # Whole batches in order: batching the subset again gives the same batches.
+        samples = [s for b in indices for s in range(b * step, min((b + 1) * step, size))]
+        # Whole batches in order: batching the subset again gives the same batches. The loader's own
+        # generator: decoding when first asked (any time in a stage) leaves the global one alone,
+        # which draws the training augmentation.
         yield from DataLoader(Subset(self.dataset, samples), batch_size=self.batch_size, shuffle=False,
-                              num_workers=self.workers, pin_memory=torch.cuda.is_available())
+                              num_workers=self.workers, pin_memory=pin and distributed.pin_memory(),
+                              generator=torch.Generator())
 
-    def load(self, indices: Iterable[int]) -> list[Batch]:
-        return list(self.stream(indices))
-
-    def kept(self, indices: Sequence[int], device: torch.device) -> list[Batch] | None:
-        """The batches at ``indices`` in memory, for scoring many candidates on them: decoded once
-        here unless all are kept, and on ``device`` when it is a GPU with room for them; ``None``
-        when they do not fit in ``cache_bytes`` either (then each candidate streams them)."""
-        if self.all is None and len(indices) * self.batch_bytes > self.cache_bytes:
+    def kept(self, indices: Sequence[int]) -> list[Batch] | None:
+        """The batches at ``indices`` in memory (not pinned), for scoring many candidates on them:
+        decoded once here unless all are kept; ``None`` when they do not fit in ``cache_bytes``
+        either (then each candidate streams them). ``PrefixScorer.on_device`` moves them to a GPU
+        where they fit."""
+        if self.keeps_all:
+            return list(self.stream(indices))
+        if len(indices) * self.batch_bytes > self.cache_bytes:
             return None
-        batches = self.load(indices)
-        if device.type == "cuda" and 2 * len(batches) * self.batch_bytes < torch.cuda.mem_get_info(device)[0]:
-            batches = [(images.to(device), labels.to(device)) for images, labels in batches]
-        return batches
+        return list(self._decode(sorted(set(indices)), pin=False))
 
 
 def main() -> None:

@@ -49,28 +49,54 @@ def pick_device(name: str | None) -> torch.device:
     return device
 
 
+_in_use: torch.device | None = None  # the device ``setup`` gave this process
+
+
 def setup(device_name: str | None, timeout_minutes: float) -> torch.device:
     """This process's device, and under ``torchrun`` the process group (NCCL on GPUs, else gloo).
 
-    Each process takes the GPU of its ``LOCAL_RANK``. Every collective gives up after
-    ``timeout_minutes``, so a rank that hangs ends the job instead of blocking it forever.
+    Each process takes the GPU of its ``LOCAL_RANK`` (``local_gpu``). Every collective gives up
+    after ``timeout_minutes``, so a rank that hangs ends the job instead of blocking it forever.
     """
+    global _in_use
     device = pick_device(device_name)
-    if not is_distributed():
-        return device
-    if device.type == "cuda":
-        if device.index is not None:
-            raise UsageError(f"--device {device_name}: under torchrun each process takes the GPU of "
-                             "its LOCAL_RANK; give --device cuda (or leave it out)")
-        local_rank = int(os.environ["LOCAL_RANK"])
-        if local_rank >= torch.cuda.device_count():
-            raise UsageError(f"LOCAL_RANK {local_rank} but this node has {torch.cuda.device_count()} GPUs: "
-                             "start at most one process per GPU (--nproc_per_node)")
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            timeout=datetime.timedelta(minutes=timeout_minutes))
+    if is_distributed():
+        if device.type == "cuda":
+            if device.index is not None:
+                raise UsageError(f"--device {device_name}: under torchrun each process takes the GPU of "
+                                 "its LOCAL_RANK; give --device cuda (or leave it out)")
+            device = torch.device("cuda", local_gpu())
+            torch.cuda.set_device(device)
+        # device_id binds the NCCL communicator to this GPU at once (no guessing of a rank's GPU
+        # at the first collective, no context made on GPU 0 by every process).
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes),
+                                device_id=device if device.type == "cuda" else None)
+    _in_use = device
     return device
+
+
+def local_gpu() -> int:
+    """The GPU index of this process: its ``LOCAL_RANK``, or the only GPU it sees.
+
+    A cluster that binds one GPU to each task (SLURM's ``--gpus-per-task 1``, or
+    ``CUDA_VISIBLE_DEVICES`` per process) shows each process a single GPU, index 0, whatever its
+    ``LOCAL_RANK``."""
+    count = torch.cuda.device_count()
+    if count == 1:
+        return 0
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if local_rank >= count:
+        raise UsageError(f"LOCAL_RANK {local_rank} but this process sees {count} GPUs: "
+                         "start at most one process per GPU (--nproc_per_node)")
+    return local_rank
+
+
+def pin_memory() -> bool:
+    """Whether the loaders pin their batches (for a copy that does not block): when this process
+    computes on a GPU. Decided by the device in use, not by CUDA being there: ``--device cpu`` on
+    a GPU node pins nothing, so it creates no CUDA context."""
+    return _in_use is not None and _in_use.type == "cuda"
 
 
 def teardown() -> None:

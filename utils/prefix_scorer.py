@@ -26,43 +26,74 @@ from .data import Batch, to_device
 Activations = tuple[list[torch.Tensor], list[torch.Tensor]]  # calibration outputs, scored outputs
 
 
+MARGIN = 0.9  # of the free GPU memory: the rest for the allocator's fragmentation and cuDNN
+
+
 class PrefixScorer:
     """Top-1 of selections on fixed ``batches``, each stage computed once per distinct prefix.
 
     ``calibration``: training batches to re-estimate BN statistics on for every selection (empty:
     use the model's own statistics). The model must be in eval mode, as for ``accuracy_on``.
     ``computed`` counts the stage computations (the plain way does every stage per selection).
+
+    ``chunk``: how many batches are computed at once (0: all). The scorer keeps on the device the
+    images of the batches it computes, as float32, and two stage outputs of them at a time (a
+    stage's input and output), plus the cache; a fold whose whole stage outputs do not fit is
+    computed chunk after chunk (``on_device`` chooses), its cache entries per chunk. Each batch is
+    computed alone either way, so the logits are the same, bit for bit.
     """
 
     def __init__(self, model: Supernet, batches: Sequence[Batch], calibration: Sequence[Batch],
-                 device: torch.device, cache_bytes: float = 2 * 2**30):
-        self.model = model
-        self.stages = model.stages()
-        self.ends = list(accumulate(stage.genes for stage in self.stages))
-        self.start: Activations = ([to_device(images, device) for images, _ in calibration],
-                                   [to_device(images, device) for images, _ in batches])
+                 device: torch.device, cache_bytes: float = 2 * 2**30, chunk: int = 0):
         if not batches:
             raise ValueError("no batches to score on")
+        self.model, self.device = model, device
+        self.stages = model.stages()
+        self.ends = list(accumulate(stage.genes for stage in self.stages))
+        self.batches = list(batches)
+        chunk = chunk or len(batches)
+        self.chunks = [range(i, min(i + chunk, len(batches))) for i in range(0, len(batches), chunk)]
+        self.calibration = [to_device(images, device) for images, _ in calibration]
+        # One chunk: the fold's images converted once, for every selection.
+        self.start = self._start(0) if len(self.chunks) == 1 else None
         self.labels = torch.cat([labels for _, labels in batches]).to(device)
         self.cache: OrderedDict[tuple, tuple[Activations, int]] = OrderedDict()
         self.cache_bytes, self.used = cache_bytes, 0
         self.computed = 0
 
+    @classmethod
+    def on_device(cls, model: Supernet, batches: Sequence[Batch], calibration: Sequence[Batch],
+                  device: torch.device, cache_bytes: float) -> "PrefixScorer":
+        """A scorer that fits ``device`` (``fold_chunk``): the fold moved to a GPU and computed at
+        once where it has room, else left in host memory and computed chunk after chunk."""
+        chunk = fold_chunk(model, batches, calibration, device, cache_bytes)
+        if device.type == "cuda" and chunk == 0:
+            batches = [(x.to(device), y.to(device)) for x, y in batches]
+        return cls(model, batches, calibration, device, cache_bytes, chunk)
+
+    def _start(self, chunk: int) -> Activations:
+        return self.calibration, [to_device(self.batches[i][0], self.device) for i in self.chunks[chunk]]
+
     @torch.no_grad()
     def logits(self, selection: Sequence[int]) -> torch.Tensor:
         selection = tuple(self.model.check_selection(selection))
-        first, acts = 0, self.start
+        return torch.cat([self._chunk_logits(c, selection) for c in range(len(self.chunks))])
+
+    def _chunk_logits(self, chunk: int, selection: tuple[int, ...]) -> torch.Tensor:
+        first, acts = 0, None
         for j in reversed(range(len(self.stages) - 1)):  # the longest prefix held
-            key = (j, selection[:self.ends[j]])
+            key = (chunk, j, selection[:self.ends[j]])
             if key in self.cache:
                 self.cache.move_to_end(key)
                 first, acts = j + 1, self.cache[key][0]
                 break
+        if acts is None:
+            acts = self.start if self.start is not None else self._start(chunk)
         for j in range(first, len(self.stages)):
             genes = selection[self.ends[j] - self.stages[j].genes:self.ends[j]]
             acts = self._compute(self.stages[j], genes, acts)
             if j < len(self.stages) - 1:  # the logits are not worth keeping
-                self._keep((j, selection[:self.ends[j]]), acts)
+                self._keep((chunk, j, selection[:self.ends[j]]), acts)
         return torch.cat(acts[1])
 
     def accuracy(self, selection: Sequence[int]) -> float:
@@ -87,3 +118,39 @@ class PrefixScorer:
             self.used -= freed
         self.cache[key] = (acts, size)
         self.used += size
+
+
+@torch.no_grad()
+def bytes_per_image(model: Supernet, image_shape: Sequence[int], device: torch.device) -> int:
+    """What the scorer keeps on the device per image at its peak: the image as float32 and the two
+    largest consecutive stage outputs (a stage's input and output alive at once), from one image
+    run through the stages."""
+    x = torch.zeros(1, *image_shape, device=device)
+    sizes, selection = [x.numel() * 4], [0] * model.num_searchable_layers
+    was_training = model.training
+    model.eval()
+    start = 0
+    for stage in model.stages():
+        x = stage.run(x, selection[start:start + stage.genes])
+        start += stage.genes
+        sizes.append(x.numel() * x.element_size())
+    model.train(was_training)
+    return sizes[0] + max(a + b for a, b in zip(sizes, sizes[1:], strict=False))
+
+
+def fold_chunk(model: Supernet, batches: Sequence[Batch], calibration: Sequence[Batch],
+               device: torch.device, cache_bytes: float) -> int:
+    """How many of ``batches`` a ``PrefixScorer`` on ``device`` computes at once: 0 (all, the fold
+    kept on the device as uint8) on the CPU, or where everything the scorer keeps fits the GPU's free
+    memory: the fold, its images as float32 and two stage outputs (``bytes_per_image``), the
+    calibration batches' likewise, and the cache. Otherwise the fold stays in host memory and the
+    scorer computes as many batches at once as fit (at least one)."""
+    if device.type != "cuda":
+        return 0
+    per_image = bytes_per_image(model, batches[0][0].shape[1:], device)
+    room = MARGIN * torch.cuda.mem_get_info(device)[0] - cache_bytes - per_image * sum(
+        len(images) for images, _ in calibration)
+    uint8 = sum(images.numel() * images.element_size() for images, _ in batches)
+    if uint8 + per_image * sum(len(images) for images, _ in batches) <= room:
+        return 0
+    return max(1, int(room // (per_image * max(len(images) for images, _ in batches))))

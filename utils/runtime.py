@@ -1,6 +1,8 @@
 """How a stage script runs: seeded, and failing on a user error with one line instead of a traceback."""
 import argparse
+import math
 import random
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -25,9 +27,52 @@ def seed_everything(seed: int, rank: int = 0) -> None:
     torch.manual_seed(rank_seed(seed, rank))
 
 
+def use_tf32(enabled: bool, device: torch.device) -> str:
+    """``--tf32 on|off``: whether cuDNN may compute float32 convolutions in TF32; returns the line
+    a stage logs about it.
+
+    On Ampere and later GPUs TF32 rounds a float32 convolution's operands to 10 bits of mantissa
+    (float32 has 23), and the quantizers then round what comes out: an input near a rounding
+    boundary can land on the other level than the float32 convolution gives. PyTorch allows it for
+    convolutions by default (``torch.backends.cudnn.allow_tf32``), as the reference's PyTorch 1.x
+    did, so ``on`` is the reference's arithmetic on such a GPU; matrix products stay float32
+    (PyTorch's default).
+    """
+    torch.backends.cudnn.allow_tf32 = enabled
+    if device.type != "cuda":
+        return "TF32: not used on the CPU (float32 convolutions in float32)"
+    if torch.cuda.get_device_capability(device)[0] < 8:
+        return f"TF32: not available on {torch.cuda.get_device_name(device)} (before Ampere)"
+    if enabled:
+        return ("TF32: on for float32 convolutions (PyTorch's default, as the reference's PyTorch 1.x; "
+                "--tf32 off for float32 arithmetic)")
+    return "TF32: off (--tf32 off): float32 convolutions in float32"
+
+
+OOM_DETAILS = (r"Tried to allocate [\d.]+ \w+", r"GPU \d+ has a total capacity of [\d.]+ \w+")
+
+
+def out_of_memory_message(error: torch.OutOfMemoryError, args: argparse.Namespace | None) -> str:
+    """A GPU out of memory, said as bad input: what the stage computed at once and what to change."""
+    details = [m.group(0) for pattern in OOM_DETAILS if (m := re.search(pattern, str(error)))]
+    said = "out of GPU memory" + (f" ({'; '.join(details)})" if details else "")
+    batch, replicas = getattr(args, "batch_size", None), getattr(args, "replicas", None)
+    if batch is not None and replicas is not None:  # a training stage: one piece at a time
+        more = 2 * replicas
+        said += (f" with pieces of {math.ceil(batch / replicas)} images (--batch_size {batch} in "
+                 f"--replicas {replicas} pieces): give more pieces, e.g. --replicas {more} (pieces of "
+                 f"{math.ceil(batch / more)})" + ("" if getattr(args, "amp", None) else
+                                                   ", or --amp bf16 (58 % of the activations)"))
+    elif hasattr(args, "val_batch_size"):  # stage 2: evaluation batches, the fold and its cache
+        said += (f" with evaluation batches of {args.val_batch_size} images: lower --val_batch_size "
+                 "or --prefix_cache_gb")
+    return said + "; README, 'Memory', lists the largest piece for each GPU size"
+
+
 def fail_cleanly(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> Any:
     """Run a stage; a user error (``BasqError``) prints ``error: ...`` and exits with status 2,
-    without a traceback. Any other exception is a defect: it keeps its traceback.
+    without a traceback, and so does a GPU out of memory (``out_of_memory_message``: the flags to
+    change). Any other exception is a defect: it keeps its traceback.
 
     The process keeps freed memory for reuse (``utils.cpu_memory``), which makes large CPU steps
     faster (README, "Speed").
@@ -40,6 +85,9 @@ def fail_cleanly(main: Callable[[argparse.Namespace], Any], args: argparse.Names
         result = main(args)
     except BasqError as e:
         print(f"{distributed.rank_prefix()}error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except torch.OutOfMemoryError as e:
+        print(f"{distributed.rank_prefix()}error: {out_of_memory_message(e, args)}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print(f"{distributed.rank_prefix()}interrupted; the last checkpoint written is intact",
