@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from quant import ClipActivation, LsqActivation, QConv, native
-from quant.functional import lsq_scale, lsq_step, values_key
+from quant.functional import lsq_scale, lsq_step, piece_numel, values_key
 from quant.fused import after_quantizer, has_hooks, quantizer_tensors, quantizes_after
 
 from .skip import FlexibleSkip
@@ -63,7 +63,7 @@ def unit(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, conv: nn.Modu
     pre = _bn_terms(bn_pre)  # held here: the kernel reads them
     clip, bin_, step, hi = quantizer_tensors(quantizer)
     if step is not None:  # held here: the kernel reads it
-        step = lsq_step(step, lsq_scale(x.numel(), hi))
+        step = lsq_step(step, lsq_scale(piece_numel(x), hi))
     after = after_quantizer(clip, bin_, step, hi)
     lib.bn_quantize(native.ptr(x), native.ptr(q), n, c, h * w, *map(native.ptr, pre),
                     ctypes.byref(after), threads)

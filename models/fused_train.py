@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from quant import ClipActivation, LsqActivation, native
-from quant.functional import lsq_scale, lsq_step
+from quant.functional import lsq_scale, lsq_step, piece_numel
 from quant.fused import after_quantizer, has_hooks, quantizer_tensors
 
 
@@ -48,8 +48,9 @@ class _BatchNormTrain(torch.autograd.Function):
                 skip: torch.Tensor | None, clip: torch.Tensor | None, bin_: torch.Tensor | None,
                 step: torch.Tensor | None, hi: float) -> torch.Tensor:
         n, c, h, w = x.shape
+        ctx.k = lsq_scale(piece_numel(x), hi) if step is not None else 0.0
         if step is not None:  # LSQ quantizes with the reference's value of its step
-            step = lsq_step(step, lsq_scale(x.numel(), hi))
+            step = lsq_step(step, ctx.k)
         if skip is None:
             after = after_quantizer(clip, bin_, step, hi)
         else:
@@ -95,7 +96,7 @@ class _BatchNormTrain(torch.autograd.Function):
         if needs[8]:  # the clip: the sum of g over the outputs above it
             grad_clip = grad_after.sum().to(weight.dtype).reshape(ctx.clip_shape)
         if needs[10]:  # LSQ's step, with its gradient scale k (quant.functional.lsq_quantize)
-            grad_step = grad_after.to(weight.dtype) * lsq_scale(x.numel(), after.hi)
+            grad_step = grad_after.to(weight.dtype) * ctx.k
         return (grad_x if needs[0] else None, grad_weight if needs[1] else None,
                 grad_bias if needs[2] else None, None, None, None, None, grad_skip, grad_clip,
                 None, grad_step, None)
