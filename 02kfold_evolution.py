@@ -85,7 +85,8 @@ def search(args: argparse.Namespace) -> dict:
                 "num_batches": setup.num_batches, "seed": args.seed,
                 "bn_recalibration_batches": args.bn_recalibration_batches, "uniform": args.uniform,
                 **{k: getattr(args, k) for k in ("max_epochs", "select_num", "population_num", "m_prob",
-                                                 "crossover_num", "mutation_num", "val_batch_size")}}
+                                                 "crossover_num", "mutation_num", "val_batch_size",
+                                                 "replicas")}}
     mine = distributed.share(folds_to_search)
     searched = []
     for fold in tqdm(mine, desc="folds", position=0, dynamic_ncols=True, disable=not distributed.is_main()):
@@ -117,7 +118,8 @@ def search_fold(args: argparse.Namespace, setup: Evaluation, fold: int, calibrat
                       disable=not distributed.is_main())
     kept = setup.val.kept(fold_range, setup.device)  # decoded once for all of the fold's candidates
     if kept is not None and args.prefix_cache_gb > 0:
-        on_fold = PrefixScorer(model, kept, calibration, setup.device, args.prefix_cache_gb * 2**30).accuracy
+        on_fold = PrefixScorer(model, kept, calibration, setup.device, args.prefix_cache_gb * 2**30,
+                               setup.replicas).accuracy
     else:
         def on_fold(candidate):
             return setup.accuracy(candidate, kept if kept is not None else setup.val.stream(fold_range),

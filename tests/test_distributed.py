@@ -28,14 +28,14 @@ stage1 = load_script("01train_supernet.py")
 
 MODEL = ["--width_multiplier", "0.25", "--width_divisor", "8", "--base_resolution", "32",
          "--l2_bounds", "0.01,0.001,0.0001", "-j", "0"]
-STAGE1 = [*MODEL, "--teacher", "none", "--batch_size", "8", "--abin_total_iters", "2",
+STAGE1 = [*MODEL, "--teacher", "none", "--batch_size", "8", "--replicas", "2", "--abin_total_iters", "2",
           "--awbin_total_iters", "2", "--save_interval", "2", "--record_selections"]
 CHECKPOINTS = [f"model_{kind}_best_{i:05d}it.pth" for kind in ("actbin", "actwbin") for i in (1, 2)]
 K = 3  # 3 folds over 2 ranks: rank 0 takes folds 0 and 2, rank 1 fold 1
 STAGE2 = [*MODEL, "--k", str(K), "--val_batch_size", "4", "--max-epochs", "2", "--population-num", "4",
           "--select-num", "2", "--mutation-num", "1", "--crossover-num", "1"]
 STAGE3 = [*MODEL, "--k", str(K), "--val_batch_size", "4", "--bn_epochs", "1", "--iters_per_epoch", "2",
-          "--batch_size", "4", "--learning_rate_bnstabilize", "1e-3"]
+          "--batch_size", "4", "--replicas", "2", "--learning_rate_bnstabilize", "1e-3"]
 TIMEOUT = 120  # seconds; a hang fails the test instead of blocking the suite
 
 

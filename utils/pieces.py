@@ -100,12 +100,17 @@ def smallest_bn_positions(model: nn.Module, forward: Callable[[torch.Tensor], to
     return min(seen)
 
 
-def check_pieces(batches: list[int], replicas: int, positions: int, world: int = 1) -> None:
-    """Refuse, before training, batches whose pieces would give a BatchNorm one value per channel in
-    training (PyTorch's error, mid-run), or leave a process without a piece. ``batches``: the batch
-    sizes a run meets (its batch and an epoch's last, partial one); ``positions``:
-    ``smallest_bn_positions``."""
-    for batch in batches:
+def check_training_pieces(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
+                          image: torch.Tensor, batch_size: int, dataset_size: int, replicas: int,
+                          world: int = 1) -> None:
+    """Refuse, before training, a ``--replicas`` that does not split over the processes, or whose
+    pieces would give a BatchNorm one value per channel in training (PyTorch's error, mid-run) or
+    leave a process without a piece, in the run's batches (its batch and an epoch's last, partial
+    one). ``forward`` and ``image``: as ``smallest_bn_positions``."""
+    Share.of(batch_size, replicas, world)
+    positions = smallest_bn_positions(model, forward, image)
+    last = dataset_size % batch_size if dataset_size > batch_size else 0
+    for batch in sorted({min(batch_size, dataset_size)} | ({last} if last else set())):
         sizes = piece_sizes(batch, replicas)
         if min(sizes) * positions <= 1:
             raise UsageError(

@@ -19,9 +19,11 @@ import torch
 
 from models import Supernet
 from models.supernet import Stage
+from quant.functional import pieces_of
 
-from .bn_recalibration import fresh_bn_statistics
+from .bn_recalibration import calibration_piece, fresh_bn_statistics
 from .data import Batch, to_device
+from .pieces import evaluation_groups
 
 Activations = tuple[list[torch.Tensor], list[torch.Tensor]]  # calibration outputs, scored outputs
 
@@ -31,16 +33,23 @@ class PrefixScorer:
 
     ``calibration``: training batches to re-estimate BN statistics on for every selection (empty:
     use the model's own statistics). The model must be in eval mode, as for ``accuracy_on``.
+    ``replicas``: LSQ's ``k`` from the pieces the reference's ``nn.DataParallel`` cut each batch into
+    (``Evaluation.accuracy``): each batch is kept as its runs of equal pieces.
     ``computed`` counts the stage computations (the plain way does every stage per selection).
     """
 
     def __init__(self, model: Supernet, batches: Sequence[Batch], calibration: Sequence[Batch],
-                 device: torch.device, cache_bytes: float = 2 * 2**30):
+                 device: torch.device, cache_bytes: float = 2 * 2**30, replicas: int = 1):
         self.model = model
         self.stages = model.stages()
         self.ends = list(accumulate(stage.genes for stage in self.stages))
+        scored = [(to_device(images, device), groups) for images, _ in batches
+                  for groups in [evaluation_groups(len(images), replicas)]]
+        # The piece size each kept tensor's quantizers take k from, the calibration's then the scored.
+        self.pieces = ([calibration_piece(len(images), replicas) for images, _ in calibration],
+                       [size for _, groups in scored for _, _, size in groups])
         self.start: Activations = ([to_device(images, device) for images, _ in calibration],
-                                   [to_device(images, device) for images, _ in batches])
+                                   [x[start:stop] for x, groups in scored for start, stop, _ in groups])
         if not batches:
             raise ValueError("no batches to score on")
         self.labels = torch.cat([labels for _, labels in batches]).to(device)
@@ -73,10 +82,18 @@ class PrefixScorer:
     def _compute(self, stage: Stage, genes: Sequence[int], acts: Activations) -> Activations:
         self.computed += 1
         calibration, scored = acts
+
+        def run(xs: list[torch.Tensor], pieces: list[int]) -> list[torch.Tensor]:
+            outputs = []
+            for x, piece in zip(xs, pieces, strict=True):
+                with pieces_of(piece):
+                    outputs.append(stage.run(x, genes))
+            return outputs
+
         if calibration:
             with fresh_bn_statistics(stage.modules):  # as recalibrate_bn, for this stage alone
-                calibration = [stage.run(x, genes) for x in calibration]
-        return calibration, [stage.run(x, genes) for x in scored]
+                calibration = run(calibration, self.pieces[0])
+        return calibration, run(scored, self.pieces[1])
 
     def _keep(self, key: tuple, acts: Activations) -> None:
         size = sum(t.numel() * t.element_size() for part in acts for t in part)
