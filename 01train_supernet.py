@@ -306,7 +306,8 @@ def train(args: argparse.Namespace) -> None:
              f"{model.num_branches} branches, {config['bits']}-bit, {data.num_classes} classes, "
              f"teacher {teacher_name}, device {device}, batches of {args.batch_size} as "
              f"{len(pieces)} pieces of {pieces[0]} (--replicas {args.replicas})"
-             + (f", {args.replicas // world} pieces per process over {world} processes" if world > 1 else "")
+             + (f", {args.replicas // world} piece{'s' if args.replicas > world else ''} per process over "
+                f"{world} processes" if world > 1 else "")
              + (f", mixed precision {args.amp}" if args.amp else "")
              + (f", resumed from {args.resume} (phase {run.phase}, iteration {run.iteration})"
                 if args.resume else ""))
