@@ -22,7 +22,8 @@ def test_piece_sizes_are_torch_chunks():
 def test_each_process_takes_its_run_of_pieces():
     assert piece_sizes(9, 4) == [3, 3, 3]  # fewer pieces than devices
     shares = [Share.of(9, 4, 2, r) for r in (0, 1)]
-    assert [(s.sizes, s.start, s.keeps_statistics) for s in shares] == [((3, 3), 0, True), ((3,), 6, False)]
+    assert [(s.sizes, s.start, s.keeps_statistics, s.world) for s in shares] == [((3, 3), 0, True, 2),
+                                                                               ((3,), 6, False, 2)]
     assert Share.of(768, 8, 4, 3).sizes == (96, 96) and Share.of(768, 8, 4, 3).start == 576
     assert Share.of(10, 3).bounds() == [(0, 4), (4, 8), (8, 10)]
     with pytest.raises(UsageError, match="--replicas 6 does not split over 4 processes"):

@@ -30,14 +30,15 @@ def piece_sizes(batch: int, replicas: int) -> list[int]:
 @dataclass(frozen=True)
 class Share:
     """One process's pieces of a global batch: ``sizes`` (in order, from image ``start`` of the
-    global batch), the global ``batch`` size (each piece's loss weighs ``size / batch``) and
-    whether the process holds piece 0 (``keeps_statistics``: its first piece alone updates the BN
-    running statistics)."""
+    global batch), the global ``batch`` size (each piece's loss weighs ``size / batch``), whether
+    the process holds piece 0 (``keeps_statistics``: its first piece alone updates the BN running
+    statistics) and the number of processes that share the batch (``world``)."""
 
     sizes: tuple[int, ...]
     start: int
     batch: int
     keeps_statistics: bool
+    world: int = 1
 
     @classmethod
     def of(cls, batch: int, replicas: int = 1, world: int = 1, rank: int = 0) -> "Share":
@@ -47,7 +48,7 @@ class Share:
                              f"multiple of {world} (each process computes --replicas / {world} pieces)")
         sizes, per = piece_sizes(batch, replicas), replicas // world
         mine = sizes[rank * per:(rank + 1) * per]
-        return cls(tuple(mine), sum(sizes[:rank * per]), batch, rank == 0)
+        return cls(tuple(mine), sum(sizes[:rank * per]), batch, rank == 0, world)
 
     @property
     def images(self) -> int:

@@ -72,13 +72,14 @@ def train_step(model: nn.Module, images: torch.Tensor, selection: Sequence[int],
     ``images`` are this process's images (``share.images`` of them; default: one piece, the whole
     batch). ``model(piece, selection)`` gives the logits and ``criterion(logits, piece)`` the mean
     loss of the piece at ``images[piece]``. The BatchNorm running statistics keep the update of the
-    global batch's first piece alone; under torchrun the gradients are summed over the processes
-    and process 0's statistics are shared. Every parameter of ``optimizer`` gets a gradient
-    (``give_every_parameter_a_gradient``), so the norm is taken over all of them (frozen ones, at lr
-    0, included) as in the reference. With fp16 ``amp`` the loss is scaled, and the gradients
-    unscaled before they are clipped; a step whose gradients are not finite is skipped by the
-    scaler. Returns this process's logits and mean loss (detached) and the gradient norm before
-    clipping, all on the device: the caller decides when to wait.
+    global batch's first piece alone; with a share of a batch over several processes
+    (``share.world``) the gradients are summed over them and process 0's statistics are shared.
+    Every parameter of ``optimizer`` gets a gradient (``give_every_parameter_a_gradient``), so the
+    norm is taken over all of them (frozen ones, at lr 0, included) as in the reference. With fp16
+    ``amp`` the loss is scaled, and the gradients unscaled before they are clipped; a step whose
+    gradients are not finite is skipped by the scaler. Returns this process's logits and mean loss
+    (detached) and the gradient norm before clipping, all on the device: the caller decides when to
+    wait.
     """
     share = share or Share.of(len(images))
     if share.images != len(images):
@@ -99,7 +100,7 @@ def train_step(model: nn.Module, images: torch.Tensor, selection: Sequence[int],
         for buffer, value in zip(statistics(model), kept, strict=True):
             buffer.copy_(value)
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    if distributed.is_distributed():
+    if share.world > 1:  # a batch over processes (stage 3's processes train archs of their own)
         distributed.all_reduce_sum_coalesced([p.grad for p in parameters])
         distributed.broadcast_from_main(statistics(model))
     amp.scaler.unscale_(optimizer)
