@@ -170,9 +170,9 @@ class Run:
     def draw_selection(self) -> list[int]:
         return draw_selection(self.model, self.selection_rng)
 
-    def start_phase(self, phase: int, first_batch: Callable[[], torch.Tensor]) -> None:
+    def start_phase(self, phase: int, first_piece: Callable[[], torch.Tensor]) -> None:
         """Enter ``phase`` (SPEC 3): precision, the LSQ activation steps initialised from the first
-        piece of a batch of their own (``first_batch``) at the start of phase 1, the weight steps
+        piece of a batch of their own (``first_piece``) at the start of phase 1, the weight steps
         re-initialised at the start of phase 2, which begins a fresh epoch as the reference's second
         ``train()``; a new optimizer and schedule, or the checkpoint's."""
         self.model.change_precision(True, phase == 2)
@@ -182,7 +182,7 @@ class Run:
                 self.epoch, self.batch = self.epoch + 1, 0
         if self.iteration == 0:
             if phase == 1:
-                initialize_activation_steps(self.model, first_batch(), self.draw_selection())
+                initialize_activation_steps(self.model, first_piece(), self.draw_selection())
             else:
                 self.model.init_weight_steps()
         args = self.args
