@@ -356,3 +356,19 @@ def test_a_diverging_run_stops_at_its_next_report_and_writes_no_nonfinite_checkp
     assert saved == ["model_actbin_best_00001it.pth"]  # iteration 30's checkpoint was never written
     state = load_file(tmp_path / "out" / saved[0])["model_state_dict"]
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_epochs_keep_their_last_batch_and_phase_2_starts_a_fresh_one(tmp_path, image_folder, monkeypatch):
+    """As the reference's loader and its second ``train()``: 36 images in batches of 8 are four
+    batches and one of 4, each cut into pieces; phase 2 begins epoch 2, not the rest of epoch 1."""
+    sizes, real = [], stage1.train_step
+
+    def step(model, images, selection, criterion, optimizer, amp, share):
+        sizes.append((len(images), share.sizes))
+        return real(model, images, selection, criterion, optimizer, amp, share)
+
+    monkeypatch.setattr(stage1, "train_step", step)
+    stage1.train(tiny_args(tmp_path, image_folder, "--abin_total_iters", "6", "--awbin_total_iters", "2"))
+    assert sizes == [(8, (4, 4))] * 4 + [(4, (2, 2))] + [(8, (4, 4))] * 3
+    end = load_file(tmp_path / "out/model_actwbin_best_00002it.pth")
+    assert (end["epoch"], end["batch"]) == (2, 2)
