@@ -7,8 +7,10 @@ distils a frozen full-precision teacher.
     python 01train_supernet.py --data {your_imagenet_dataset_folder}
     torchrun --nproc_per_node 8 01train_supernet.py --data {your_imagenet_dataset_folder}
 
-Under torchrun the run is data parallel: --batch_size is the global batch, split evenly over the
-processes; every process draws the same selection each iteration (one shared seed); rank 0 alone
+Each step is the reference's nn.DataParallel step over --replicas devices (SPEC 5a), its pieces
+computed one after another. Under torchrun the pieces are spread over the processes (--replicas a
+multiple of their number) and the gradients summed: the same arithmetic on any number of
+processes. Every process draws the same selection each iteration (one shared seed); rank 0 alone
 writes the checkpoints, log.txt and TensorBoard.
 """
 import argparse
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models import build_supernet
+from models import Supernet, build_supernet
 from quant import ClipActivation
 from utils import distributed
 from utils.checkpoint import (
@@ -34,20 +36,22 @@ from utils.checkpoint import (
     stage1_checkpoint,
 )
 from utils.cli import add_amp_arg, model_config, stage_parser
-from utils.data import batch_stream, initialisation_batch, stage_datasets, to_device
+from utils.data import Datasets, batch_stream, initialisation_batch, resolution, stage_datasets, to_device
 from utils.errors import UsageError
 from utils.logs import RunLog
 from utils.losses import kd_loss
 from utils.param_groups import stage1_param_groups
+from utils.pieces import Share, check_training_pieces, piece_sizes
 from utils.runtime import fail_cleanly, seed_everything, use_tf32
 from utils.teacher import load_teacher
-from utils.training import Amp, DataWait, RunningStats, train_step
+from utils.training import Amp, DataWait, Reading, RunningStats, initialize_activation_steps, train_step
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = stage_parser(__doc__, save="train-supernet", dist_timeout=30)
     parser.add_argument("--batch_size", type=int, default=768,
-                        help="global batch size (under torchrun, split evenly over the processes)")
+                        help="global batch size, computed as --replicas pieces (under torchrun, "
+                             "--replicas / processes pieces each)")
     parser.add_argument("--abin_total_iters", type=int, default=466000, help="phase 1 iterations")
     parser.add_argument("--awbin_total_iters", type=int, default=466000, help="phase 2 iterations")
     parser.add_argument("--save_interval", type=int, default=2000)
@@ -64,9 +68,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report_freq", type=int, default=100)
     add_amp_arg(parser)
     parser.add_argument("--resume", default=None, help="a checkpoint of this stage to continue from")
-    parser.add_argument("--sync_bn", action="store_true",
-                        help="under torchrun on GPUs: BatchNorm statistics over the global batch "
-                             "(SyncBatchNorm) instead of each process's share")
     parser.add_argument("--record_selections", action="store_true",
                         help="append every iteration's selection to SAVE/selections/rank{R}.txt, one "
                              "file per process (to check that the processes train the same branches)")
@@ -131,148 +132,214 @@ def clip_values(model: torch.nn.Module) -> dict[str, float]:
     return values
 
 
+class Run:
+    """Stage 1's state: the model, the selection generator, where the run is (phase, iteration,
+    epoch, batch), the phase's optimizer and schedule and the running top-1; it checkpoints itself
+    and resumes from a checkpoint, exactly (the same batches, selections and values)."""
+
+    def __init__(self, args: argparse.Namespace, model: Supernet, config: dict, device: torch.device):
+        self.args, self.model, self.config, self.device = args, model, config, device
+        self.selection_rng = random.Random(args.seed)
+        self.phase, self.iteration, self.epoch, self.batch = 1, 0, 0, 0
+        self.meters = {"correct": 0.0, "seen": 0.0}
+        self.amp = Amp(args.amp, device)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.resumed: dict | None = None
+        self.last_saved = Path(args.resume) if args.resume else None
+
+    def load(self, path: str) -> None:
+        """The model and the position of a checkpoint of this stage (``--resume``); the optimizer,
+        schedule and generators follow in ``start_phase`` and ``restore_rng``."""
+        resumed = load_resume_state(path, self.args.trust_pickle)
+        check_config(resumed["config"], self.config, f"--resume {path}")
+        kept = ("batch_size", "abin_total_iters", "awbin_total_iters", "amp", "replicas")
+        check_config(resumed["args"], {k: getattr(self.args, k) for k in kept}, f"--resume {path}")
+        load_model_state(self.model, resumed, path)
+        self.phase, self.iteration = resumed["phase"], resumed["iter"]
+        self.epoch, self.batch = resumed["epoch"], resumed["batch"]
+        self.meters = dict(resumed["meters"])
+        self.resumed = resumed
+
+    def restore_rng(self) -> None:
+        """The generators of the checkpoint, after everything that draws random numbers while
+        setting up."""
+        if self.resumed is not None:
+            restore_rng(self.resumed["rng"], self.selection_rng, self.device)
+
+    def draw_selection(self) -> list[int]:
+        return draw_selection(self.model, self.selection_rng)
+
+    def start_phase(self, phase: int, first_piece: Callable[[], torch.Tensor]) -> None:
+        """Enter ``phase`` (SPEC 3): precision, the LSQ activation steps initialised from the first
+        piece of a batch of their own (``first_piece``) at the start of phase 1, the weight steps
+        re-initialised at the start of phase 2, which begins a fresh epoch as the reference's second
+        ``train()``; a new optimizer and schedule, or the checkpoint's."""
+        self.model.change_precision(True, phase == 2)
+        if phase != self.phase:  # phase 1 ended here: phase 2 starts from its beginning
+            self.phase, self.iteration, self.meters = phase, 0, {"correct": 0.0, "seen": 0.0}
+            if self.batch:
+                self.epoch, self.batch = self.epoch + 1, 0
+        if self.iteration == 0:
+            if phase == 1:
+                initialize_activation_steps(self.model, first_piece(), self.draw_selection())
+            else:
+                self.model.init_weight_steps()
+        args = self.args
+        lr, decay = ((args.learning_rate_abin, args.weight_decay_abin) if phase == 1 else
+                     (args.learning_rate_wbin, args.weight_decay_wbin))
+        self.optimizer, self.scheduler = phase_optimizer(self.model, lr, decay, self.total)
+        if self.resumed is not None and self.resumed["phase"] == phase:
+            self.optimizer.load_state_dict(self.resumed["optimizer"])
+            self.scheduler.load_state_dict(self.resumed["scheduler"])
+            if self.resumed.get("scaler"):
+                self.amp.scaler.load_state_dict(self.resumed["scaler"])
+
+    @property
+    def total(self) -> int:
+        return self.args.abin_total_iters if self.phase == 1 else self.args.awbin_total_iters
+
+    def checkpoint(self, reading: Reading) -> Path:
+        """Save the state after this iteration as ``model_{phase}_best_{iteration}it.pth`` (rank 0
+        writes it; every rank takes part)."""
+        self.last_saved = Path(self.args.save) / checkpoint_name(self.phase, self.iteration)
+        rng = rng_state(self.selection_rng, self.device)  # a collective: every rank takes part
+        if distributed.is_main():
+            save_file(stage1_checkpoint(
+                self.model, self.iteration, reading.top1, config=self.config, phase=self.phase,
+                epoch=self.epoch, batch=self.batch, optimizer=self.optimizer.state_dict(),
+                scheduler=self.scheduler.state_dict(), meters=reading.meters, rng=rng,
+                args=vars(self.args), scaler=self.amp.scaler.state_dict()), self.last_saved)
+        return self.last_saved
+
+
+def run_phase(run: Run, teacher: torch.nn.Module | None, data: Datasets, log: RunLog) -> None:
+    """``run``'s phase from its iteration to its end: each iteration a global batch (this process's
+    pieces of it), a new selection and the reference's DataParallel step; reports and checkpoints."""
+    args, model, device, phase, total = run.args, run.model, run.device, run.phase, run.total
+    world, rank = distributed.world_size(), distributed.rank()
+    wait = DataWait()
+    stream = wait(batch_stream(data.train, args.batch_size, args.workers, args.seed, run.epoch, run.batch,
+                               drop_last=False, replicas=args.replicas, world=world, rank=rank))
+    selections = Path(args.save) / "selections" / f"rank{rank}.txt"
+    if args.record_selections:
+        selections.parent.mkdir(parents=True, exist_ok=True)
+    model.train()
+    stats = RunningStats(device, **run.meters)
+    bar = tqdm(total=total, initial=run.iteration, desc=f"phase {phase} ({PHASES[phase]})",
+               dynamic_ncols=True, disable=not distributed.is_main())
+    tick, tick_iter = time.time(), run.iteration
+    while run.iteration < total:
+        run.epoch, batch, (images, labels) = next(stream)
+        run.batch = batch + 1
+        share = Share.of(min(args.batch_size, len(data.train) - batch * args.batch_size), args.replicas,
+                         world, rank)
+        images = to_device(images, device)
+        labels = labels.to(device, non_blocking=True)
+        selection = run.draw_selection()
+        if args.record_selections:
+            with open(selections, "a") as f:
+                f.write(f"{phase} {run.iteration + 1} {','.join(map(str, selection))}\n")
+        logits, loss, _ = train_step(model, images, selection, criterion(teacher, images, labels, run.amp),
+                                     run.optimizer, run.amp, share)
+        run.scheduler.step()
+        run.iteration += 1
+        stats.add(loss, logits, labels, run.iteration)
+        bar.update(1)
+        report = run.iteration % args.report_freq == 0 or run.iteration == total
+        checkpoint = run.iteration == 1 or run.iteration % args.save_interval == 0 or run.iteration == total
+        if not (report or checkpoint):
+            continue
+        # The one wait for the device: sums over the ranks, and a non-finite loss seen by every
+        # rank at once, so all stop together and no checkpoint holds a diverged model.
+        reading = stats.read()
+        if reading.nonfinite_at:
+            raise UsageError(
+                f"the loss is not finite (nan or inf) at phase {phase} iteration "
+                f"{reading.nonfinite_at}; stopping. "
+                + (f"The last checkpoint, {run.last_saved}, is intact." if run.last_saved else
+                   "No checkpoint was written yet."))
+        if report:
+            lr = run.optimizer.param_groups[-1]["lr"]
+            speed = (run.iteration - tick_iter) * args.batch_size / (time.time() - tick)
+            tick, tick_iter = time.time(), run.iteration
+            waited = wait.per_step_ms()
+            bar.set_postfix(loss=f"{reading.loss:.3f}", top1=f"{reading.top1:.2f}", lr=f"{lr:.2e}",
+                            img_s=f"{speed:.0f}", data_ms=f"{waited:.0f}")
+            log.info(f"phase {phase} iter {run.iteration}/{total} loss {reading.loss:.4f} "
+                     f"top1 {reading.top1:.2f} lr {lr:.3e} {speed:.0f} img/s, "
+                     f"waiting {waited:.1f} ms/step for data")
+            step = run.iteration + (args.abin_total_iters if phase == 2 else 0)
+            log.scalars(step, {f"{PHASES[phase]}/loss": reading.loss,
+                               f"{PHASES[phase]}/top1": reading.top1, f"{PHASES[phase]}/lr": lr,
+                               f"{PHASES[phase]}/data_wait_ms": waited, **clip_values(model)})
+            stats.new_window()
+            wait.reset()
+        if checkpoint:
+            run.checkpoint(reading)
+    bar.close()
+
+
 def train(args: argparse.Namespace) -> None:
     device = distributed.setup(args.device, args.dist_timeout)
     world, rank = distributed.world_size(), distributed.rank()
-    if args.batch_size % world:
-        raise UsageError(f"--batch_size {args.batch_size} does not split evenly over {world} processes; "
-                         f"give a multiple of {world}")
     seed_everything(args.seed, rank)
     torch.backends.cudnn.benchmark = True  # as the reference: fixed shapes, the fastest kernels
-    save = Path(args.save)
     data = stage_datasets(args)
     config = model_config(args, data.num_classes)
     model = build_supernet(**config).to(device)
-    selection_rng = random.Random(args.seed)
-    start_phase, iteration, epoch, batch = 1, 0, 0, 0
-    meters = {"correct": 0.0, "seen": 0.0}
-    resumed = None
+    image = torch.zeros(1, 3, *[resolution(args.base_resolution, args.resolution_multiplier)] * 2,
+                        device=device)
+    check_training_pieces(model, lambda x: model(x, [0] * model.num_searchable_layers), image,
+                          args.batch_size, len(data.train), args.replicas, world)
+    run = Run(args, model, config, device)
     if args.resume:
-        resumed = load_resume_state(args.resume, args.trust_pickle)
-        check_config(resumed["config"], config, f"--resume {args.resume}")
-        kept = ("batch_size", "abin_total_iters", "awbin_total_iters", "amp")
-        check_config(resumed["args"], {k: getattr(args, k) for k in kept}, f"--resume {args.resume}")
-        load_model_state(model, resumed, args.resume)
-        start_phase, iteration = resumed["phase"], resumed["iter"]
-        epoch, batch = resumed["epoch"], resumed["batch"]
-        meters = dict(resumed["meters"])
+        run.load(args.resume)
     with distributed.main_first():
         teacher, teacher_name = load_teacher(args.teacher, data.num_classes, device, args.trust_pickle,
                                              args.teacher_weights)
-    trainer = distributed.wrap(model, device, args.sync_bn)  # the training forward; ``model`` for the rest
-    amp = Amp(args.amp, device)
-    if resumed is not None:  # after everything that draws random numbers while setting up
-        restore_rng(resumed["rng"], selection_rng, device)
-    log = RunLog(save, enabled=distributed.is_main())
+    distributed.broadcast_from_main(list(model.state_dict().values()))  # the same start everywhere
+    run.restore_rng()
+    log = RunLog(Path(args.save), enabled=distributed.is_main())
     log.info(use_tf32(args.tf32, device))
+    pieces = piece_sizes(args.batch_size, args.replicas)
     log.info(f"stage 1: {config['arch']} supernet, {model.num_searchable_layers} searchable layers x "
              f"{model.num_branches} branches, {config['bits']}-bit, {data.num_classes} classes, "
-             f"teacher {teacher_name}, device {device}"
-             + (f", {world} processes of {args.batch_size // world} images" if world > 1 else "")
+             f"teacher {teacher_name}, device {device}, batches of {args.batch_size} as "
+             f"{len(pieces)} pieces of {pieces[0]} (--replicas {args.replicas})"
+             + (f", {args.replicas // world} piece{'s' if args.replicas > world else ''} per process over "
+                f"{world} processes" if world > 1 else "")
              + (f", mixed precision {args.amp}" if args.amp else "")
-             + (f", resumed from {args.resume} (phase {start_phase}, iteration {iteration})"
-                if resumed else ""))
-    per_rank = args.batch_size // world
-    wait = DataWait()
-    stream = wait(batch_stream(data.train, per_rank, args.workers, args.seed, epoch, batch,
-                               num_replicas=world, rank=rank))
-    selections = save / "selections" / f"rank{rank}.txt"
-    if args.record_selections:
-        selections.parent.mkdir(parents=True, exist_ok=True)
-    totals = {1: args.abin_total_iters, 2: args.awbin_total_iters}
-    lrs = {1: args.learning_rate_abin, 2: args.learning_rate_wbin}
-    decays = {1: args.weight_decay_abin, 2: args.weight_decay_wbin}
-    last_saved = Path(args.resume) if args.resume else None
-    for phase in range(start_phase, 3):
-        total = totals[phase]
-        model.change_precision(True, phase == 2)
-        if phase == 1 and iteration == 0:  # the reference's initialize(), on a batch of its own
-            images, _ = initialisation_batch(data.train, per_rank, args.workers, args.seed, world, rank)
-            model.initialize_activation_steps(to_device(images, device), draw_selection(model, selection_rng),
-                                              distributed.average_over_ranks)
-        if phase == 2 and iteration == 0:
-            model.init_weight_steps()
-        optimizer, scheduler = phase_optimizer(model, lrs[phase], decays[phase], total)
-        if resumed is not None and resumed["phase"] == phase:
-            optimizer.load_state_dict(resumed["optimizer"])
-            scheduler.load_state_dict(resumed["scheduler"])
-            if resumed.get("scaler"):
-                amp.scaler.load_state_dict(resumed["scaler"])
-        model.train()
-        stats = RunningStats(device, **meters)
-        bar = tqdm(total=total, initial=iteration, desc=f"phase {phase} ({PHASES[phase]})",
-                   dynamic_ncols=True, disable=not distributed.is_main())
-        tick, tick_iter = time.time(), iteration
-        while iteration < total:
-            epoch, batch, (images, labels) = next(stream)
-            images = to_device(images, device)
-            labels = labels.to(device, non_blocking=True)
-            selection = draw_selection(model, selection_rng)
-            if args.record_selections:
-                with open(selections, "a") as f:
-                    f.write(f"{phase} {iteration + 1} {','.join(map(str, selection))}\n")
-            logits, loss, _ = train_step(trainer, images, selection, criterion(teacher, images, labels, amp),
-                                         optimizer, amp)
-            scheduler.step()
-            iteration += 1
-            stats.add(loss, logits, labels, iteration)
-            bar.update(1)
-            report = iteration % args.report_freq == 0 or iteration == total
-            checkpoint = iteration == 1 or iteration % args.save_interval == 0 or iteration == total
-            if not (report or checkpoint):
-                continue
-            # The one wait for the device: sums over the ranks, and a non-finite loss seen by every
-            # rank at once, so all stop together and no checkpoint holds a diverged model.
-            reading = stats.read()
-            if reading.nonfinite_at:
-                raise UsageError(
-                    f"the loss is not finite (nan or inf) at phase {phase} iteration "
-                    f"{reading.nonfinite_at}; stopping. "
-                    + (f"The last checkpoint, {last_saved}, is intact." if last_saved else
-                       "No checkpoint was written yet."))
-            if report:
-                lr = optimizer.param_groups[-1]["lr"]
-                speed = (iteration - tick_iter) * args.batch_size / (time.time() - tick)
-                tick, tick_iter = time.time(), iteration
-                waited = wait.per_step_ms()
-                bar.set_postfix(loss=f"{reading.loss:.3f}", top1=f"{reading.top1:.2f}", lr=f"{lr:.2e}",
-                                img_s=f"{speed:.0f}", data_ms=f"{waited:.0f}")
-                log.info(f"phase {phase} iter {iteration}/{total} loss {reading.loss:.4f} "
-                         f"top1 {reading.top1:.2f} lr {lr:.3e} {speed:.0f} img/s, "
-                         f"waiting {waited:.1f} ms/step for data")
-                step = iteration + (totals[1] if phase == 2 else 0)
-                log.scalars(step, {f"{PHASES[phase]}/loss": reading.loss,
-                                   f"{PHASES[phase]}/top1": reading.top1, f"{PHASES[phase]}/lr": lr,
-                                   f"{PHASES[phase]}/data_wait_ms": waited, **clip_values(model)})
-                stats.new_window()
-                wait.reset()
-            if checkpoint:
-                last_saved = save / checkpoint_name(phase, iteration)
-                rng = rng_state(selection_rng, device)  # a collective: every rank takes part
-                if distributed.is_main():
-                    save_file(stage1_checkpoint(
-                        model, iteration, reading.top1, config=config, phase=phase, epoch=epoch,
-                        batch=batch + 1, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                        meters=reading.meters, rng=rng, args=vars(args), scaler=amp.scaler.state_dict()),
-                              last_saved)
-        bar.close()
-        if phase == 1:
-            iteration = 0
-            meters = {"correct": 0.0, "seen": 0.0}
-    log.info(f"stage 1 done; checkpoints, log.txt and TensorBoard events are in {save.resolve()}"
-             + (f"; last checkpoint {last_saved}" if last_saved else ""))
+             + (f", resumed from {args.resume} (phase {run.phase}, iteration {run.iteration})"
+                if args.resume else ""))
+
+    def first_piece() -> torch.Tensor:  # of the batch drawn for the LSQ initialisation, on process 0
+        if not distributed.is_main():
+            return torch.empty(0)
+        images, _ = initialisation_batch(data.train, args.batch_size, args.replicas, args.seed)
+        return to_device(images, device)
+
+    for phase in range(run.phase, 3):
+        run.start_phase(phase, first_piece)
+        run_phase(run, teacher, data, log)
+    log.info(f"stage 1 done; checkpoints, log.txt and TensorBoard events are in {Path(args.save).resolve()}"
+             + (f"; last checkpoint {run.last_saved}" if run.last_saved else ""))
     log.close()
 
 
 def criterion(teacher: torch.nn.Module | None, images: torch.Tensor, labels: torch.Tensor, amp: Amp
-              ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The loss of this batch's logits: distillation from the teacher (the method), or cross-entropy
-    on the labels without one. The teacher runs under the same autocast as the student."""
+              ) -> Callable[[torch.Tensor, slice], torch.Tensor]:
+    """The loss of a piece's logits: distillation from the teacher (the method), or cross-entropy
+    on the labels without one. The teacher runs on the piece, under the same autocast as the student."""
     if teacher is None:
-        return lambda logits: F.cross_entropy(logits, labels)
-    with torch.no_grad(), amp.autocast():
-        teacher_logits = teacher(images).float()
-    return lambda logits: kd_loss(logits, teacher_logits)
+        return lambda logits, piece: F.cross_entropy(logits, labels[piece])
+
+    def distillation(logits: torch.Tensor, piece: slice) -> torch.Tensor:
+        with torch.no_grad(), amp.autocast():
+            teacher_logits = teacher(images[piece]).float()
+        return kd_loss(logits, teacher_logits)
+
+    return distillation
 
 
 if __name__ == "__main__":

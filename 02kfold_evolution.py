@@ -100,7 +100,8 @@ def search(args: argparse.Namespace) -> dict:
                 "num_batches": setup.num_batches, "seed": args.seed, "rng": args.rng,
                 "bn_recalibration_batches": args.bn_recalibration_batches, "uniform": args.uniform,
                 **{k: getattr(args, k) for k in ("max_epochs", "select_num", "population_num", "m_prob",
-                                                 "crossover_num", "mutation_num", "val_batch_size")}}
+                                                 "crossover_num", "mutation_num", "val_batch_size",
+                                                 "replicas")}}
     check_settings(save, settings)
     log = RunLog(save, enabled=distributed.is_main(), tensorboard=False)
     log.info(use_tf32(args.tf32, setup.device))
@@ -152,7 +153,7 @@ def fold_scorers(args: argparse.Namespace, setup: Evaluation, fold: int, calibra
     kept = setup.val.kept(fold_range)  # decoded once for all of the fold's candidates
     if kept is not None and args.prefix_cache_gb > 0:  # on the GPU as far as it has room
         on_fold = PrefixScorer.on_device(model, kept, calibration, setup.device,
-                                         args.prefix_cache_gb * 2**30).accuracy
+                                         args.prefix_cache_gb * 2**30, setup.replicas).accuracy
     else:
         def on_fold(candidate):
             return setup.accuracy(candidate, kept if kept is not None else setup.val.stream(fold_range),

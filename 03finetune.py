@@ -13,7 +13,8 @@ final_result.json and one printed block. Each arch's fine-tuning depends on the 
 alone, so the result is that of a single process. This beats data parallelism here: the archs are
 independent, a few epochs of biases and clips need no gradient all-reduce, and the BN statistics,
 which this stage re-estimates, keep the whole --batch_size of one process. It stops scaling at
-one process per arch (k).
+one process per arch (k). Each step, and each evaluation, is the reference's nn.DataParallel's over
+--replicas devices (SPEC 5a), its pieces computed one after another in the process.
 """
 import argparse
 import itertools
@@ -29,12 +30,13 @@ from utils import distributed, reference_results
 from utils.bn_recalibration import recalibrate_bn
 from utils.checkpoint import finetuned_checkpoint, finetuned_name, save_file
 from utils.cli import add_amp_arg, add_eval_args, boolean, stage_parser
-from utils.data import batch_stream, to_device, train_loader
+from utils.data import batch_stream, resolution, to_device, train_loader
 from utils.errors import UsageError
 from utils.evaluation import Evaluation, evaluation_setup, gather_by_fold
 from utils.folds import fold_batches
 from utils.logs import RunLog
 from utils.param_groups import stage3_param_groups
+from utils.pieces import Share, check_training_pieces
 from utils.results import check_search_result, format_block, parse_block, read_search_result, write_json
 from utils.runtime import fail_cleanly, seed_everything, use_tf32
 from utils.training import Amp, DataWait, RunningStats, train_step
@@ -102,6 +104,10 @@ def finetune(args: argparse.Namespace) -> dict:
              f"{args.bn_epochs} epochs of {iters} iterations, lr {args.learning_rate_bnstabilize}"
              + (f", spread over {distributed.world_size()} processes" if distributed.is_distributed()
                 else ""))
+    image = torch.zeros(1, 3, *[resolution(args.base_resolution, args.resolution_multiplier)] * 2,
+                        device=setup.device)
+    check_training_pieces(setup.model, lambda x: setup.model(x, found["archs"][0]), image, args.batch_size,
+                          len(setup.data.train), args.replicas)
     supernet_state = {k: v.clone() for k, v in setup.model.state_dict().items()}
     archs = list(zip(found["folds"], found["archs"], found["full_accs"], strict=True))
     finished = []
@@ -135,7 +141,8 @@ def finetune_arch(args: argparse.Namespace, setup: Evaluation, fold: int, arch: 
     _, full = fold_batches(setup.num_batches, args.k, fold)
     stream = batch_stream(setup.data.train, args.batch_size, args.workers, args.seed + fold)
     if args.bn_recalibration_batches > 0:
-        recalibrate_bn(model, arch, [next(stream)[2] for _ in range(args.bn_recalibration_batches)], device)
+        recalibrate_bn(model, arch, [next(stream)[2] for _ in range(args.bn_recalibration_batches)], device,
+                       args.replicas)
     accs = [searched_acc, setup.accuracy(arch, setup.val.stream(full))]
     log.info(f"arch {fold}: stage-2 full_acc {accs[0]:.2f}, loaded {accs[1]:.2f}")
     optimizer = bn_stabilize_optimizer(model, args.learning_rate_bnstabilize, args.train_clip)
@@ -158,8 +165,9 @@ def finetune_arch(args: argparse.Namespace, setup: Evaluation, fold: int, arch: 
                                    leave=False, dynamic_ncols=True, disable=not distributed.is_main()):
             labels = labels.to(device, non_blocking=True)
             logits, loss, _ = train_step(model, to_device(images, device), arch,
-                                         lambda logits, labels=labels: F.cross_entropy(logits, labels),
-                                         optimizer, amp)
+                                         lambda logits, piece, labels=labels:
+                                         F.cross_entropy(logits, labels[piece]),
+                                         optimizer, amp, Share.of(len(images), args.replicas))
             stats.add(loss, logits, labels, 0)
         scheduler.step()
         trained = stats.read()

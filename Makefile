@@ -25,7 +25,7 @@ test: $(VENV)/.installed
 
 # The tests that compare numbers (fixtures, trajectories, kernels, the stages' steps): CI runs them
 # a second time under another CPU's float noise (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, OMP_NUM_THREADS).
-NUMERIC_TESTS := $(addprefix tests/test_,$(addsuffix .py,mobilenet_v2 resnet variants quantizers native \
+NUMERIC_TESTS := $(addprefix tests/test_,$(addsuffix .py,mobilenet_v2 resnet variants quantizers native pieces dataparallel \
   trajectories training stage1 stage3))
 test-numeric: $(VENV)/.installed
 	$(PY) -m pytest -q $(NUMERIC_TESTS)
@@ -35,7 +35,9 @@ lint: $(VENV)/.installed
 
 # The demo preset: flags of the same scripts a user runs (README, "The demo").
 DEMO := demo
-DEMO_MODEL := --width_multiplier 0.5 --width_divisor 8 --base_resolution 32 --min_crop_scale 0.5 -j 2
+# --replicas 1: whole batches, as the demo's figures in the README were measured (README, "--replicas").
+DEMO_MODEL := --width_multiplier 0.5 --width_divisor 8 --base_resolution 32 --min_crop_scale 0.5 -j 2 \
+  --replicas 1
 DEMO_ITERS := 300
 DEMO_SUPERNET := $(DEMO)/train-supernet/model_actwbin_best_$(shell printf %05d $(DEMO_ITERS))it.pth
 DEMO_FOLDS := --k 10

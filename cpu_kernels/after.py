@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from quant.clip import ClipActivation
-from quant.functional import clip_range, lsq_scale, lsq_step
+from quant.functional import clip_range, lsq_scale, lsq_step, piece_numel
 from quant.lsq import LsqActivation
 
 from . import library as native
@@ -31,8 +31,8 @@ def quantizer_tensors(quantizer: nn.Module | None) -> tuple:
 
 def lsq_step_and_scale(s: torch.Tensor, x: torch.Tensor, hi: float) -> tuple[torch.Tensor, float]:
     """The step LSQ quantizes ``x`` with (``lsq_step``) and its gradient scale ``k``
-    (``lsq_scale``), as ``quant.functional.lsq_quantize`` takes them."""
-    k = lsq_scale(x.numel(), hi)
+    (``lsq_scale`` of one piece of ``x``: ``piece_numel``), as ``quant.LsqActivation`` takes them."""
+    k = lsq_scale(piece_numel(x), hi)
     return lsq_step(s, k), k
 
 

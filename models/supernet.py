@@ -1,7 +1,6 @@
 """What every BASQ supernet shares: selections, precision switches and quantizer initialisation."""
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -85,22 +84,17 @@ class Supernet(nn.Module):
                 m.init_weight_steps()
 
     @torch.no_grad()
-    def initialize_activation_steps(self, images: torch.Tensor, selection: Sequence[int],
-                                    reduce: Callable[[torch.Tensor], Any] | None = None) -> None:
+    def initialize_activation_steps(self, images: torch.Tensor, selection: Sequence[int]) -> None:
         """Set every LSQ activation step from data, as the reference's ``initialize()`` (SPEC 1).
 
         One no-grad, train-mode forward of ``images`` (a batch drawn for this, before the first
         training step) with a hook that runs after each LSQ activation quantizer: the quantizer
         quantizes with the step it has (1 when new), then sets its step from its input. The pass
-        updates every BatchNorm's running statistics once. Under data parallelism each process
-        sees its share of the batch: ``reduce`` (an in-place average over the processes) is
-        applied to each step tensor once set, so every process gets the mean over the whole
-        batch (the shares are equal-sized, so the mean of their per-channel means is that mean).
+        updates every BatchNorm's running statistics once. Under ``nn.DataParallel`` the reference
+        took both from the first piece of that batch alone (``utils.training``'s wrapper).
         """
         def init_hook(module: LsqActivation, args: tuple, output: torch.Tensor) -> None:
             module.init_from(args[0])
-            if reduce is not None:
-                reduce(module.s.detach())
 
         handles = [m.register_forward_hook(init_hook)
                    for m in self.modules() if isinstance(m, LsqActivation)]

@@ -4,7 +4,10 @@ Each function asks the CPU back end (``cpu_kernels.quantizers``) whether its fus
 (contiguous float32 CPU tensors) and runs PyTorch's ops elsewhere; both give the same values bit
 for bit.
 """
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -18,6 +21,31 @@ def clip_delta(clip: torch.Tensor, bin_: torch.Tensor) -> torch.Tensor:
     """
     r = 1 - bin_
     return torch.where(r >= 1, clip, torch.where(r <= 1 / 255, clip / 255, clip * r))
+
+
+_PIECE_IMAGES: contextvars.ContextVar[int | None] = contextvars.ContextVar("piece_images", default=None)
+
+
+@contextlib.contextmanager
+def pieces_of(images: int | None) -> Iterator[None]:
+    """Inside: LSQ activation quantizers take ``k`` as if their input came in pieces of ``images``
+    images (``piece_numel``); ``None``: from the whole input.
+
+    The reference evaluated under ``nn.DataParallel``, each device on its piece of the batch; in
+    evaluation a piece changes nothing but ``k`` (SPEC 5a), so a batch of equal pieces runs at once.
+    """
+    token = _PIECE_IMAGES.set(images)
+    try:
+        yield
+    finally:
+        _PIECE_IMAGES.reset(token)
+
+
+def piece_numel(x: torch.Tensor) -> int:
+    """The element count an activation quantizer takes ``k`` from: that of one piece of ``x`` inside
+    ``pieces_of``, else ``x``'s own."""
+    images = _PIECE_IMAGES.get()
+    return x.numel() if images is None else x[0].numel() * images
 
 
 def lsq_scale(numel: int, hi: float) -> float:
@@ -147,8 +175,10 @@ class LsqQuantize(torch.autograd.Function):
         return grad_x, grad_s, None, None, None, None
 
 
-def lsq_quantize(x: torch.Tensor, s: torch.Tensor, lo: float, hi: float, dim: int) -> torch.Tensor:
+def lsq_quantize(x: torch.Tensor, s: torch.Tensor, lo: float, hi: float, dim: int,
+                 numel: int | None = None) -> torch.Tensor:
     """LSQ fake quantization of ``x`` with one step per index of ``dim``, levels ``lo .. hi``; in
-    float32 when ``x`` is in half precision, as ``clip_quantize``."""
+    float32 when ``x`` is in half precision, as ``clip_quantize``. ``k`` counts ``numel`` elements
+    (default: ``x``'s)."""
     x = at_least_float32(x)
-    return LsqQuantize.apply(x, s, lo, hi, lsq_scale(x.numel(), hi), dim)
+    return LsqQuantize.apply(x, s, lo, hi, lsq_scale(x.numel() if numel is None else numel, hi), dim)

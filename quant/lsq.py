@@ -4,13 +4,14 @@ import math
 import torch
 from torch import nn
 
-from .functional import lsq_quantize
+from .functional import lsq_quantize, piece_numel
 
 
 class LsqActivation(nn.Module):
     """Unsigned LSQ activation quantizer with one step per input channel (reference ``ActLsqQuan``).
 
     Always on. The steps are set from data by ``init_from`` (stage 1 does it on its first batch).
+    ``k`` counts the elements of the input, or of one piece of it (``quant.functional.pieces_of``).
     """
 
     def __init__(self, bits: int, channels: int):
@@ -24,7 +25,7 @@ class LsqActivation(nn.Module):
         self.s.copy_(2 * x.abs().mean(dim=(0, 2, 3)) / math.sqrt(self.qp))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return lsq_quantize(x, self.s, 0, self.qp, dim=1)
+        return lsq_quantize(x, self.s, 0, self.qp, dim=1, numel=piece_numel(x))
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, channels={self.s.numel()}"

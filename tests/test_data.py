@@ -11,6 +11,7 @@ from utils.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     EpochSampler,
+    ShareBatches,
     ValidationBatches,
     batch_stream,
     build_datasets,
@@ -64,10 +65,20 @@ def test_sampler_order_depends_on_seed_and_epoch_and_starts_anywhere():
     assert list(sampler) == full[20:]
     sampler.set_epoch(3)
     assert [i for i, _ in sampler] != [i for i, _ in full]
-    ranks = [list(EpochSampler(50, 3, 2, num_replicas=3, rank=r)) for r in range(3)]
-    assert all(len(r) == 16 for r in ranks)  # the uneven tail is dropped, the ranks stay in step
-    assert [x for triple in zip(*ranks, strict=True) for x in triple] == full[:48]
     assert len({seed for _, seed in full}) == 50  # each sample's augmentation has a seed of its own
+
+
+def test_each_process_loads_its_pieces_of_every_global_batch():
+    """Process r of W gets pieces r*R/W ... (r+1)*R/W - 1 of each global batch (torch.chunk's
+    sizes), so that the processes' shares together are the global batches; the partial last kept."""
+    full = list(ShareBatches(EpochSampler(50, 3, 2), 12, drop_last=False))
+    assert [len(b) for b in full] == [12] * 4 + [2]
+    for world in (1, 2, 4):
+        shares = [list(ShareBatches(EpochSampler(50, 3, 2), 12, drop_last=False, replicas=4, world=world,
+                                    rank=r)) for r in range(world)]
+        assert [sum(parts, []) for parts in zip(*shares, strict=True)] == full
+        assert [len(b) for b in shares[0]] == [12 // world] * 4 + [min(2, 4 // world)]
+    assert len(ShareBatches(EpochSampler(50, 3, 2), 12, drop_last=True)) == 4
 
 
 def test_augmentation_is_the_same_with_any_number_of_workers_and_after_a_resume(image_folder):
@@ -155,7 +166,8 @@ def test_stage2_decodes_each_image_about_once_per_fold_when_the_set_does_not_fit
     stage1, stage2 = load_script("01train_supernet.py"), load_script("02kfold_evolution.py")
     folder = make_image_folder(tmp_path / "jpeg", suffix="jpg")
     captured(stage1.train, stage1.parse_args(["--data", str(folder), "--teacher", "none", "--save",
-                                              str(tmp_path / "s1"), *MODEL, "--batch_size", "8", "-j", "0",
+                                              str(tmp_path / "s1"), *MODEL, "--batch_size", "8",
+                                              "--replicas", "2", "-j", "0",
                                               "--abin_total_iters", "2", "--awbin_total_iters", "2"]))
     supernet = tmp_path / "s1" / SUPERNET
     opened: dict[str, int] = {}

@@ -4,12 +4,10 @@ Stage 1: one set of loadable checkpoints, the same selections on both ranks, ``-
 Stages 2 and 3: the folds and archs spread over the ranks give the single-process result.
 A failing rank ends the job with a message naming it, instead of a hang.
 """
-import copy
 import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -17,8 +15,6 @@ import pytest
 import torch
 
 from models import build_supernet
-from models.units import Unit
-from quant import LsqActivation
 from utils import distributed
 from utils.checkpoint import load_file
 from utils.data import ValidationBatches, train_loader
@@ -31,14 +27,14 @@ stage1 = load_script("01train_supernet.py")
 
 MODEL = ["--width_multiplier", "0.25", "--width_divisor", "8", "--base_resolution", "32",
          "--l2_bounds", "0.01,0.001,0.0001", "-j", "0"]
-STAGE1 = [*MODEL, "--teacher", "none", "--batch_size", "8", "--abin_total_iters", "2",
+STAGE1 = [*MODEL, "--teacher", "none", "--batch_size", "8", "--replicas", "2", "--abin_total_iters", "2",
           "--awbin_total_iters", "2", "--save_interval", "2", "--record_selections"]
 CHECKPOINTS = [f"model_{kind}_best_{i:05d}it.pth" for kind in ("actbin", "actwbin") for i in (1, 2)]
 K = 3  # 3 folds over 2 ranks: rank 0 takes folds 0 and 2, rank 1 fold 1
 STAGE2 = [*MODEL, "--k", str(K), "--val_batch_size", "4", "--max-epochs", "2", "--population-num", "4",
           "--select-num", "2", "--mutation-num", "1", "--crossover-num", "1"]
 STAGE3 = [*MODEL, "--k", str(K), "--val_batch_size", "4", "--bn_epochs", "1", "--iters_per_epoch", "2",
-          "--batch_size", "4", "--learning_rate_bnstabilize", "1e-3"]
+          "--batch_size", "4", "--replicas", "2", "--learning_rate_bnstabilize", "1e-3"]
 TIMEOUT = 120  # seconds; a hang fails the test instead of blocking the suite
 
 
@@ -87,7 +83,7 @@ def test_stage1_writes_one_set_of_loadable_checkpoints(stage1_run):
     ranks = load_file(stage1_run / CHECKPOINTS[0])["rng"]["ranks"]  # each rank's own generators
     assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])
     log = (stage1_run / "log.txt").read_text()  # rank 0 alone logs
-    assert log.count("stage 1 done") == 1 and "2 processes of 4 images" in log
+    assert log.count("stage 1 done") == 1 and "2 pieces of 4 (--replicas 2), 1 piece per process" in log
     assert len(list(stage1_run.glob("events.out.tfevents.*"))) == 1
 
 
@@ -112,42 +108,27 @@ def test_stage1_resume_under_torchrun(tmp_path, image_folder, stage1_run):
         assert (tmp_path / "selections" / f"rank{r}.txt").read_text().splitlines() == uninterrupted[1:]
 
 
-def test_lsq_step_init_averaged_over_ranks():
-    """Two threads stand for two ranks, each with half of the batch; ``reduce`` averages their steps.
+def test_pieces_give_the_same_step_on_one_or_two_processes(tmp_path):
+    """The LSQ initialisation and one step of a global batch of four pieces: one process computing
+    all four, or two processes computing two each, reach the same state (SPEC 5a)."""
+    from .test_trajectories import MAX_OFF, off_elements
 
-    Each rank's pass quantizes with the initial step, so it does not depend on the averaging: the
-    result is the mean of the steps each half sets on its own."""
-    torch.manual_seed(0)
-    model = build_supernet("mobilenet_v2", 3, 2, [0.01, 0.001], width_multiplier=0.25, width_divisor=8).eval()
-    replicas = [copy.deepcopy(model) for _ in range(2)]
-    alone = [copy.deepcopy(model) for _ in range(2)]
-    selection = [i % 2 for i in range(model.num_searchable_layers)]
-    x = torch.randn(8, 3, 32, 32)
-    for r in (0, 1):
-        alone[r].initialize_activation_steps(x[4 * r:4 * r + 4], selection)
-    meeting, shared = threading.Barrier(2), [None, None]
-
-    def rank(r: int) -> None:
-        def average(steps: torch.Tensor) -> None:
-            shared[r] = steps.clone()
-            meeting.wait()
-            steps.copy_((shared[0] + shared[1]) / 2)
-            meeting.wait()
-
-        replicas[r].initialize_activation_steps(x[4 * r:4 * r + 4], selection, average)
-
-    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    steps = [n for n, m in model.named_modules() if isinstance(m, LsqActivation)]
-    assert steps
-    for r in (0, 1):
-        for n in steps:
-            got = replicas[r].get_submodule(n).s
-            expected = (alone[0].get_submodule(n).s + alone[1].get_submodule(n).s) / 2
-            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7, msg=n)
+    states = {}
+    for ranks in (2, 0):
+        out = tmp_path / f"{ranks}.pt"
+        ok(run("-m", "tests.pieces_over_ranks", str(out), ranks=ranks))
+        states[ranks] = torch.load(out)
+    two, one = states[2], states[0]
+    assert sorted(two) == sorted(one)
+    floats = [k for k, v in one.items() if v.is_floating_point()]
+    off = sum(off_elements(two[k], one[k]) for k in floats)
+    assert off <= MAX_OFF * sum(one[k].numel() for k in floats), off
+    for k, v in one.items():
+        if not v.is_floating_point():
+            assert torch.equal(two[k], v), k  # num_batches_tracked: the LSQ pass and one piece
+    assert any(k.endswith("exp_avg") for k in one)
+    moved = [k for k in floats if k.endswith(".1.s")]
+    assert moved and not all(torch.equal(one[k], torch.ones_like(one[k])) for k in moved)
 
 
 def test_stage2_two_ranks_give_the_single_process_result(search_runs):
@@ -184,11 +165,11 @@ def test_stage3_two_ranks_spread_the_archs(tmp_path, image_folder, stage1_run, s
             assert torch.equal(mine[k], v), f"{name}: {k}"
 
 
-def test_batch_size_must_split_over_the_ranks(tmp_path, image_folder):
+def test_replicas_must_split_over_the_ranks(tmp_path, image_folder):
     result = run("01train_supernet.py", "--data", str(image_folder), "--save", str(tmp_path),
-                 *STAGE1, "--batch_size", "7")
+                 *STAGE1, "--replicas", "3")
     assert result.returncode != 0
-    assert "error: --batch_size 7 does not split evenly over 2 processes" in result.stderr
+    assert "error: --replicas 3 does not split over 2 processes" in result.stderr
     assert "rank 0: error" in result.stderr or "rank 1: error" in result.stderr
     assert not list(tmp_path.glob("*.pth"))
 
@@ -203,36 +184,6 @@ def test_a_failing_rank_ends_the_job_and_is_named(tmp_path, image_folder, stage1
     assert "[rank1]" in result.stderr and "IsADirectoryError" in result.stderr
     assert time.time() - start < TIMEOUT
     assert not (tmp_path / "search_result.json").exists()
-
-
-def test_sync_bn_is_refused_on_the_cpu(tmp_path, image_folder):
-    args = stage1.parse_args(["--data", str(image_folder), "--save", str(tmp_path), *STAGE1,
-                              "--device", "cpu", "--sync_bn"])
-    with pytest.raises(stage1.UsageError, match="--sync_bn needs GPUs"):
-        stage1.train(args)
-
-
-@pytest.mark.parametrize("arch", ["mobilenet_v2", "resnet18"])
-def test_units_follow_sync_bn_conversion(arch):
-    """``--sync_bn`` replaces the BatchNorms registered on the blocks; the units must use the new ones.
-
-    Without a process group, SyncBatchNorm computes as BatchNorm, so the forward runs on the CPU.
-    """
-    model = build_supernet(arch, 10, 2, [0.01, 0.001], width_multiplier=0.25)
-    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    units = [v for m in model.modules() for v in vars(m).values() if isinstance(v, Unit)]  # held by blocks
-    for unit in units:
-        for branch in range(model.num_branches):
-            bn_pre, _, _, bn_post, _, bn_last = unit.parts(branch)
-            assert all(isinstance(bn, torch.nn.SyncBatchNorm) for bn in (bn_pre, bn_post, bn_last))
-    called = []
-    for m in model.modules():
-        if isinstance(m, torch.nn.SyncBatchNorm):
-            m.register_forward_hook(lambda *_: called.append(1))
-    model.train()(torch.randn(2, 3, 32, 32), [0] * model.num_searchable_layers)
-    assert len(called) == 1 + 3 * len(units)  # the stem, and three per unit
-
-
 class FakeCuda:
     """The CUDA calls ``distributed.setup`` makes, on a node with ``count`` GPUs, recorded."""
 

@@ -8,6 +8,7 @@ from models import build_supernet
 from utils import prefix_scorer
 from utils.bn_recalibration import recalibrate_bn
 from utils.evaluation import accuracy_on
+from utils.pieces import evaluate_in_pieces
 from utils.prefix_scorer import PrefixScorer
 
 CPU = torch.device("cpu")
@@ -42,25 +43,29 @@ def family(model, count: int, seed: int = 0) -> list[list[int]]:
     return [parent, *children, parent]
 
 
-def plain_logits(model, selection, batches, calibration):
+def plain_logits(model, selection, batches, calibration, replicas=1):
     if calibration:
-        recalibrate_bn(model, selection, calibration, CPU)
+        recalibrate_bn(model, selection, calibration, CPU, replicas)
     with torch.no_grad():
-        return torch.cat([model(images, selection) for images, _ in batches])
+        return torch.cat([evaluate_in_pieces(lambda x: model(x, selection), images, replicas)
+                          for images, _ in batches])
 
 
 @pytest.mark.parametrize("arch", ["mobilenet_v2", "resnet18"])
 @pytest.mark.parametrize("recalibrate", [False, True])
-def test_same_logits_as_the_whole_network(arch, recalibrate):
+@pytest.mark.parametrize("replicas", [1, 4])
+def test_same_logits_as_the_whole_network(arch, recalibrate, replicas):
+    """Over 4 replicas, batches of 7 are pieces of 2, 2, 2, 1: LSQ's k of each piece (SPEC 5a)."""
     model = trained_like(arch)
-    batches = [(torch.randn(6, 3, 12, 12), torch.randint(0, 10, (6,))) for _ in range(2)]
-    calibration = [(torch.randn(16, 3, 12, 12), None) for _ in range(2)] if recalibrate else []
-    scorer = PrefixScorer(model, batches, calibration, CPU)
+    batches = [(torch.randn(7, 3, 12, 12), torch.randint(0, 10, (7,))) for _ in range(2)]
+    calibration = [(torch.randn(15, 3, 12, 12), None) for _ in range(2)] if recalibrate else []
+    scorer = PrefixScorer(model, batches, calibration, CPU, replicas=replicas)
     selections = family(model, 6)
     for selection in selections:
         ours = scorer.logits(selection)
-        assert torch.equal(ours, plain_logits(model, selection, batches, calibration)), selection
-        assert scorer.accuracy(selection) == accuracy_on(lambda x, s=selection: model(x, s), batches)
+        assert torch.equal(ours, plain_logits(model, selection, batches, calibration, replicas)), selection
+        assert scorer.accuracy(selection) == accuracy_on(
+            lambda x, s=selection: evaluate_in_pieces(lambda p: model(p, s), x, replicas), batches)
     # Children reuse their parent's prefix, and the repeated parent only recomputes its head.
     stages = len(model.stages())
     assert scorer.computed < len(selections) * stages

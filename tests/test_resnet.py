@@ -218,6 +218,7 @@ def test_stage1_and_stage2_run_with_resnet18(tmp_path, image_folder):
     tiny = ["--arch", "resnet18", "--width_multiplier", "0.125", "--width_divisor", "8",
             "--base_resolution", "32", "--l2_bounds", "0.01,0.001", "-j", "0", "--data", str(image_folder)]
     stage1 = run_script("01train_supernet.py", *tiny, "--teacher", "none", "--batch_size", "8",
+                        "--replicas", "2",
                         "--abin_total_iters", "1", "--awbin_total_iters", "2", "--save", str(tmp_path / "s1"))
     assert stage1.returncode == 0, stage1.stderr
     supernet = tmp_path / "s1" / "model_actwbin_best_00002it.pth"

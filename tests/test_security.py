@@ -9,7 +9,7 @@ from utils.checkpoint import PLAIN_REFUSED, load_file
 from .conftest import assert_clean_failure, run_script
 
 TINY = ["--width_multiplier", "0.25", "--width_divisor", "8", "--base_resolution", "32",
-        "--l2_bounds", "0.01,0.001", "-j", "0"]
+        "--l2_bounds", "0.01,0.001", "-j", "0", "--replicas", "2"]
 
 
 @pytest.fixture

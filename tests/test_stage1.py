@@ -18,7 +18,8 @@ from .conftest import assert_clean_failure, assert_close_to_scale, load_script, 
 stage1 = load_script("01train_supernet.py")
 
 TINY = ["--width_multiplier", "0.25", "--width_divisor", "8", "--base_resolution", "32",
-        "--l2_bounds", "0.01,0.001,0.0001", "--batch_size", "8", "-j", "0", "--report_freq", "1"]
+        "--l2_bounds", "0.01,0.001,0.0001", "--batch_size", "8", "--replicas", "2", "-j", "0",
+        "--report_freq", "1"]
 
 
 def tiny_args(tmp_path, data, *extra):
@@ -52,7 +53,7 @@ def test_one_iteration_matches_hand_computed_adam_with_branch_decays():
     torch.nn.utils.clip_grad_norm_(twin.parameters(), 10.0)
     grads = {n: p.grad for n, p in twin.named_parameters() if p.grad is not None}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    train_step(model, x, selection, lambda logits: kd_loss(logits, teacher_logits), optimizer)
+    train_step(model, x, selection, lambda logits, piece: kd_loss(logits, teacher_logits[piece]), optimizer)
     checked = set()
     unselected = 0
     for name, p in model.named_parameters():
@@ -234,9 +235,9 @@ def test_lsq_steps_initialised_once_before_training_on_a_batch_of_their_own(tmp_
     events = []
     real_init, real_step = Supernet.initialize_activation_steps, stage1.train_step
 
-    def init(model, images, selection, reduce=None):
+    def init(model, images, selection):
         events.append(("init", images.clone()))
-        return real_init(model, images, selection, reduce)
+        return real_init(model, images, selection)
 
     def step(model, images, *rest):
         events.append(("step", images.clone()))
@@ -248,7 +249,7 @@ def test_lsq_steps_initialised_once_before_training_on_a_batch_of_their_own(tmp_
     stage1.train(args)
     assert [kind for kind, _ in events] == ["init", "step", "step", "step"]
     init_images = events[0][1]
-    assert init_images.shape == events[1][1].shape
+    assert len(init_images) == 4 and events[1][1].shape == (8, *init_images.shape[1:])  # a piece of 8 / 2
     assert not any(torch.equal(init_images, images) for _, images in events[1:])  # not a training batch
     steps = load_file(tmp_path / "out/model_actbin_best_00001it.pth")["model_state_dict"]
     assert not torch.equal(steps["feature.2.bn_qconv_bn_relu_0.1.s"], torch.ones_like(
@@ -360,3 +361,19 @@ def test_a_diverging_run_stops_at_its_next_report_and_writes_no_nonfinite_checkp
     assert saved == ["model_actbin_best_00001it.pth"]  # iteration 30's checkpoint was never written
     state = load_file(tmp_path / "out" / saved[0])["model_state_dict"]
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_epochs_keep_their_last_batch_and_phase_2_starts_a_fresh_one(tmp_path, image_folder, monkeypatch):
+    """As the reference's loader and its second ``train()``: 36 images in batches of 8 are four
+    batches and one of 4, each cut into pieces; phase 2 begins epoch 2, not the rest of epoch 1."""
+    sizes, real = [], stage1.train_step
+
+    def step(model, images, selection, criterion, optimizer, amp, share):
+        sizes.append((len(images), share.sizes))
+        return real(model, images, selection, criterion, optimizer, amp, share)
+
+    monkeypatch.setattr(stage1, "train_step", step)
+    stage1.train(tiny_args(tmp_path, image_folder, "--abin_total_iters", "6", "--awbin_total_iters", "2"))
+    assert sizes == [(8, (4, 4))] * 4 + [(4, (2, 2))] + [(8, (4, 4))] * 3
+    end = load_file(tmp_path / "out/model_actwbin_best_00002it.pth")
+    assert (end["epoch"], end["batch"]) == (2, 2)

@@ -83,7 +83,8 @@ def shared_supernet(tmp_path_factory, image_folder) -> Path:
     def make():
         out = tmp_path_factory.mktemp("stage1")
         args = stage1.parse_args(["--data", str(image_folder), "--teacher", "none", "--save", str(out),
-                                  *MODEL, "--batch_size", "8", "-j", "0", "--abin_total_iters", "2",
+                                  *MODEL, "--batch_size", "8", "--replicas", "2", "-j", "0",
+                                  "--abin_total_iters", "2",
                                   "--awbin_total_iters", "2"])
         captured(stage1.train, args)
         assert (out / SUPERNET).is_file()
@@ -454,6 +455,7 @@ def test_lsq_baseline_trains_and_searches_uniformly(image_folder, tmp_path):
     variant = ["--quantizer", "lsq", "--small_input_stem"]
     args = stage1.parse_args(["--data", str(image_folder), "--teacher", "none",
                               "--save", str(tmp_path / "s1"), *MODEL, *variant, "--batch_size", "8",
+                              "--replicas", "2",
                               "-j", "0", "--abin_total_iters", "1", "--awbin_total_iters", "1"])
     captured(stage1.train, args)
     supernet = tmp_path / "s1" / "model_actwbin_best_00001it.pth"

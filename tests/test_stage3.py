@@ -33,6 +33,7 @@ EPOCHS = 2
 VAL_BATCH = 4
 # A learning rate well above the reference's 7.5e-6, so that two iterations visibly move what is trained.
 FINETUNE = ["--k", str(K), "--bn_epochs", str(EPOCHS), "--iters_per_epoch", "2", "--batch_size", "4",
+            "--replicas", "2",
             "--val_batch_size", str(VAL_BATCH), "--learning_rate_bnstabilize", "1e-3"]
 RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -159,7 +160,8 @@ def test_whole_epochs_include_the_last_partial_batch(tmp_path, image_folder, sup
         return real(model, images, *rest)
 
     monkeypatch.setattr(stage3, "train_step", spy)
-    args = stage3_args(image_folder, supernet, found, tmp_path, "--iters_per_epoch", "0", "--batch_size", "8")
+    args = stage3_args(image_folder, supernet, found, tmp_path, "--iters_per_epoch", "0",
+                       "--batch_size", "8", "--replicas", "2")
     captured(stage3.finetune, args)
     train_images = len(build_datasets(str(image_folder), 32).train)
     assert train_images % 8  # the set does not split evenly, so the last batch is partial
@@ -180,7 +182,7 @@ def test_every_parameter_has_a_gradient_and_counts_in_the_clipped_norm(supernet,
     torch.nn.functional.cross_entropy(twin(x, arch), y).backward()
     twin_grads = {n: p.grad for n, p in twin.named_parameters() if p.grad is not None}
     optimizer = stage3.bn_stabilize_optimizer(model, 1e-3)
-    criterion = lambda logits: torch.nn.functional.cross_entropy(logits, y)  # noqa: E731
+    criterion = lambda logits, piece: torch.nn.functional.cross_entropy(logits, y[piece])  # noqa: E731
     _, _, norm = stage3.train_step(model, x, arch, criterion, optimizer)
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     assert sorted(n for n, p in model.named_parameters() if not p.requires_grad) == sorted(
@@ -290,7 +292,8 @@ def test_three_stages_in_a_row(tmp_path, image_folder, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # see test_stage2.one_thread
     data = str(image_folder)
     stage1 = run_script(str(ROOT / "01train_supernet.py"), "--data", data, "--teacher", "none", *MODEL,
-                        "--batch_size", "8", "-j", "0", "--abin_total_iters", "1", "--awbin_total_iters", "1",
+                        "--batch_size", "8", "--replicas", "2", "-j", "0", "--abin_total_iters", "1",
+                        "--awbin_total_iters", "1",
                         cwd=tmp_path)
     assert stage1.returncode == 0, stage1.stderr
     supernet = "train-supernet/model_actwbin_best_00001it.pth"
@@ -306,7 +309,7 @@ def test_three_stages_in_a_row(tmp_path, image_folder, monkeypatch):
     stage3 = run_script(str(ROOT / "03finetune.py"), "--data", data, "--supernet", supernet,
                         "--search-result", "eval-kfold-evolution/search_result.json", *MODEL, "-j", "0",
                         "--k", "2", "--val_batch_size", "4", "--bn_epochs", "1", "--iters_per_epoch", "1",
-                        "--batch_size", "4", cwd=tmp_path)
+                        "--batch_size", "4", "--replicas", "2", cwd=tmp_path)
     assert stage3.returncode == 0, stage3.stderr
     final = block(stage3.stdout, "final-result")
     assert final["archs"] == found["archs"] and final["full_accs"] == found["full_accs"]

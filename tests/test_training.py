@@ -88,7 +88,8 @@ def test_mixed_precision_steps_of_the_supernet(mode):
     for _ in range(12):  # fp16 skips its first steps, until the scale comes down far enough
         x, teacher = torch.randn(4, 3, 32, 32), torch.randn(4, 10)
         scale = amp.scaler.get_scale() if amp.scaler.is_enabled() else None
-        logits, loss, norm = train_step(model, x, [0] * 17, lambda logits, t=teacher: kd_loss(logits, t),
+        logits, loss, norm = train_step(model, x, [0] * 17,
+                                        lambda logits, piece, t=teacher: kd_loss(logits, t[piece]),
                                         optimizer, amp)
         assert logits.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
         assert loss.dtype == torch.float32 and torch.isfinite(loss)

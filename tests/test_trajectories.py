@@ -114,7 +114,8 @@ def test_stage1_step(trajectories, phase):
     for group, lr in zip(optimizer.param_groups, case["group_lrs"], strict=True):
         group["lr"] = lr
     _, loss, grad_norm = train_step(model, batch["x"], batch["selection"],
-                                    lambda logits: kd_loss(logits, batch["teacher_logits"]), optimizer)
+                                    lambda logits, piece: kd_loss(logits, batch["teacher_logits"][piece]),
+                                    optimizer)
     assert loss.item() == pytest.approx(case["loss"], rel=RTOL)
     assert grad_norm.item() == pytest.approx(case["grad_norm_before_clipping"], rel=RTOL)
     assert_states_match(model.state_dict(), case["state_after"])
@@ -139,7 +140,8 @@ def test_stage3_step(trajectories):
     recorded = {n: s for n, s in case["optimizer_state_before"].items() if not n.endswith(".bin")}
     load_optimizer_state(optimizer, named, recorded)
     _, loss, grad_norm = train_step(model, batch["x"], case["selection"],
-                                    lambda logits: F.cross_entropy(logits, batch["target"]), optimizer)
+                                    lambda logits, piece: F.cross_entropy(logits, batch["target"][piece]),
+                                    optimizer)
     assert loss.item() == pytest.approx(case["loss"], rel=RTOL)
     # Over every parameter, the frozen ones (lr 0) included.
     assert grad_norm.item() == pytest.approx(case["grad_norm_before_clipping"], rel=RTOL)

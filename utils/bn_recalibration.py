@@ -11,7 +11,10 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
+from quant.functional import pieces_of
+
 from .data import Batch, to_device
+from .pieces import piece_sizes
 
 
 @contextlib.contextmanager
@@ -38,8 +41,17 @@ def fresh_bn_statistics(modules: Iterable[nn.Module]) -> Iterator[None]:
 
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, selection: Sequence[int], batches: Sequence[Batch],
-                   device: torch.device) -> None:
-    """Reset every BN's running statistics and re-estimate them as a cumulative average."""
+                   device: torch.device, replicas: int = 1) -> None:
+    """Reset every BN's running statistics and re-estimate them as a cumulative average, each batch
+    at once with LSQ's ``k`` of the first of its pieces over ``replicas`` (``calibration_piece``)."""
     with fresh_bn_statistics([model]):
         for images, _ in batches:
-            model(to_device(images, device), selection)
+            with pieces_of(calibration_piece(len(images), replicas)):
+                model(to_device(images, device), selection)
+
+
+def calibration_piece(batch: int, replicas: int) -> int:
+    """The piece size a calibration batch's quantizers take ``k`` from: its first piece's. The whole
+    batch normalises at once (this re-estimation is the project's, not the reference's), so an
+    uneven last piece, which could not be normalised on its own, takes its first piece's ``k``."""
+    return piece_sizes(batch, replicas)[0]

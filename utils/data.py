@@ -21,6 +21,7 @@ from cpu_kernels import library as native
 from . import distributed
 from .errors import DataError
 from .files import atomic_path
+from .pieces import Share
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -188,32 +189,52 @@ class EpochSampler(Sampler[tuple[int, int]]):
     each index comes with the seed of its augmentation (``SeededSamples``).
 
     Because the order and the augmentation depend on nothing else, a resumed run reads exactly the
-    batches the interrupted one would have read, whatever the number of loader workers. With
-    ``num_replicas > 1`` each rank takes every ``num_replicas``-th index of the same permutation, as
-    ``DistributedSampler`` does, so that batch ``b`` of every rank together is global batch ``b``.
-    The tail that does not split evenly is dropped: every rank then has as many batches per epoch,
-    and the ranks stay in step. ``set_epoch`` moves a persistent loader's sampler on.
+    batches the interrupted one would have read, whatever the number of loader workers or
+    processes. ``set_epoch`` moves a persistent loader's sampler on.
     """
 
-    def __init__(self, size: int, seed: int, epoch: int = 0, start: int = 0,
-                 num_replicas: int = 1, rank: int = 0):
-        self.size, self.seed, self.num_replicas, self.rank = size, seed, num_replicas, rank
+    def __init__(self, size: int, seed: int, epoch: int = 0, start: int = 0):
+        self.size, self.seed = size, seed
         self.set_epoch(epoch, start)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Sample epoch ``epoch`` from its ``start``-th index (of the global order) on."""
+        """Sample epoch ``epoch`` from its ``start``-th index on."""
         self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        return max(self.size - self.start, 0) // self.num_replicas
-
-    def _indices(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        order = torch.randperm(self.size, generator=g).tolist()
-        return order[self.start:self.start + len(self) * self.num_replicas][self.rank::self.num_replicas]
+        return max(self.size - self.start, 0)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return iter([(i, sample_seed(self.seed, self.epoch, i)) for i in self._indices()])
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        order = torch.randperm(self.size, generator=g).tolist()[self.start:]
+        return iter([(i, sample_seed(self.seed, self.epoch, i)) for i in order])
+
+
+class ShareBatches(Sampler[list[tuple[int, int]]]):
+    """The global batches of an ``EpochSampler``'s order, each as this process's share of it: the
+    images of its pieces (``utils.pieces.Share``), so that the processes' shares of batch ``b``
+    together are global batch ``b``, cut as the reference's ``nn.DataParallel`` cut it.
+    ``drop_last=False`` keeps an epoch's last, partial batch."""
+
+    def __init__(self, sampler: EpochSampler, batch_size: int, drop_last: bool, replicas: int = 1,
+                 world: int = 1, rank: int = 0):
+        self.sampler, self.batch_size, self.drop_last = sampler, batch_size, drop_last
+        self.replicas, self.world, self.rank = replicas, world, rank
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Sample epoch ``epoch`` from global batch ``start`` on."""
+        self.sampler.set_epoch(epoch, start * self.batch_size)
+
+    def __len__(self) -> int:
+        return (len(self.sampler) // self.batch_size if self.drop_last
+                else math.ceil(len(self.sampler) / self.batch_size))
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        items = list(self.sampler)
+        for b in range(len(self)):
+            batch = items[b * self.batch_size:(b + 1) * self.batch_size]
+            share = Share.of(len(batch), self.replicas, self.world, self.rank)
+            yield batch[share.start:share.start + share.images]
 
 
 class SeededSamples(Dataset):
@@ -238,47 +259,46 @@ class SeededSamples(Dataset):
             return self.dataset[index]
 
 
-def train_loader(dataset: Dataset, batch_size: int, workers: int, seed: int, num_replicas: int = 1,
-                 rank: int = 0, drop_last: bool = True) -> tuple[DataLoader, EpochSampler]:
-    """A loader of training batches and its sampler (``set_epoch`` before iterating an epoch).
+def train_loader(dataset: Dataset, batch_size: int, workers: int, seed: int, drop_last: bool = True,
+                 replicas: int = 1, world: int = 1, rank: int = 0) -> tuple[DataLoader, ShareBatches]:
+    """A loader of training batches and its batch sampler (``set_epoch`` before iterating an epoch).
 
-    Its workers persist across epochs (no start-up per epoch) and return uint8 images
-    (``to_device``); batches are pinned for a non-blocking copy when the stage computes on a GPU
-    (``distributed.pin_memory``).
-    ``drop_last=False`` keeps an epoch's last, partial batch (stage 3's whole epochs).
+    ``batch_size`` is the global batch; under torchrun each process loads its pieces of it over
+    ``replicas`` (``ShareBatches``). Its workers persist across epochs (no start-up per epoch) and
+    return uint8 images (``to_device``); batches are pinned for a non-blocking copy when the stage
+    computes on a GPU (``distributed.pin_memory``). ``drop_last=False`` keeps an epoch's last,
+    partial batch (the reference's loaders do).
     """
-    sampler = EpochSampler(len(dataset), seed, num_replicas=num_replicas, rank=rank)
+    batches = ShareBatches(EpochSampler(len(dataset), seed), batch_size, drop_last, replicas, world, rank)
     # The loader's own generator (for its workers' base seed, which the per-sample seeds make moot)
     # leaves the caller's generator alone.
-    loader = DataLoader(SeededSamples(dataset), batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+    loader = DataLoader(SeededSamples(dataset), batch_sampler=batches,
                         num_workers=workers, persistent_workers=workers > 0,
                         pin_memory=distributed.pin_memory(),
                         generator=torch.Generator().manual_seed(rank_seed(seed, rank)))
-    return loader, sampler
+    return loader, batches
 
 
 def batch_stream(dataset: Dataset, batch_size: int, workers: int, seed: int, epoch: int = 0,
-                 batch: int = 0, num_replicas: int = 1, rank: int = 0
+                 batch: int = 0, drop_last: bool = True, replicas: int = 1, world: int = 1, rank: int = 0
                  ) -> Iterator[tuple[int, int, tuple[torch.Tensor, torch.Tensor]]]:
-    """Endless training batches as ``(epoch, batch index, (images, labels))``, from any position.
-
-    ``batch_size`` is per process and ``batch`` counts global batches; incomplete last batches
-    are dropped.
-    """
-    loader, sampler = train_loader(dataset, batch_size, workers, seed, num_replicas, rank)
+    """Endless training batches as ``(epoch, batch index, (images, labels))``, from any position:
+    this process's share of each global batch of ``batch_size`` (``train_loader``)."""
+    loader, batches = train_loader(dataset, batch_size, workers, seed, drop_last, replicas, world, rank)
     while True:
-        sampler.set_epoch(epoch, batch * batch_size * num_replicas)
+        batches.set_epoch(epoch, batch)
         for index, item in enumerate(loader, batch):
             yield epoch, index, item
         epoch, batch = epoch + 1, 0
 
 
-def initialisation_batch(dataset: Dataset, batch_size: int, workers: int, seed: int,
-                         num_replicas: int = 1, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch stage 1 initialises the LSQ steps from, drawn for that purpose as the reference's
-    ``initialize()`` draws it: not one of the training batches (it is epoch -1 of the sampler)."""
-    loader, sampler = train_loader(dataset, batch_size, min(workers, 1), seed, num_replicas, rank)
-    sampler.set_epoch(-1)
+def initialisation_batch(dataset: Dataset, batch_size: int, replicas: int, seed: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first piece of the batch stage 1 initialises the LSQ steps from, drawn for that purpose
+    as the reference's ``initialize()`` draws it: not one of the training batches (it is epoch -1
+    of the sampler)."""
+    loader, batches = train_loader(dataset, batch_size, 0, seed, replicas=replicas, world=replicas)
+    batches.set_epoch(-1)
     return next(iter(loader))
 
 

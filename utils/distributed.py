@@ -7,12 +7,11 @@ made, and every helper below is a no-op that returns its input: the single-proce
 import contextlib
 import datetime
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from .errors import UsageError
 
@@ -122,24 +121,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def wrap(model: nn.Module, device: torch.device, sync_bn: bool = False) -> nn.Module:
-    """``model`` for the data-parallel training forward: ``DistributedDataParallel`` under torchrun.
-
-    A supernet leaves the unselected branches out of each forward pass, hence
-    ``find_unused_parameters``. The selection is the same on every rank, so a parameter is unused
-    on all ranks at once and keeps ``grad=None``, as in a single process (Adam then skips it).
-    Call ``model`` itself, not the wrapper, for everything but the training forward.
-    """
-    if sync_bn and device.type != "cuda":
-        raise UsageError("--sync_bn needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU")
-    if not is_distributed():
-        return model
-    if sync_bn:  # converts the BatchNorms of ``model`` in place (its root is not a BatchNorm)
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
-
-
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum ``values`` over the ranks, in place; returns ``values``."""
     if is_distributed():
@@ -154,9 +135,26 @@ def all_reduce_min(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def average_over_ranks(values: torch.Tensor) -> torch.Tensor:
-    """Replace ``values`` by its mean over the ranks, in place; returns ``values``."""
-    return all_reduce_sum(values).div_(world_size())
+def _coalesced(tensors: list[torch.Tensor], collective: Callable[[torch.Tensor], Any]) -> None:
+    """``collective`` on ``tensors`` flattened into one tensor per dtype, then copied back."""
+    for dtype in dict.fromkeys(t.dtype for t in tensors):  # the same order on every rank
+        group = [t for t in tensors if t.dtype == dtype]
+        flat = torch.cat([t.reshape(-1) for t in group])
+        collective(flat)
+        for t, value in zip(group, flat.split([t.numel() for t in group]), strict=True):
+            t.copy_(value.view_as(t))
+
+
+def all_reduce_sum_coalesced(tensors: list[torch.Tensor]) -> None:
+    """Sum each of ``tensors`` over the ranks, in place, in one collective per dtype."""
+    if is_distributed():
+        _coalesced(tensors, lambda flat: dist.all_reduce(flat, op=dist.ReduceOp.SUM))
+
+
+def broadcast_from_main(tensors: list[torch.Tensor]) -> None:
+    """Give every rank rank 0's values of ``tensors``, in place, in one collective per dtype."""
+    if is_distributed():
+        _coalesced(tensors, lambda flat: dist.broadcast(flat, src=0))
 
 
 def share(items: list) -> list:

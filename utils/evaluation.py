@@ -16,18 +16,21 @@ from .data import Batch, Datasets, ValidationBatches, stage_datasets, to_device
 from .errors import UsageError
 from .folds import fold_batches
 from .logs import RunLog
+from .pieces import evaluate_in_pieces
 
 
 @dataclass
 class Evaluation:
     """The supernet a stage evaluates, on ``device``, and the validation batches in their fixed
-    order (``ValidationBatches``: in memory when they fit)."""
+    order (``ValidationBatches``: in memory when they fit), evaluated as the reference's
+    ``nn.DataParallel`` over ``replicas`` devices did (``utils.pieces.evaluate_in_pieces``)."""
 
     device: torch.device
     data: Datasets
     config: dict
     model: Supernet
     val: ValidationBatches
+    replicas: int = 1
 
     @property
     def num_batches(self) -> int:
@@ -38,9 +41,10 @@ class Evaluation:
         """Top-1 (%) of ``selection`` in eval mode on ``batches`` (``val.stream(indices)``, or batches
         kept), after re-estimating its BN statistics on ``calibration`` when given."""
         if calibration:
-            recalibrate_bn(self.model, selection, calibration, self.device)
+            recalibrate_bn(self.model, selection, calibration, self.device, self.replicas)
         self.model.eval()
-        return accuracy_on(lambda x: self.model(to_device(x, self.device), selection), batches)
+        return accuracy_on(lambda x: evaluate_in_pieces(lambda piece: self.model(piece, selection),
+                                                        to_device(x, self.device), self.replicas), batches)
 
     def check_folds(self, folds: Iterable[int], k: int) -> None:
         """Refuse a ``--k`` larger than the number of batches, or a fold outside ``0..k-1``."""
@@ -50,7 +54,7 @@ class Evaluation:
 
 def evaluation_setup(args: argparse.Namespace) -> Evaluation:
     """The device, data, supernet (``--supernet``, checked against the flags) and validation batches
-    (``--val_batch_size``, ``--max_val_iters``) of stages 2 and 3."""
+    (``--val_batch_size``, ``--max_val_iters``) of stages 2 and 3, evaluated over ``--replicas``."""
     device = distributed.setup(args.device, args.dist_timeout)
     data = stage_datasets(args)
     config = model_config(args, data.num_classes)
@@ -58,7 +62,7 @@ def evaluation_setup(args: argparse.Namespace) -> Evaluation:
     model.to(device)
     val = ValidationBatches(data.val, args.val_batch_size, args.workers, args.max_val_iters,
                             args.val_cache_gb * 2**30)
-    return Evaluation(device, data, config, model, val)
+    return Evaluation(device, data, config, model, val, args.replicas)
 
 
 def accuracy_on(model_fn: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[Batch]) -> float:

@@ -19,9 +19,11 @@ import torch
 
 from models import Supernet
 from models.supernet import Stage
+from quant.functional import pieces_of
 
-from .bn_recalibration import fresh_bn_statistics
+from .bn_recalibration import calibration_piece, fresh_bn_statistics
 from .data import Batch, to_device
+from .pieces import evaluation_groups
 
 Activations = tuple[list[torch.Tensor], list[torch.Tensor]]  # calibration outputs, scored outputs
 
@@ -34,6 +36,8 @@ class PrefixScorer:
 
     ``calibration``: training batches to re-estimate BN statistics on for every selection (empty:
     use the model's own statistics). The model must be in eval mode, as for ``accuracy_on``.
+    ``replicas``: LSQ's ``k`` from the pieces the reference's ``nn.DataParallel`` cut each batch into
+    (``Evaluation.accuracy``): each batch is kept as its runs of equal pieces.
     ``computed`` counts the stage computations (the plain way does every stage per selection).
 
     ``chunk``: how many batches are computed at once (0: all). The scorer keeps on the device the
@@ -44,7 +48,8 @@ class PrefixScorer:
     """
 
     def __init__(self, model: Supernet, batches: Sequence[Batch], calibration: Sequence[Batch],
-                 device: torch.device, cache_bytes: float = 2 * 2**30, chunk: int = 0):
+                 device: torch.device, cache_bytes: float = 2 * 2**30, chunk: int = 0,
+                 replicas: int = 1):
         if not batches:
             raise ValueError("no batches to score on")
         self.model, self.device = model, device
@@ -54,6 +59,11 @@ class PrefixScorer:
         chunk = chunk or len(batches)
         self.chunks = [range(i, min(i + chunk, len(batches))) for i in range(0, len(batches), chunk)]
         self.calibration = [to_device(images, device) for images, _ in calibration]
+        # Each scored batch is kept as its runs of equal pieces; the piece size each kept tensor's
+        # quantizers take k from, the calibration's and each chunk's.
+        self.groups = [evaluation_groups(len(images), replicas) for images, _ in batches]
+        self.pieces = [calibration_piece(len(images), replicas) for images, _ in calibration]
+        self.chunk_pieces = [[size for i in c for _, _, size in self.groups[i]] for c in self.chunks]
         # One chunk: the fold's images converted once, for every selection.
         self.start = self._start(0) if len(self.chunks) == 1 else None
         self.labels = torch.cat([labels for _, labels in batches]).to(device)
@@ -63,16 +73,20 @@ class PrefixScorer:
 
     @classmethod
     def on_device(cls, model: Supernet, batches: Sequence[Batch], calibration: Sequence[Batch],
-                  device: torch.device, cache_bytes: float) -> "PrefixScorer":
+                  device: torch.device, cache_bytes: float, replicas: int = 1) -> "PrefixScorer":
         """A scorer that fits ``device`` (``fold_chunk``): the fold moved to a GPU and computed at
         once where it has room, else left in host memory and computed chunk after chunk."""
         chunk = fold_chunk(model, batches, calibration, device, cache_bytes)
         if device.type == "cuda" and chunk == 0:
             batches = [(x.to(device), y.to(device)) for x, y in batches]
-        return cls(model, batches, calibration, device, cache_bytes, chunk)
+        return cls(model, batches, calibration, device, cache_bytes, chunk, replicas)
 
     def _start(self, chunk: int) -> Activations:
-        return self.calibration, [to_device(self.batches[i][0], self.device) for i in self.chunks[chunk]]
+        scored = []
+        for i in self.chunks[chunk]:
+            x = to_device(self.batches[i][0], self.device)
+            scored += [x[start:stop] for start, stop, _ in self.groups[i]]
+        return self.calibration, scored
 
     @torch.no_grad()
     def logits(self, selection: Sequence[int]) -> torch.Tensor:
@@ -91,7 +105,7 @@ class PrefixScorer:
             acts = self.start if self.start is not None else self._start(chunk)
         for j in range(first, len(self.stages)):
             genes = selection[self.ends[j] - self.stages[j].genes:self.ends[j]]
-            acts = self._compute(self.stages[j], genes, acts)
+            acts = self._compute(self.stages[j], genes, acts, self.chunk_pieces[chunk])
             if j < len(self.stages) - 1:  # the logits are not worth keeping
                 self._keep((chunk, j, selection[:self.ends[j]]), acts)
         return torch.cat(acts[1])
@@ -101,13 +115,22 @@ class PrefixScorer:
         logits = self.logits(selection)
         return 100.0 * int((logits.argmax(dim=1) == self.labels).sum().item()) / self.labels.numel()
 
-    def _compute(self, stage: Stage, genes: Sequence[int], acts: Activations) -> Activations:
+    def _compute(self, stage: Stage, genes: Sequence[int], acts: Activations,
+                 pieces: list[int]) -> Activations:
         self.computed += 1
         calibration, scored = acts
+
+        def run(xs: list[torch.Tensor], pieces: list[int]) -> list[torch.Tensor]:
+            outputs = []
+            for x, piece in zip(xs, pieces, strict=True):
+                with pieces_of(piece):
+                    outputs.append(stage.run(x, genes))
+            return outputs
+
         if calibration:
             with fresh_bn_statistics(stage.modules):  # as recalibrate_bn, for this stage alone
-                calibration = [stage.run(x, genes) for x in calibration]
-        return calibration, [stage.run(x, genes) for x in scored]
+                calibration = run(calibration, self.pieces)
+        return calibration, run(scored, pieces)
 
     def _keep(self, key: tuple, acts: Activations) -> None:
         size = sum(t.numel() * t.element_size() for part in acts for t in part)

@@ -7,7 +7,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from models import Supernet
+from quant import LsqActivation
+
 from . import distributed
+from .pieces import Share
 
 MAX_GRAD_NORM = 10.0  # the reference clips the gradient norm at 10 in stages 1 and 3
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -47,29 +51,73 @@ def give_every_parameter_a_gradient(optimizer: torch.optim.Optimizer) -> None:
                 p.grad = torch.zeros_like(p)
 
 
-def train_step(model: nn.Module, images: torch.Tensor, selection: Sequence[int],
-               criterion: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,
-               amp: Amp = FP32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward, loss, backward, gradient-norm clipping at 10 over every parameter, optimizer step.
+def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
-    ``model(images, selection)`` gives the logits and ``criterion(logits)`` the loss. Every
-    parameter of ``optimizer`` gets a gradient (``give_every_parameter_a_gradient``), so the norm
-    is taken over all of them (frozen ones, at lr 0, included) as in the reference. With fp16
+
+def statistics(model: nn.Module) -> list[torch.Tensor]:
+    """Every BatchNorm's running statistics and ``num_batches_tracked``."""
+    return [b for m in batch_norms(model) for b in m.buffers()]
+
+
+def train_step(model: nn.Module, images: torch.Tensor, selection: Sequence[int],
+               criterion: Callable[[torch.Tensor, slice], torch.Tensor], optimizer: torch.optim.Optimizer,
+               amp: Amp = FP32, share: Share | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of the reference's ``nn.DataParallel`` (SPEC 5a), its pieces one after another:
+    forward, loss and backward of each piece of ``share`` (gradients accumulated, each piece's loss
+    weighted by its share of the global batch), then gradient-norm clipping at 10 over every
+    parameter and the optimizer step. Only a device's piece's activations are held at a time.
+
+    ``images`` are this process's images (``share.images`` of them; default: one piece, the whole
+    batch). ``model(piece, selection)`` gives the logits and ``criterion(logits, piece)`` the mean
+    loss of the piece at ``images[piece]``. The BatchNorm running statistics keep the update of the
+    global batch's first piece alone; with a share of a batch over several processes
+    (``share.world``) the gradients are summed over them and process 0's statistics are shared.
+    Every parameter of ``optimizer`` gets a gradient (``give_every_parameter_a_gradient``), so the
+    norm is taken over all of them (frozen ones, at lr 0, included) as in the reference. With fp16
     ``amp`` the loss is scaled, and the gradients unscaled before they are clipped; a step whose
-    gradients are not finite is skipped by the scaler. Returns the logits and the loss (detached)
-    and the gradient norm before clipping, all on the device: the caller decides when to wait.
+    gradients are not finite is skipped by the scaler. Returns this process's logits and mean loss
+    (detached) and the gradient norm before clipping, all on the device: the caller decides when to
+    wait.
     """
-    with amp.autocast():
-        logits = model(images, selection)
-        loss = criterion(logits)
+    share = share or Share.of(len(images))
+    if share.images != len(images):
+        raise ValueError(f"{len(images)} images for a share of {share.images}")
     give_every_parameter_a_gradient(optimizer)
-    amp.scaler.scale(loss).backward()
-    amp.scaler.unscale_(optimizer)
+    kept, logits, losses = None, [], []
+    for index, (start, stop) in enumerate(share.bounds()):
+        if index == int(share.keeps_statistics):  # the updates from here on are the other devices'
+            kept = [b.clone() for b in statistics(model)]
+        piece = slice(start, stop)
+        with amp.autocast():
+            piece_logits = model(images[piece], selection)
+            loss = criterion(piece_logits, piece)
+        amp.scaler.scale(loss * ((stop - start) / share.batch)).backward()
+        logits.append(piece_logits.detach())
+        losses.append(loss.detach() * ((stop - start) / share.images))
+    if kept is not None:
+        for buffer, value in zip(statistics(model), kept, strict=True):
+            buffer.copy_(value)
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    if share.world > 1:  # a batch over processes (stage 3's processes train archs of their own)
+        distributed.all_reduce_sum_coalesced([p.grad for p in parameters])
+        distributed.broadcast_from_main(statistics(model))
+    amp.scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
     amp.scaler.step(optimizer)
     amp.scaler.update()
-    return logits.detach(), loss.detach(), grad_norm
+    return torch.cat(logits), torch.stack(losses).sum(), grad_norm
+
+
+def initialize_activation_steps(model: Supernet, images: torch.Tensor, selection: Sequence[int]) -> None:
+    """The reference's ``initialize()`` under ``nn.DataParallel``: the LSQ activation steps and one
+    update of the BN running statistics from ``images``, the first piece of the batch drawn for it
+    (``Supernet.initialize_activation_steps``), on process 0; under torchrun then shared."""
+    if distributed.is_main():
+        model.initialize_activation_steps(images, selection)
+    steps = [m.s.detach() for m in model.modules() if isinstance(m, LsqActivation)]
+    distributed.broadcast_from_main(steps + statistics(model))
 
 
 class DataWait:

@@ -1,0 +1,131 @@
+"""The pieces of the reference's ``nn.DataParallel`` (SPEC 5a): their sizes, each process's share,
+evaluation with LSQ's ``k`` of the piece, and the batches refused before a run."""
+import pytest
+import torch
+
+from models import build_supernet
+from quant import LsqActivation
+from quant.functional import lsq_scale, lsq_step
+from utils.errors import UsageError
+from utils.pieces import Share, check_training_pieces, evaluate_in_pieces, piece_sizes
+
+from .test_prefix_scorer import trained_like
+
+
+def test_piece_sizes_are_torch_chunks():
+    for batch in range(1, 40):
+        for replicas in range(1, 10):
+            expected = [len(c) for c in torch.chunk(torch.arange(batch), replicas)]
+            assert piece_sizes(batch, replicas) == expected, (batch, replicas)
+
+
+def test_each_process_takes_its_run_of_pieces():
+    assert piece_sizes(9, 4) == [3, 3, 3]  # fewer pieces than devices
+    shares = [Share.of(9, 4, 2, r) for r in (0, 1)]
+    assert [(s.sizes, s.start, s.keeps_statistics, s.world) for s in shares] == [((3, 3), 0, True, 2),
+                                                                               ((3,), 6, False, 2)]
+    assert Share.of(768, 8, 4, 3).sizes == (96, 96) and Share.of(768, 8, 4, 3).start == 576
+    assert Share.of(10, 3).bounds() == [(0, 4), (4, 8), (8, 10)]
+    with pytest.raises(UsageError, match="--replicas 6 does not split over 4 processes"):
+        Share.of(768, 6, 4, 0)
+
+
+def test_evaluation_gives_the_values_of_a_piece_by_piece_evaluation(kernels):
+    """Each run of equal pieces at once, LSQ's ``k`` from its piece: bit for bit the values of
+    evaluating each piece on its own (the fused kernels' too), uneven last piece included."""
+    model = trained_like("mobilenet_v2")
+    selection = [i % 3 for i in range(model.num_searchable_layers)]
+    x = torch.randn(10, 3, 12, 12)
+    with torch.no_grad():
+        # Pieces of 3, 3, 3, 1; 4, 4, 2; five of 2. (Not ten of 1: a convolution of one image takes
+        # other kernels than one of ten, with other float noise, whatever the quantizers do.)
+        for replicas in (4, 3, 5):
+            by_piece = torch.cat([model(piece, selection) for piece in torch.chunk(x, replicas)])
+            assert torch.equal(evaluate_in_pieces(lambda p: model(p, selection), x, replicas), by_piece)
+    # The pieces change the arithmetic: some LSQ step takes another value with a piece's k.
+    lsq = next(m for m in model.modules() if isinstance(m, LsqActivation))
+    numel = 10 * lsq.s.numel() * 6 * 6
+    whole, piece = (lsq_step(lsq.s, lsq_scale(n, lsq.qp)) for n in (numel, numel // 10))
+    assert not torch.equal(whole, piece)
+
+
+def test_batches_a_batchnorm_cannot_normalise_are_refused():
+    model = build_supernet("mobilenet_v2", 10, 2, [0.01, 0.001], width_multiplier=0.25, width_divisor=8)
+    image = torch.zeros(1, 3, 32, 32)  # 1 x 1 feature maps at the end
+
+    def check(batch, size, replicas, world=1):
+        check_training_pieces(model, lambda x: model(x, [0] * model.num_searchable_layers), image, batch,
+                              size, replicas, world)
+
+    check(16, 96, 8)  # pieces of 2
+    with pytest.raises(UsageError, match="a batch of 4 over --replicas 8 gives a piece of 1 image"):
+        check(16, 100, 8)  # the epoch's last batch, 100 % 16 = 4: pieces of 1
+    with pytest.raises(UsageError, match="batch of 8 over --replicas 8 gives a piece of 1 image.*--replicas"):
+        check(8, 96, 8)
+    check(8, 32, 4)
+    with pytest.raises(UsageError, match="a batch of 12 over --replicas 8 gives 6 pieces, which leaves a "
+                                         "process of 4 without one"):
+        check(12, 96, 8, world=4)
+    assert model.training  # the check's eval-mode forward leaves the mode as it was
+
+
+def halfway_inputs(s: torch.Tensor, qp: int, images: int, piece: int) -> torch.Tensor:
+    """``[images, C, 4, 4]`` inputs between LSQ's rounding points with a piece's ``k`` and with the
+    whole batch's: where the two steps differ in their last bits, they round to other levels."""
+    a_piece, a_whole = (lsq_step(s, lsq_scale(n * s.numel() * 16, qp)).double().view(1, -1, 1, 1)
+                        for n in (piece, images))
+    levels = 1 + torch.arange(images * 16, dtype=torch.float64).remainder(qp - 1).view(images, 1, 4, 4)
+    return ((levels + 0.5) * (a_piece + a_whole) / 2).float()
+
+
+def steps_that_tell_pieces_apart(channels: int, qp: int, images: int, piece: int) -> torch.Tensor:
+    """LSQ steps whose value with a piece's ``k`` differs from that with the whole batch's (about
+    one in two thousand at these sizes), for ``[images, channels, 4, 4]`` inputs."""
+    candidates = torch.rand(2**20, generator=torch.Generator().manual_seed(0)) * 3 + 0.05
+    a_piece, a_whole = (lsq_step(candidates, lsq_scale(n * channels * 16, qp)) for n in (piece, images))
+    return candidates[a_piece != a_whole][:channels]
+
+
+def test_a_quantizer_takes_k_from_its_piece(kernels):
+    """The LSQ activation quantizer (its fused kernel and PyTorch's ops) inside ``pieces_of``: the
+    values of quantizing each piece on its own, and not those of the whole batch's ``k``."""
+    from quant.functional import pieces_of
+
+    lsq = LsqActivation(2, 64)
+    with torch.no_grad():
+        lsq.s.copy_(steps_that_tell_pieces_apart(64, lsq.qp, 12, 3))
+        x = halfway_inputs(lsq.s, lsq.qp, 12, 3)
+        with pieces_of(3):
+            ours = lsq(x)
+        assert torch.equal(ours, torch.cat([lsq(piece) for piece in torch.chunk(x, 4)]))
+        assert not torch.equal(ours, lsq(x))
+
+
+def test_the_fused_evaluation_unit_takes_k_from_its_piece():
+    """``cpu_kernels.eval_unit.unit`` (one kernel for BN_pre and the quantizer) inside ``pieces_of``:
+    the values of PyTorch's ops with the piece's ``k``, which differ from the whole batch's."""
+    from cpu_kernels import eval_unit
+    from models.skip import FlexibleSkip
+    from quant import QConv
+    from quant.functional import pieces_of
+
+    from .conftest import require_exact
+
+    require_exact(lambda: eval_unit.is_exact(FlexibleSkip),
+                  "this machine's PyTorch rounds BatchNorm otherwise: evaluation runs PyTorch's ops")
+    torch.manual_seed(0)
+    channels = 32
+    quantizer, conv = LsqActivation(2, channels), QConv(channels, channels, 1, 2, 1, 1)
+    conv.quantize_weights = True
+    bn_pre, bn_post, bn_last = (torch.nn.BatchNorm2d(channels, eps=0.0).eval() for _ in range(3))
+    with torch.no_grad():  # BN_pre passes its input on unchanged: the quantizer sees the halfway inputs
+        quantizer.s.copy_(steps_that_tell_pieces_apart(channels, quantizer.qp, 12, 3))
+        for bn in (bn_post, bn_last):
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 2.0)
+        x = halfway_inputs(quantizer.s, quantizer.qp, 12, 3)
+        parts = (bn_pre, quantizer, conv, bn_post, FlexibleSkip(channels, channels, 1), bn_last)
+        with pieces_of(3):
+            fused = eval_unit.unit(x, *parts)
+            assert torch.equal(fused, eval_unit._by_pytorch_ops(x, *parts))
+        assert not torch.equal(fused, eval_unit.unit(x, *parts))
