@@ -32,10 +32,18 @@ from export.deploy import deploy, size_report
 from export.onnx_export import MIN_OPSET, OPSET, ORT_SETTINGS, ort_session, to_onnx
 from models import build_supernet
 from utils.checkpoint import load_file, load_model_state, state_dict_of
-from utils.cli import add_loader_args, add_model_args, add_trust_arg, add_val_batch_arg, model_config
+from utils.cli import (
+    add_loader_args,
+    add_model_args,
+    add_replicas_arg,
+    add_trust_arg,
+    add_val_batch_arg,
+    model_config,
+)
 from utils.data import build_datasets, resolution, to_device, val_loader
 from utils.errors import UsageError
 from utils.files import atomic_path
+from utils.pieces import evaluate_in_pieces, piece_sizes
 from utils.results import read_search_result, write_json
 from utils.runtime import fail_cleanly
 
@@ -60,6 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add_loader_args(parser)
     add_val_batch_arg(parser)
+    add_replicas_arg(parser)  # the deployed LSQ steps are those of a piece of --val_batch_size
     parser.add_argument(
         "--compare_batches", type=int, default=2, help="batches on which the supernet is run too"
     )
@@ -166,7 +175,7 @@ def export(args: argparse.Namespace) -> dict:
     supernet.change_precision(True, True)
     supernet.eval()
     size = resolution(supernet.config["base_resolution"], supernet.config["resolution_multiplier"])
-    net = deploy(supernet, selection, args.val_batch_size, size)
+    net = deploy(supernet, selection, piece_sizes(args.val_batch_size, args.replicas)[0], size)
     model_file, size_file = out / f"arch{index}.pt", out / f"arch{index}_size.json"
     graphs = {"onnx": out / f"arch{index}.onnx"}
     if args.fold:
@@ -191,7 +200,7 @@ def export(args: argparse.Namespace) -> dict:
             for key, session in sessions.items():
                 runs[key].append(session.run(None, {"images": x.numpy()})[0])
             if len(theirs) < args.compare_batches:  # the supernet is slower: a few batches show it
-                theirs.append(supernet(x, selection).numpy())
+                theirs.append(evaluate_in_pieces(lambda p: supernet(p, selection), x, args.replicas).numpy())
             if y is not None:
                 labels.append(y.numpy())
     ours_all, theirs_all = np.concatenate(ours), np.concatenate(theirs)

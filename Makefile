@@ -56,7 +56,7 @@ demo: data
 	  --search-result $(DEMO)/eval-kfold-evolution/search_result.json --bn_epochs 1 \
 	  --iters_per_epoch 30 --batch_size 128 --save $(DEMO)/eval-blast
 	$(PY) 04export.py --checkpoint $(DEMO)/eval-blast/arch0_model_actwbin_2_2_bn_0ep.pth --data fashion-mnist \
-	  -j 2 --out $(DEMO)/export
+	  -j 2 --replicas 1 --out $(DEMO)/export
 	@echo "demo outputs: teacher $(DEMO)/teacher.pth; supernet checkpoints, log.txt and TensorBoard in" \
 	  "$(DEMO)/train-supernet; search in $(DEMO)/eval-kfold-evolution; fine-tuned archs and" \
 	  "final_result.json in $(DEMO)/eval-blast; the first arch exported in $(DEMO)/export"

@@ -311,7 +311,8 @@ def deploy(supernet: Supernet, selection: list[int], batch_size: int, resolution
 
     LSQ's step depends, in its last bit, on the size of the tensor it quantizes (SPEC section 1);
     the deployed steps are those of a batch of ``batch_size`` images of ``resolution`` pixels (use
-    the batch size the supernet is evaluated with to get its outputs exactly).
+    the piece the supernet is evaluated in, ``--val_batch_size`` over ``--replicas`` (SPEC 5a), to
+    get its outputs exactly).
     """
     if supernet.quantizer == "float":
         raise ValueError("a full-precision supernet (--quantizer float) has no quantizers to deploy")

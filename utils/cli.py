@@ -126,6 +126,11 @@ def add_run_args(parser: argparse.ArgumentParser, save: str, dist_timeout: float
     parser.add_argument("--dist_timeout", type=float, default=dist_timeout,
                         help="under torchrun: minutes a process waits for the others at a "
                              "synchronisation point before the job fails")
+    add_replicas_arg(parser)
+
+
+def add_replicas_arg(parser: argparse.ArgumentParser) -> None:
+    """``--replicas`` of every stage (and the export, whose LSQ steps are those of a piece)."""
     parser.add_argument("--replicas", type=positive_int, default=8,
                         help="the devices the reference's nn.DataParallel split each batch over "
                              "(SPEC 5a): each batch is computed as that many pieces (torch.chunk), "
