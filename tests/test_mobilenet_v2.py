@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from models import build_supernet
 from models.skip import FlexibleSkip
+from tests.boundaries import agrees_up_to_boundaries
 from tests.conftest import assert_close_to_scale
 from utils.param_groups import stage1_param_groups, stage3_param_groups
 
@@ -41,27 +42,42 @@ def test_eval_logits(load_fixture, name, mode, kernels):
 
 @pytest.mark.parametrize("name", SMALL)
 def test_train_step(load_fixture, name, kernels):
+    """One train-mode forward and backward against the reference's, up to the quantizer inputs
+    that lie on a rounding boundary (``tests/boundaries.py``: oneDNN's SSE4.1 stem convolution puts
+    one of the 2-bit fixture's on the other side of it)."""
     f = load_fixture(name)
     t = f["train"]
     model = reference_model(f).train()
     model.classifier[0].eval()
     model.change_precision(True, True)
-    logits = model(f["x"], t["selection"])
-    loss = F.cross_entropy(logits, f["target"])
-    loss.backward()
-    torch.testing.assert_close(logits, t["logits"], rtol=1e-4, atol=1e-5)
-    assert loss.item() == pytest.approx(t["loss"], rel=1e-4)
-    params = dict(model.named_parameters())
-    # Gradients that are zero in exact arithmetic (the bias of a BN followed by a train-mode BN)
-    # come out as float noise of ~1e-6 in both implementations, hence the small absolute tolerance;
-    # an element of a weight gradient that nearly cancels carries the noise of the tensor's scale
-    # (AVX2's sums left -0.00124 off by 1.8e-5 in a tensor whose largest element is 11).
-    for k, g in t["grads"].items():
-        assert_close_to_scale(params[k].grad, g, rtol=1e-3, atol=1e-5, msg=k)
-    assert sorted(k for k, p in params.items() if p.grad is None) == sorted(t["no_grad"])
-    state = model.state_dict()
-    for k, v in t["running_stats_after"].items():
-        torch.testing.assert_close(state[k], v, rtol=1e-4, atol=1e-6, msg=k)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def run():
+        model.load_state_dict(start)
+        model.zero_grad(set_to_none=True)
+        logits = model(f["x"], t["selection"])
+        loss = F.cross_entropy(logits, f["target"])
+        loss.backward()
+        return logits, loss
+
+    def check(result):
+        logits, loss = result
+        torch.testing.assert_close(logits, t["logits"], rtol=1e-4, atol=1e-5)
+        assert loss.item() == pytest.approx(t["loss"], rel=1e-4)
+        params = dict(model.named_parameters())
+        # Gradients that are zero in exact arithmetic (the bias of a BN followed by a train-mode BN)
+        # come out as float noise of ~1e-6 in both implementations, hence the small absolute
+        # tolerance; an element of a weight gradient that nearly cancels carries the noise of the
+        # tensor's scale (AVX2's sums left -0.00124 off by 1.8e-5 in a tensor whose largest element
+        # is 11).
+        for k, g in t["grads"].items():
+            assert_close_to_scale(params[k].grad, g, rtol=1e-3, atol=1e-5, msg=k)
+        assert sorted(k for k, p in params.items() if p.grad is None) == sorted(t["no_grad"])
+        state = model.state_dict()
+        for k, v in t["running_stats_after"].items():
+            torch.testing.assert_close(state[k], v, rtol=1e-4, atol=1e-6, msg=k)
+
+    agrees_up_to_boundaries(model, run, check)
 
 
 @pytest.mark.parametrize("name", SMALL)
