@@ -91,11 +91,13 @@ def finetune(args: argparse.Namespace) -> dict:
     found, source = search_result(args, setup.config, setup.model)
     setup.check_folds(found["folds"], args.k)
     # The folds are batch indices: stage 3 must split the validation set as stage 2 did.
+    # Its accuracies are comparable with this stage's when its evaluation's pieces were these too.
     for key, ours in (("k", args.k), ("val_batch_size", args.val_batch_size),
-                      ("num_batches", setup.num_batches)):
+                      ("num_batches", setup.num_batches), ("replicas", args.replicas)):
         if key in found and found[key] != ours:
             raise UsageError(f"--search-result {args.search_result} was searched with {key}={found[key]}, "
-                             f"here it is {ours}: use stage 2's --k, --val_batch_size and --max_val_iters")
+                             f"here it is {ours}: use stage 2's --k, --val_batch_size, --max_val_iters "
+                             "and --replicas")
     save = Path(args.save)
     log = RunLog(save, enabled=distributed.is_main())
     log.info(use_tf32(args.tf32, setup.device))
@@ -174,7 +176,8 @@ def finetune_arch(args: argparse.Namespace, setup: Evaluation, fold: int, arch: 
         acc = setup.accuracy(arch, setup.val.stream(full))
         accs.append(acc)
         path = save / finetuned_name(fold, args.bits, epoch)
-        save_file(finetuned_checkpoint(model, epoch, acc, setup.config, arch, fold), path)
+        evaluation = {"val_batch_size": args.val_batch_size, "replicas": args.replicas}
+        save_file(finetuned_checkpoint(model, epoch, acc, setup.config, arch, fold, evaluation), path)
         log.info(f"arch {fold} epoch {epoch}: train loss {trained.loss:.4f} top1 {trained.top1:.2f}, "
                  f"full_acc {acc:.2f} ({time.time() - start:.0f} s, waiting {wait.per_step_ms():.1f} ms/step "
                  f"for data) -> {path}")

@@ -31,6 +31,7 @@ import torch
 from export.deploy import deploy, size_report
 from export.onnx_export import MIN_OPSET, OPSET, ORT_SETTINGS, ort_session, to_onnx
 from models import build_supernet
+from quant.functional import pieces_of
 from utils.checkpoint import load_file, load_model_state, state_dict_of
 from utils.cli import (
     add_loader_args,
@@ -43,7 +44,7 @@ from utils.cli import (
 from utils.data import build_datasets, resolution, to_device, val_loader
 from utils.errors import UsageError
 from utils.files import atomic_path
-from utils.pieces import evaluate_in_pieces, piece_sizes
+from utils.pieces import piece_sizes
 from utils.results import read_search_result, write_json
 from utils.runtime import fail_cleanly
 
@@ -67,8 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="score on this validation set (an ImageNet-layout folder or fashion-mnist)",
     )
     add_loader_args(parser)
-    add_val_batch_arg(parser)
-    add_replicas_arg(parser)  # the deployed LSQ steps are those of a piece of --val_batch_size
+    add_val_batch_arg(parser, default=None)  # the deployed LSQ steps: those of one piece of it
+    add_replicas_arg(parser, default=None)
     parser.add_argument(
         "--compare_batches", type=int, default=2, help="batches on which the supernet is run too"
     )
@@ -99,8 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def selected_supernet(args: argparse.Namespace) -> tuple[torch.nn.Module, list[int], int, str]:
-    """The supernet, the selection to export, its arch index (fold) and where they came from."""
+def selected_supernet(args: argparse.Namespace) -> tuple[torch.nn.Module, list[int], int, str, dict]:
+    """The supernet, the selection to export, its arch index (fold), where they came from, and how
+    the run evaluated it (``val_batch_size`` and ``replicas``, as far as its files say)."""
     if args.checkpoint is not None:
         checkpoint = load_file(args.checkpoint, args.trust_pickle)
         if not isinstance(checkpoint, dict) or not {"selection", "fold", "config"} <= set(checkpoint):
@@ -110,7 +112,9 @@ def selected_supernet(args: argparse.Namespace) -> tuple[torch.nn.Module, list[i
             )
         model = build_supernet(**checkpoint["config"])
         load_model_state(model, checkpoint, args.checkpoint)
-        return model, list(checkpoint["selection"]), int(checkpoint["fold"]), str(args.checkpoint)
+        evaluation = checkpoint.get("evaluation")
+        return (model, list(checkpoint["selection"]), int(checkpoint["fold"]), str(args.checkpoint),
+                evaluation if isinstance(evaluation, dict) else {})
     checkpoint = load_file(args.supernet, args.trust_pickle)
     state = state_dict_of(checkpoint, args.supernet)
     classes = next(
@@ -135,6 +139,7 @@ def selected_supernet(args: argparse.Namespace) -> tuple[torch.nn.Module, list[i
         list(arch),
         args.arch_index,
         f"{args.supernet} with arch {args.arch_index} of {args.search_result}",
+        {k: found[k] for k in ("val_batch_size", "replicas") if k in found},
     )
 
 
@@ -171,11 +176,15 @@ def scoring_inputs(args: argparse.Namespace, size: int) -> tuple[Iterable, str]:
 
 def export(args: argparse.Namespace) -> dict:
     out = writable(Path(args.out))
-    supernet, selection, index, source = selected_supernet(args)
+    supernet, selection, index, source, evaluation = selected_supernet(args)
+    for key, default in (("val_batch_size", 200), ("replicas", 8)):  # as the run evaluated it
+        if getattr(args, key) is None:
+            setattr(args, key, int(evaluation.get(key, default)))
+    piece = piece_sizes(args.val_batch_size, args.replicas)[0]
     supernet.change_precision(True, True)
     supernet.eval()
     size = resolution(supernet.config["base_resolution"], supernet.config["resolution_multiplier"])
-    net = deploy(supernet, selection, piece_sizes(args.val_batch_size, args.replicas)[0], size)
+    net = deploy(supernet, selection, piece, size)
     model_file, size_file = out / f"arch{index}.pt", out / f"arch{index}_size.json"
     graphs = {"onnx": out / f"arch{index}.onnx"}
     if args.fold:
@@ -200,7 +209,8 @@ def export(args: argparse.Namespace) -> dict:
             for key, session in sessions.items():
                 runs[key].append(session.run(None, {"images": x.numpy()})[0])
             if len(theirs) < args.compare_batches:  # the supernet is slower: a few batches show it
-                theirs.append(evaluate_in_pieces(lambda p: supernet(p, selection), x, args.replicas).numpy())
+                with pieces_of(piece):  # the deployed steps' k, on every image alike
+                    theirs.append(supernet(x, selection).numpy())
             if y is not None:
                 labels.append(y.numpy())
     ours_all, theirs_all = np.concatenate(ours), np.concatenate(theirs)
@@ -208,6 +218,7 @@ def export(args: argparse.Namespace) -> dict:
     check = {
         "compared_on": what,
         "compared_with_the_supernet_on": f"the first {len(theirs_all)} images",
+        "lsq_steps_of_pieces_of": piece,
         "supernet_max_relative_difference": float(
             np.abs(compared - theirs_all).max() / np.abs(theirs_all).max()
         ),
@@ -234,6 +245,7 @@ def export(args: argparse.Namespace) -> dict:
         "selection": selection,
         "source": source,
         "opset": args.opset,
+        "evaluation": {"val_batch_size": args.val_batch_size, "replicas": args.replicas},
         "files": files,
         "size": {k: v for k, v in report.items() if k != "layers"},
         "check": check,
@@ -253,7 +265,9 @@ def export(args: argparse.Namespace) -> dict:
     print(
         f"standalone model against the supernet on {check['compared_with_the_supernet_on']} ({what}): "
         f"top-1 agreement {check['supernet_top1_agreement']:.2f} %, "
-        f"largest difference {check['supernet_max_relative_difference']:.1e} of the largest logit"
+        f"largest difference {check['supernet_max_relative_difference']:.1e} of the largest logit "
+        f"(LSQ's steps of pieces of {piece}: --val_batch_size {args.val_batch_size} over --replicas "
+        f"{args.replicas})"
     )
     for e in check["onnxruntime"]:
         print(

@@ -1,5 +1,5 @@
 /* Fused CPU kernels of the quantizers (quant/functional.py) and of a unit's BatchNorms with what
- * follows them (models/fused_eval.py, models/fused_train.py): one pass over memory where PyTorch's
+ * follows them (eval_unit.py, train_batch_norm.py): one pass over memory where PyTorch's
  * ops make several. float32, C-contiguous. Built at first use by quant/native.py with
  * -ffp-contract=off: every value is the same IEEE operation as in the PyTorch ops it replaces
  * (compare, divide, round half to even, multiply; a fused multiply-add only where PyTorch's
@@ -189,11 +189,11 @@ static inline void bn_quantize_row(const after_t *after, const float *xp, float 
     }
 }
 
-/* ---- A unit in evaluation (models/fused_eval.py), around its convolution ----
+/* ---- A unit in evaluation (eval_unit.py), around its convolution ----
  * PyTorch's CPU BatchNorm in evaluation computes y = x * alpha + beta with one rounding (a fused
  * multiply-add), where alpha = weight / sqrt(var + eps) and beta = bias - mean * alpha, also fused.
  * The caller computes alpha with PyTorch's ops and checks the whole unit against PyTorch's at
- * first use (models/fused_eval.py), as this depends on how PyTorch was built. */
+ * first use (eval_unit.py), as this depends on how PyTorch was built. */
 
 static inline float bn_shift(float alpha, float mean, float bias) { return fmaf(-mean, alpha, bias); }
 
@@ -251,7 +251,7 @@ void bn_relu_skip_bn(const float *z, const float *skip, float *out, int64_t batc
     }
 }
 
-/* ---- BatchNorm in training (models/fused_train.py) ----
+/* ---- BatchNorm in training (train_batch_norm.py) ----
  * PyTorch's CPU kernel sums each channel in double, element after element, once for the mean and
  * once for the squared deviations: chains of dependent additions. The same sums, in the same order,
  * run here for LANES channels at once, so that the chains of different channels overlap. */

@@ -32,7 +32,7 @@ STAGE1 = [*MODEL, "--teacher", "none", "--batch_size", "8", "--replicas", "2", "
 CHECKPOINTS = [f"model_{kind}_best_{i:05d}it.pth" for kind in ("actbin", "actwbin") for i in (1, 2)]
 K = 3  # 3 folds over 2 ranks: rank 0 takes folds 0 and 2, rank 1 fold 1
 STAGE2 = [*MODEL, "--k", str(K), "--val_batch_size", "4", "--max-epochs", "2", "--population-num", "4",
-          "--select-num", "2", "--mutation-num", "1", "--crossover-num", "1"]
+          "--select-num", "2", "--mutation-num", "1", "--crossover-num", "1", "--replicas", "2"]
 STAGE3 = [*MODEL, "--k", str(K), "--val_batch_size", "4", "--bn_epochs", "1", "--iters_per_epoch", "2",
           "--batch_size", "4", "--replicas", "2", "--learning_rate_bnstabilize", "1e-3"]
 TIMEOUT = 120  # seconds; a hang fails the test instead of blocking the suite

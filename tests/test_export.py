@@ -259,8 +259,6 @@ def test_export_of_a_stage3_checkpoint(tmp_path, finetune_run, image_folder, fou
         str(image_folder),
         "--out",
         str(tmp_path),
-        "--val_batch_size",
-        "4",
         "-j",
         "0",
         "--fold",
@@ -276,6 +274,9 @@ def test_export_of_a_stage3_checkpoint(tmp_path, finetune_run, image_folder, fou
     summary = json.loads((tmp_path / "arch1_export.json").read_text())
     assert summary["selection"] == found["archs"][1] and summary["opset"] == 25
     check = summary["check"]
+    # LSQ's steps as stage 3 evaluated: batches of 4 over --replicas 2, from the checkpoint.
+    assert summary["evaluation"] == {"val_batch_size": 4, "replicas": 2}
+    assert check["lsq_steps_of_pieces_of"] == 2 and "pieces of 2: --val_batch_size 4" in run.stdout
     assert check["supernet_top1_agreement"] == 100.0 and check["supernet_max_relative_difference"] <= 1e-5
     assert "top-1 on the whole validation set" in run.stdout and "onnxruntime" in run.stdout
     # Each graph, with onnxruntime's optimisations off and on, scored against the standalone model.
@@ -309,14 +310,17 @@ def test_export_from_a_supernet_and_a_search_result(tmp_path, supernet, found): 
                 "0",
                 "--out",
                 str(tmp_path),
-                "--val_batch_size",
-                "4",
+                "--replicas",
+                "1",
                 *MODEL,
             ]
         )
     )
     assert summary["selection"] == found["archs"][0] and (tmp_path / "arch0.onnx").is_file()
+    # The search's evaluation batch, the pieces given here.
+    assert summary["evaluation"] == {"val_batch_size": 4, "replicas": 1}
     assert summary["check"]["compared_on"] == "8 random inputs"
+    assert summary["check"]["supernet_max_relative_difference"] <= 1e-5
 
 
 @pytest.mark.parametrize(

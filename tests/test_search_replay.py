@@ -113,7 +113,8 @@ def seven_branch_supernet(tmp_path_factory, image_folder) -> tuple[Path, list[st
     out = tmp_path_factory.mktemp("stage1-7")
     captured(stage1.train, stage1.parse_args([
         "--data", str(image_folder), "--teacher", "none", "--save", str(out), *model,
-        "--batch_size", "8", "-j", "0", "--abin_total_iters", "1", "--awbin_total_iters", "1"]))
+        "--batch_size", "8", "--replicas", "2", "-j", "0", "--abin_total_iters", "1",
+        "--awbin_total_iters", "1"]))
     return out / "model_actwbin_best_00001it.pth", model
 
 

@@ -32,7 +32,7 @@ MODEL = ["--width_multiplier", "0.25", "--width_divisor", "8", "--base_resolutio
 K = 2
 VAL_BATCH = 4  # 3 classes x 8 validation images: 6 batches, 3 per fold
 SEARCH = ["--k", str(K), "--val_batch_size", str(VAL_BATCH), "--max-epochs", "2", "--population-num", "4",
-          "--select-num", "2", "--mutation-num", "1", "--crossover-num", "1"]
+          "--select-num", "2", "--mutation-num", "1", "--crossover-num", "1", "--replicas", "2"]
 SUPERNET = "model_actwbin_best_00002it.pth"
 
 

@@ -259,6 +259,7 @@ BAD_STAGE3 = {
     "arch length": (["--search-result", "short.json"], ["short.json", "arch 0 is not 17 branch indices"]),
     "k": (["--k", "3"], ["search_result.json", "k=2", "here it is 3"]),
     "val split": (["--val_batch_size", "5"], ["search_result.json", "val_batch_size=4", "here it is 5"]),
+    "pieces": (["--replicas", "1"], ["search_result.json", "replicas=2", "here it is 1", "--replicas"]),
 }
 
 
@@ -301,7 +302,7 @@ def test_three_stages_in_a_row(tmp_path, image_folder, monkeypatch):
     stage2 = run_script(str(ROOT / "02kfold_evolution.py"), "--data", data, "--supernet", supernet, *MODEL,
                         "-j", "0", "--k", "2", "--val_batch_size", "4", "--max-epochs", "1",
                         "--population-num", "3", "--select-num", "2", "--mutation-num", "1",
-                        "--crossover-num", "1", cwd=tmp_path)
+                        "--crossover-num", "1", "--replicas", "2", cwd=tmp_path)
     assert stage2.returncode == 0, stage2.stderr
     total = block(stage2.stdout, "total-result")
     found = json.loads((tmp_path / "eval-kfold-evolution" / "search_result.json").read_text())

@@ -59,11 +59,12 @@ def finetuned_name(fold: int, bits: int, epoch: int) -> str:
 
 
 def finetuned_checkpoint(model: nn.Module, epoch: int, top1: float, config: dict, selection: list[int],
-                         fold: int) -> dict:
+                         fold: int, evaluation: dict) -> dict:
     """A stage-3 checkpoint: the reference's layout (``epoch``, ``model_state_dict``,
-    ``best_top1_acc``), with the config, the fine-tuned selection and its fold."""
+    ``best_top1_acc``), with the config, the fine-tuned selection, its fold and how it was evaluated
+    (``evaluation``: ``val_batch_size`` and ``replicas``, which set LSQ's steps in evaluation)."""
     return {"epoch": epoch, "model_state_dict": cpu_state(model), "best_top1_acc": top1, "config": config,
-            "selection": list(selection), "fold": fold}
+            "selection": list(selection), "fold": fold, "evaluation": dict(evaluation)}
 
 
 def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
