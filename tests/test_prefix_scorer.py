@@ -129,6 +129,20 @@ def test_chunks_give_the_logits_of_the_whole_fold_at_once(recalibrate):
     assert {key[0] for key in chunked[2].cache} == {0, 1, 2}
 
 
+@pytest.mark.parametrize("replicas", [3, 4])
+def test_chunks_over_replicas_give_the_evaluation_in_pieces(replicas):
+    """Chunks and pieces together: batches of 7 and 5 over 3 or 4 replicas (pieces of 3, 3, 1 and
+    2, 2, 1; 2, 2, 2, 1 and 2, 2, 1), each run of equal pieces with its own k, chunk after chunk."""
+    model = trained_like("mobilenet_v2")
+    batches = [(torch.randn(n, 3, 12, 12), torch.randint(0, 10, (n,))) for n in (7, 5, 7)]
+    calibration = [(torch.randn(6, 3, 12, 12), None)]
+    for selection in family(model, 3, seed=3):
+        expected = plain_logits(model, selection, batches, calibration, replicas)
+        for chunk in (0, 1, 2):
+            scorer = PrefixScorer(model, batches, calibration, CPU, chunk=chunk, replicas=replicas)
+            assert torch.equal(scorer.logits(selection), expected), (chunk, selection)
+
+
 def test_bytes_per_image_is_the_image_and_the_two_largest_consecutive_stage_outputs(monkeypatch):
     model = trained_like("mobilenet_v2")
     outputs = [3 * 12 * 12 * 4]  # the image as float32
