@@ -22,7 +22,7 @@ from .test_trajectories import (
     load_optimizer_state,
     off_elements,
     optimizer_state,
-    stage1,
+    stage1_before,
     stage3,
     supernet,
 )
@@ -54,14 +54,9 @@ def lsq_init(t: dict, replicas: int) -> dict:
 
 def stage1_step(t: dict, phase: int, replicas: int) -> tuple[dict, dict, torch.Tensor, torch.Tensor]:
     case = t[f"stage1_phase{phase}_step"]
-    hyper, batch = case["hyper"], case["batch"]
-    model = supernet(t, case["state_before"])
-    model.change_precision(True, phase == 2)
-    optimizer, _ = stage1.phase_optimizer(model, hyper["lr"], hyper["weight_decay"], hyper["total_iters"])
+    batch = case["batch"]
+    model, optimizer = stage1_before(t, case, phase)
     named = dict(model.named_parameters())
-    load_optimizer_state(optimizer, named, case["optimizer_state_before"])
-    for group, lr in zip(optimizer.param_groups, case["group_lrs"], strict=True):
-        group["lr"] = lr
     _, loss, grad_norm = train_step(model, batch["x"], batch["selection"],
                                     lambda logits, piece: kd_loss(logits, batch["teacher_logits"][piece]),
                                     optimizer, share=Share.of(len(batch["x"]), replicas))

@@ -101,18 +101,26 @@ def test_weight_step_reinitialisation(trajectories):
     assert_states_match(model.state_dict(), case["state_after"], max_off=0)
 
 
+def stage1_before(t: dict, case: dict, phase: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The supernet and stage 1's optimizer of ``phase`` as the recorded step found them."""
+    hyper = case["hyper"]
+    model = supernet(t, case["state_before"])
+    model.change_precision(True, phase == 2)
+    optimizer, _ = stage1.phase_optimizer(model, hyper["lr"], hyper["weight_decay"], hyper["total_iters"])
+    load_optimizer_state(optimizer, dict(model.named_parameters()), case["optimizer_state_before"])
+    assert len(optimizer.param_groups) == len(case["group_lrs"])
+    for group, lr in zip(optimizer.param_groups, case["group_lrs"], strict=True):
+        group["lr"] = lr
+    return model, optimizer
+
+
 @pytest.mark.parametrize("phase", [1, 2])
 def test_stage1_step(trajectories, phase):
     case = trajectories[f"stage1_phase{phase}_step"]
-    hyper, batch = case["hyper"], case["batch"]
-    model = supernet(trajectories, case["state_before"])
-    model.change_precision(True, phase == 2)
-    optimizer, _ = stage1.phase_optimizer(model, hyper["lr"], hyper["weight_decay"], hyper["total_iters"])
+    batch = case["batch"]
+    model, optimizer = stage1_before(trajectories, case, phase)
     named = dict(model.named_parameters())
-    load_optimizer_state(optimizer, named, case["optimizer_state_before"])
-    assert len(set(case["group_lrs"])) == 1 and len(optimizer.param_groups) == len(case["group_lrs"])
-    for group, lr in zip(optimizer.param_groups, case["group_lrs"], strict=True):
-        group["lr"] = lr
+    assert len(set(case["group_lrs"])) == 1
     _, loss, grad_norm = train_step(model, batch["x"], batch["selection"],
                                     lambda logits, piece: kd_loss(logits, batch["teacher_logits"][piece]),
                                     optimizer)
