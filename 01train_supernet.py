@@ -306,7 +306,7 @@ def train(args: argparse.Namespace) -> None:
     log.info(f"stage 1: {config['arch']} supernet, {model.num_searchable_layers} searchable layers x "
              f"{model.num_branches} branches, {config['bits']}-bit, {data.num_classes} classes, "
              f"teacher {teacher_name}, device {device}, batches of {args.batch_size} as "
-             (f"{len(pieces)} pieces of {pieces[0]}" if len(pieces) > 1 else "a whole")
+             + (f"{len(pieces)} pieces of {pieces[0]}" if len(pieces) > 1 else "a whole")
              + f" (--replicas {args.replicas})"
              + (f", {args.replicas // world} piece{'s' if args.replicas > world else ''} per process over "
                 f"{world} processes" if world > 1 else "")
