@@ -57,7 +57,9 @@ class Sizes:
             self.batch, self.val_batch, self.teacher, self.workers = 768, 200, "resnet50", 8
         else:
             self.width, self.divisor, self.resolution, self.bounds = 0.25, 8, 32, [0.01, 0.001, 0.0001]
-            self.image, self.classes, self.train, self.val = 36, 3, 12, 12
+            # 48 training images: whole batches of 16, whose pieces of 2 give the 1 x 1 feature
+            # maps of a 32 px model two values per channel (a last batch of 4 would give one)
+            self.image, self.classes, self.train, self.val = 36, 3, 16, 12
             self.batch, self.val_batch, self.teacher, self.workers = 16, 12, "resnet18", 2
         self.replicas, self.iters = 8, 3
         self.piece = math.ceil(self.batch / self.replicas)
