@@ -18,6 +18,8 @@ From a stage-3 checkpoint (or a supernet, a search result and an arch index) it 
 
 With ``--data`` (an ImageNet-layout folder or ``fashion-mnist``) the standalone model and the ONNX
 model are scored on the whole validation set; without it they are compared on random inputs.
+LSQ's deployed steps are those of one piece of ``--val_batch_size`` over ``--replicas`` (SPEC 5a),
+both taken from the stage-3 checkpoint or the search result unless given.
 """
 
 import argparse
