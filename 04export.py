@@ -36,6 +36,8 @@ from models import build_supernet
 from quant.functional import pieces_of
 from utils.checkpoint import load_file, load_model_state, state_dict_of
 from utils.cli import (
+    REPLICAS,
+    VAL_BATCH_SIZE,
     add_loader_args,
     add_model_args,
     add_replicas_arg,
@@ -179,7 +181,7 @@ def scoring_inputs(args: argparse.Namespace, size: int) -> tuple[Iterable, str]:
 def export(args: argparse.Namespace) -> dict:
     out = writable(Path(args.out))
     supernet, selection, index, source, evaluation = selected_supernet(args)
-    for key, default in (("val_batch_size", 200), ("replicas", 8)):  # as the run evaluated it
+    for key, default in (("val_batch_size", VAL_BATCH_SIZE), ("replicas", REPLICAS)):  # as the run evaluated
         if getattr(args, key) is None:
             setattr(args, key, int(evaluation.get(key, default)))
     piece = piece_sizes(args.val_batch_size, args.replicas)[0]

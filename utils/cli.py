@@ -129,13 +129,17 @@ def add_run_args(parser: argparse.ArgumentParser, save: str, dist_timeout: float
     add_replicas_arg(parser)
 
 
-def add_replicas_arg(parser: argparse.ArgumentParser, default: int | None = 8) -> None:
+REPLICAS = 8  # the project's assumption about the authors' GPUs (README, "--replicas")
+VAL_BATCH_SIZE = 200  # the reference's evaluation batch
+
+
+def add_replicas_arg(parser: argparse.ArgumentParser, default: int | None = REPLICAS) -> None:
     """``--replicas`` of every stage (and the export, whose LSQ steps are those of a piece)."""
     parser.add_argument("--replicas", type=positive_int, default=default,
                         help="the devices the reference's nn.DataParallel split each batch over "
                              "(SPEC 5a): each batch is computed as that many pieces (torch.chunk), "
                              "one after another; 1: the whole batch at once"
-                             + ("" if default else " (default: the run's, else 8)"))
+                             + ("" if default else f" (default: the run's, else {REPLICAS})"))
 
 
 def add_loader_args(parser: argparse.ArgumentParser) -> None:
@@ -151,13 +155,13 @@ def add_trust_arg(parser: argparse.ArgumentParser) -> None:
                              "any code the file contains; only for files you made yourself")
 
 
-def add_val_batch_arg(parser: argparse.ArgumentParser, default: int | None = 200) -> None:
+def add_val_batch_arg(parser: argparse.ArgumentParser, default: int | None = VAL_BATCH_SIZE) -> None:
     """The evaluation batch (stages 2 and 3, and the export): LSQ's steps are those of its pieces
     over ``--replicas``."""
     parser.add_argument("--val_batch_size", type=positive_int, default=default,
                         help="evaluation batch; LSQ's activation steps depend in their last bit on the "
-                             "size of its pieces over --replicas" + ("" if default else
-                                                                    " (default: the run's, else 200)"))
+                             "size of its pieces over --replicas"
+                             + ("" if default else f" (default: the run's, else {VAL_BATCH_SIZE})"))
 
 
 def add_amp_arg(parser: argparse.ArgumentParser) -> None:
