@@ -25,6 +25,11 @@ from tqdm import tqdm
 
 from models import Supernet, build_supernet
 from quant import ClipActivation
+from training.losses import kd_loss
+from training.param_groups import stage1_param_groups
+from training.pieces import Share, check_training_pieces, piece_sizes
+from training.step import Amp, DataWait, Reading, RunningStats, initialize_activation_steps, train_step
+from training.teacher import load_teacher
 from utils import distributed
 from utils.checkpoint import (
     PHASES,
@@ -39,12 +44,7 @@ from utils.cli import add_amp_arg, model_config, stage_parser
 from utils.data import Datasets, batch_stream, initialisation_batch, resolution, stage_datasets, to_device
 from utils.errors import UsageError
 from utils.logs import RunLog
-from utils.losses import kd_loss
-from utils.param_groups import stage1_param_groups
-from utils.pieces import Share, check_training_pieces, piece_sizes
 from utils.runtime import fail_cleanly, seed_everything, use_tf32
-from utils.teacher import load_teacher
-from utils.training import Amp, DataWait, Reading, RunningStats, initialize_activation_steps, train_step
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

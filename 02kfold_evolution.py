@@ -26,17 +26,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from utils import distributed
-from utils.cli import add_eval_args, comma_list, non_negative_int, positive_int, probability, stage_parser
-from utils.data import batch_stream
-from utils.draws import FoldDraws, ReferenceDraws
-from utils.errors import DataError, UsageError
-from utils.evaluation import Evaluation, evaluation_setup, gather_by_fold
-from utils.evolution import Candidate, EvolutionSearch, Ranked, uniform_search
-from utils.folds import fold_batches
-from utils.logs import RunLog
-from utils.prefix_scorer import PrefixScorer
-from utils.results import (
+from search.draws import FoldDraws, ReferenceDraws
+from search.evaluation import Evaluation, evaluation_setup, gather_by_fold
+from search.evolution import Candidate, EvolutionSearch, Ranked, uniform_search
+from search.files import FoldHistory, check_settings, read_state, state_path, write_state
+from search.folds import fold_batches
+from search.prefix_scorer import PrefixScorer
+from search.results import (
     BLOCK_ROWS,
     fold_record,
     format_block,
@@ -44,8 +40,12 @@ from utils.results import (
     search_result_file,
     write_json,
 )
+from utils import distributed
+from utils.cli import add_eval_args, comma_list, non_negative_int, positive_int, probability, stage_parser
+from utils.data import batch_stream
+from utils.errors import DataError, UsageError
+from utils.logs import RunLog
 from utils.runtime import fail_cleanly, seed_everything, use_tf32
-from utils.search_files import FoldHistory, check_settings, read_state, state_path, write_state
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -26,20 +26,21 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils import distributed, reference_results
-from utils.bn_recalibration import recalibrate_bn
+from search import reference_results
+from search.bn_recalibration import recalibrate_bn
+from search.evaluation import Evaluation, evaluation_setup, gather_by_fold
+from search.folds import fold_batches
+from search.results import check_search_result, format_block, parse_block, read_search_result, write_json
+from training.param_groups import stage3_param_groups
+from training.pieces import Share, check_training_pieces
+from training.step import Amp, DataWait, RunningStats, train_step
+from utils import distributed
 from utils.checkpoint import finetuned_checkpoint, finetuned_name, save_file
 from utils.cli import add_amp_arg, add_eval_args, boolean, stage_parser
 from utils.data import batch_stream, resolution, to_device, train_loader
 from utils.errors import UsageError
-from utils.evaluation import Evaluation, evaluation_setup, gather_by_fold
-from utils.folds import fold_batches
 from utils.logs import RunLog
-from utils.param_groups import stage3_param_groups
-from utils.pieces import Share, check_training_pieces
-from utils.results import check_search_result, format_block, parse_block, read_search_result, write_json
 from utils.runtime import fail_cleanly, seed_everything, use_tf32
-from utils.training import Amp, DataWait, RunningStats, train_step
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -34,6 +34,8 @@ from export.deploy import deploy, size_report
 from export.onnx_export import MIN_OPSET, OPSET, ORT_SETTINGS, ort_session, to_onnx
 from models import build_supernet
 from quant.functional import pieces_of
+from search.results import read_search_result, write_json
+from training.pieces import piece_sizes
 from utils.checkpoint import load_file, load_model_state, state_dict_of
 from utils.cli import (
     REPLICAS,
@@ -48,8 +50,6 @@ from utils.cli import (
 from utils.data import build_datasets, resolution, to_device, val_loader
 from utils.errors import UsageError
 from utils.files import atomic_path
-from utils.pieces import piece_sizes
-from utils.results import read_search_result, write_json
 from utils.runtime import fail_cleanly
 
 

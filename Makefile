@@ -43,7 +43,7 @@ DEMO_SUPERNET := $(DEMO)/train-supernet/model_actwbin_best_$(shell printf %05d $
 DEMO_FOLDS := --k 10
 
 demo: data
-	@test -f $(DEMO)/teacher.pth || $(PY) -m utils.teacher --data fashion-mnist --arch resnet18 \
+	@test -f $(DEMO)/teacher.pth || $(PY) -m training.teacher --data fashion-mnist --arch resnet18 \
 	  --epochs 1 --max_iters 300 --lr 0.05 --min_crop_scale 0.5 --out $(DEMO)/teacher.pth
 	$(PY) 01train_supernet.py --data fashion-mnist $(DEMO_MODEL) --teacher $(DEMO)/teacher.pth \
 	  --batch_size 128 --abin_total_iters $(DEMO_ITERS) --awbin_total_iters $(DEMO_ITERS) \

@@ -31,10 +31,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from utils.checkpoint import checkpoint_name, latest_checkpoint
-from utils.cli import comma_list
-from utils.errors import UsageError
-from utils.report import (
+from reproduction.report import (
     METHODS,
     Row,
     update_readme,
@@ -43,7 +40,10 @@ from utils.report import (
     write_sweep_table,
     write_table,
 )
-from utils.results import write_json
+from search.results import write_json
+from utils.checkpoint import checkpoint_name, latest_checkpoint
+from utils.cli import comma_list
+from utils.errors import UsageError
 from utils.runtime import fail_cleanly
 
 ARCH_FLAGS = {

@@ -36,8 +36,8 @@ import torchvision
 from bench import memory
 from bench.images import make_image_folder
 from models import build_supernet
+from search.prefix_scorer import bytes_per_image
 from utils.checkpoint import load_file, save_file
-from utils.prefix_scorer import bytes_per_image
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSED, FAILED, NOT_EXERCISED = "passed", "failed", "not exercised"

@@ -33,7 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from models import build_supernet
-from utils.reference_results import REFERENCE_L2_BOUNDS
+from search.reference_results import REFERENCE_L2_BOUNDS
 
 GB = 10**9  # GPU memory is sold in decimal gigabytes (a "16 GB" card has 16e9 bytes or a little more)
 GIB = 2**30
@@ -194,7 +194,7 @@ def measure(amp: str | None, device: torch.device = torch.device("cpu"), sizes: 
     optimizer = torch.optim.Adam(params, lr=1e-6, foreach=True)
     model.train()
     forward(images(2)).backward()  # gradients and Adam's state exist, as in every step but the first
-    for p in params:  # every parameter has a gradient, as in the stages (utils.training)
+    for p in params:  # every parameter has a gradient, as in the stages (training.step)
         p.grad = torch.zeros_like(p) if p.grad is None else p.grad
     optimizer.step()
     state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]

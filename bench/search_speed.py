@@ -13,11 +13,11 @@ import torch
 
 from bench.timing import timed
 from models import build_supernet
-from utils.bn_recalibration import recalibrate_bn
-from utils.draws import FoldDraws
-from utils.evaluation import accuracy_on
-from utils.evolution import EvolutionSearch
-from utils.prefix_scorer import PrefixScorer
+from search.bn_recalibration import recalibrate_bn
+from search.draws import FoldDraws
+from search.evaluation import accuracy_on
+from search.evolution import EvolutionSearch
+from search.prefix_scorer import PrefixScorer
 
 
 def main() -> None:

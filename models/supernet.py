@@ -91,7 +91,7 @@ class Supernet(nn.Module):
         training step) with a hook that runs after each LSQ activation quantizer: the quantizer
         quantizes with the step it has (1 when new), then sets its step from its input. The pass
         updates every BatchNorm's running statistics once. Under ``nn.DataParallel`` the reference
-        took both from the first piece of that batch alone (``utils.training``'s wrapper).
+        took both from the first piece of that batch alone (``training.step``'s wrapper).
         """
         def init_hook(module: LsqActivation, args: tuple, output: torch.Tensor) -> None:
             module.init_from(args[0])

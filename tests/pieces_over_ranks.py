@@ -6,10 +6,10 @@ import sys
 import torch
 
 from models import build_supernet
+from training.losses import kd_loss
+from training.pieces import Share
+from training.step import initialize_activation_steps, train_step
 from utils import distributed
-from utils.losses import kd_loss
-from utils.pieces import Share
-from utils.training import initialize_activation_steps, train_step
 
 from .conftest import load_script
 

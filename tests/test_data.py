@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from training.step import DataWait
 from utils.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -21,7 +22,6 @@ from utils.data import (
     val_loader,
     val_transform,
 )
-from utils.training import DataWait
 
 CPU = torch.device("cpu")
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.losses import kd_loss
-from utils.pieces import Share, piece_sizes
-from utils.training import initialize_activation_steps, train_step
+from training.losses import kd_loss
+from training.pieces import Share, piece_sizes
+from training.step import initialize_activation_steps, train_step
 
 from .test_trajectories import (
     MAX_OFF,

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from models import build_supernet
+from search.results import parse_block
 from utils import distributed
 from utils.checkpoint import load_file
 from utils.data import ValidationBatches, train_loader
 from utils.errors import UsageError
-from utils.results import parse_block
 
 from .conftest import ROOT, load_script
 

@@ -4,9 +4,9 @@ from collections import Counter
 
 import pytest
 
-from utils.draws import FoldDraws, ReferenceDraws
-from utils.evolution import EvolutionSearch, SearchResult, uniform_search
-from utils.search_files import FoldHistory, read_state, state_path, write_state
+from search.draws import FoldDraws, ReferenceDraws
+from search.evolution import EvolutionSearch, SearchResult, uniform_search
+from search.files import FoldHistory, read_state, state_path, write_state
 
 TARGET = (2, 0, 1, 1, 0, 2, 2, 1)
 

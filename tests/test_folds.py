@@ -2,9 +2,9 @@
 import pytest
 import torch
 
+from search.evaluation import accuracy_on
+from search.folds import fold_batches
 from utils.errors import UsageError
-from utils.evaluation import accuracy_on
-from utils.folds import fold_batches
 
 
 @pytest.mark.parametrize("num_batches, k, fold, expected_fold, expected_full", [

@@ -9,7 +9,7 @@ from models import build_supernet
 from models.skip import FlexibleSkip
 from tests.boundaries import agrees_up_to_boundaries
 from tests.conftest import assert_close_to_scale
-from utils.param_groups import stage1_param_groups, stage3_param_groups
+from training.param_groups import stage1_param_groups, stage3_param_groups
 
 SMALL = ["mbv2_small_2bit.pt", "mbv2_small_4bit.pt"]
 MODES = {"a1w1": (True, True), "a1w0": (True, False), "a0w0": (False, False)}

@@ -6,8 +6,8 @@ import torch
 from models import build_supernet
 from quant import LsqActivation
 from quant.functional import lsq_scale, lsq_step
+from training.pieces import Share, check_training_pieces, evaluate_in_pieces, piece_sizes
 from utils.errors import UsageError
-from utils.pieces import Share, check_training_pieces, evaluate_in_pieces, piece_sizes
 
 from .test_prefix_scorer import trained_like
 

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from models import build_supernet
-from utils import prefix_scorer
-from utils.bn_recalibration import recalibrate_bn
-from utils.evaluation import accuracy_on
-from utils.pieces import evaluate_in_pieces
-from utils.prefix_scorer import PrefixScorer
+from search import prefix_scorer
+from search.bn_recalibration import recalibrate_bn
+from search.evaluation import accuracy_on
+from search.prefix_scorer import PrefixScorer
+from training.pieces import evaluate_in_pieces
 
 CPU = torch.device("cpu")
 

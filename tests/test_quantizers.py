@@ -7,7 +7,7 @@ import torch
 from quant import ClipActivation, LsqActivation, LsqWeight, QConv
 from quant.functional import clip_quantize, lsq_quantize
 from tests.conftest import require_exact
-from utils.losses import kd_loss
+from training.losses import kd_loss
 
 BITS = [2, 3, 4]
 

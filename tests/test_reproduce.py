@@ -1,4 +1,4 @@
-"""reproduce.py and utils/report.py without training anything: the plan of steps, resuming stage 1,
+"""reproduce.py and reproduction/report.py without training anything: the plan of steps, resuming stage 1,
 the step runner on tiny Python snippets, and the report made from synthetic result files."""
 import json
 import subprocess
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from reproduction.report import Row, mean_sd, update_readme, write_plot, write_table
 from utils.errors import UsageError
-from utils.report import Row, mean_sd, update_readme, write_plot, write_table
 
 from .conftest import load_script
 
@@ -528,7 +528,7 @@ def make_sweep_rows(root: Path) -> list[Row]:
 
 
 def test_write_sweep_table_and_plot(tmp_path):
-    from utils.report import write_sweep_plot, write_sweep_table
+    from reproduction.report import write_sweep_plot, write_sweep_table
 
     rows = make_sweep_rows(tmp_path / "runs")
     path = tmp_path / "out" / "budget_sweep.md"

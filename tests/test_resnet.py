@@ -10,7 +10,7 @@ from torch import nn
 from models import ARCHS, build_supernet
 from models.resnet import BasicBlock, ResNetSupernet
 from quant import ClipActivation, QConv
-from utils.param_groups import stage1_param_groups, stage3_param_groups
+from training.param_groups import stage1_param_groups, stage3_param_groups
 
 L2 = [0.01, 0.001, 0.0001]
 WIDTH = 0.125  # channels 8, 16, 32, 64: keeps every test fast

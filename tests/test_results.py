@@ -3,8 +3,8 @@ import json
 
 import pytest
 
+from search.results import format_block, parse_block, read_search_result, write_json
 from utils.errors import UsageError
-from utils.results import format_block, parse_block, read_search_result, write_json
 
 CONFIG = {"arch": "mobilenet_v2", "quantizer": "basq", "bits": 2, "l2_vals": [0.01, 0.001, 0.0001],
           "num_classes": 3}
@@ -112,7 +112,7 @@ def test_read_search_result_refuses_wrong_types(tmp_path, changes):
 
 def test_parse_block_from_a_log_with_prefixes():
     """The reference's own output, as its log writes it: a prefix on every line."""
-    from utils import reference_results
+    from search import reference_results
 
     prefix = "{02/22 06:44:32 AM}-(2484025)-"
     lines = ["searching fold 9", *reference_results.TOTAL_RESULT.splitlines(), "done"]

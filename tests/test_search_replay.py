@@ -3,7 +3,7 @@
 The fixture ran the reference's ``EvolutionSearcher`` unchanged on numpy's stream seeded 0 once,
 folds 0 ... k-1 in sequence, with the model's evaluation replaced by a deterministic scorer (its
 ``scorer`` field). Here the project's search runs in that mode with that scorer: first the search
-itself (utils/evolution.py with utils/draws.py), then stage 2 end to end (its scorers replaced by the
+itself (search/evolution.py with search/draws.py), then stage 2 end to end (its scorers replaced by the
 fixture's), whose history.jsonl must list the same candidates in the same order.
 """
 import json
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from utils.draws import ReferenceDraws
-from utils.evolution import EvolutionSearch
+from search.draws import ReferenceDraws
+from search.evolution import EvolutionSearch
 
 from .conftest import load_script
 from .test_stage2 import MODEL, VAL_BATCH, captured, stage1

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from models import build_supernet
+from training.losses import kd_loss
+from training.step import train_step
 from utils.checkpoint import load_file
 from utils.errors import UsageError
-from utils.losses import kd_loss
-from utils.training import train_step
 
 from .conftest import assert_clean_failure, assert_close_to_scale, load_script, make_image_folder, run_script
 
@@ -207,7 +207,7 @@ def test_bad_input(tmp_path, image_folder, earlier_run, flags, words):
 
 
 def test_foreach_adam_gives_the_per_parameter_loops_values():
-    from utils.param_groups import stage1_param_groups
+    from training.param_groups import stage1_param_groups
 
     torch.manual_seed(0)
     model = build_supernet("mobilenet_v2", 10, 2, [0.5, 0.05, 0.005], width_multiplier=0.25,

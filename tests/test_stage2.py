@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from search.folds import fold_batches
+from search.results import parse_block
 from utils.checkpoint import load_file, load_supernet
 from utils.data import build_datasets, val_loader
 from utils.errors import UsageError
-from utils.folds import fold_batches
-from utils.results import parse_block
 
 from .conftest import assert_clean_failure, load_script, normalised, run_script
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from search.folds import fold_batches
 from utils.checkpoint import load_file, load_supernet
 from utils.data import build_datasets, val_loader
-from utils.folds import fold_batches
 
 from .conftest import ROOT, load_script, normalised, run_script
 from .test_stage2 import (
@@ -201,7 +201,7 @@ def test_every_parameter_has_a_gradient_and_counts_in_the_clipped_norm(supernet,
 def test_without_search_result_the_authors_archs_for_their_model_only(tmp_path):
     from types import SimpleNamespace
 
-    from utils import reference_results
+    from search import reference_results
     from utils.errors import UsageError
 
     model = SimpleNamespace(num_searchable_layers=17, num_branches=7)
@@ -216,7 +216,7 @@ def test_without_search_result_the_authors_archs_for_their_model_only(tmp_path):
 
 
 def test_a_pasted_block_with_log_prefixes(tmp_path, image_folder, supernet, found):
-    from utils.results import format_block
+    from search.results import format_block
 
     rows = ("folds", "fold_accs", "full_accs", "archs")
     printed = format_block("total-result", {k: found[k] for k in rows})

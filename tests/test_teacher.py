@@ -3,9 +3,9 @@ import pytest
 import torch
 import torchvision
 
+from training.teacher import load_teacher
 from utils.checkpoint import save_file
 from utils.errors import UsageError
-from utils.teacher import load_teacher
 
 from .conftest import load_script
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from utils.training import Amp, RunningStats, give_every_parameter_a_gradient, train_step
+from training.step import Amp, RunningStats, give_every_parameter_a_gradient, train_step
 
 CPU = torch.device("cpu")
 
@@ -76,7 +76,7 @@ def test_quantizers_round_in_float32_under_autocast():
 @pytest.mark.parametrize("mode", ["bf16", "fp16"])
 def test_mixed_precision_steps_of_the_supernet(mode):
     from models import build_supernet
-    from utils.losses import kd_loss
+    from training.losses import kd_loss
 
     torch.manual_seed(0)
     model = build_supernet("mobilenet_v2", 10, 2, [0.01, 0.001], width_multiplier=0.25, width_divisor=8)

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from models import build_supernet
-from utils.losses import kd_loss
-from utils.training import train_step
+from training.losses import kd_loss
+from training.step import train_step
 
 from .conftest import load_script
 

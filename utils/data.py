@@ -17,11 +17,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import transforms
 
 from cpu_kernels import library as native
+from training.pieces import Share
 
 from . import distributed
 from .errors import DataError
 from .files import atomic_path
-from .pieces import Share
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -212,7 +212,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
 class ShareBatches(Sampler[list[tuple[int, int]]]):
     """The global batches of an ``EpochSampler``'s order, each as this process's share of it: the
-    images of its pieces (``utils.pieces.Share``), so that the processes' shares of batch ``b``
+    images of its pieces (``training.pieces.Share``), so that the processes' shares of batch ``b``
     together are global batch ``b``, cut as the reference's ``nn.DataParallel`` cut it.
     ``drop_last=False`` keeps an epoch's last, partial batch."""
 

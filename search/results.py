@@ -6,8 +6,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
-from .files import atomic_path
+from utils.errors import UsageError
+from utils.files import atomic_path
 
 
 def format_block(title: str, rows: dict[str, list]) -> str:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from .checkpoint import load_file, state_dict_of
+from utils.checkpoint import load_file, state_dict_of
 
 METHODS = ("float", "lsq", "basq-uniform", "basq")
 METHOD_NAMES = {

@@ -5,7 +5,7 @@ the reference ``02kfold_evolution.py`` (itself the Single Path One-Shot searcher
 population; each epoch the top ``select_num`` by fold error are kept, children are bred from them
 by mutation and by crossover, and random candidates fill the population up again.
 
-Draw order, all from the one injected stream (utils/draws.py, so a seed fixes the whole search):
+Draw order, all from the one injected stream (search/draws.py, so a seed fixes the whole search):
 
 * random candidate: ``below(num_branches)`` per gene, first layer first;
 * mutation: ``below(len(top_k))`` for the parent, then per gene ``uniform()``, followed by

@@ -12,9 +12,8 @@ import torch
 from torch import nn
 
 from quant.functional import pieces_of
-
-from .data import Batch, to_device
-from .pieces import piece_sizes
+from training.pieces import piece_sizes
+from utils.data import Batch, to_device
 
 
 @contextlib.contextmanager

@@ -9,8 +9,8 @@ from torch import nn
 
 from models import Supernet
 from quant import LsqActivation
+from utils import distributed
 
-from . import distributed
 from .pieces import Share
 
 MAX_GRAD_NORM = 10.0  # the reference clips the gradient norm at 10 in stages 1 and 3

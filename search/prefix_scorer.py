@@ -20,10 +20,10 @@ import torch
 from models import Supernet
 from models.supernet import Stage
 from quant.functional import pieces_of
+from training.pieces import evaluation_groups
+from utils.data import Batch, to_device
 
 from .bn_recalibration import calibration_piece, fresh_bn_statistics
-from .data import Batch, to_device
-from .pieces import evaluation_groups
 
 Activations = tuple[list[torch.Tensor], list[torch.Tensor]]  # calibration outputs, scored outputs
 

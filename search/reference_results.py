@@ -6,7 +6,7 @@ The block is kept as their stage 2 printed it, and read by the same parser as a 
 """
 from typing import Any
 
-REFERENCE_L2_BOUNDS = [0.01, 0.005, 0.001, 0.0005, 0.0001, 0.00005, 0.00001]
+from utils.cli import REFERENCE_L2_BOUNDS
 
 TOTAL_RESULT = """\
 ===total-result===

@@ -5,7 +5,7 @@ API), a path to a full-precision checkpoint written by this module, or ``none``.
 
 Train a teacher for the built-in data (the demo does this)::
 
-    python -m utils.teacher --data fashion-mnist --arch resnet18 --epochs 2 \
+    python -m training.teacher --data fashion-mnist --arch resnet18 --epochs 2 \
         --out teacher/fashion-mnist-resnet18.pth
 """
 import argparse
@@ -19,11 +19,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .checkpoint import load_file, save_file
-from .data import build_datasets, resolution, to_device, val_loader
-from .distributed import pick_device
-from .errors import CheckpointError, UsageError
-from .runtime import fail_cleanly, seed_everything
+from utils.checkpoint import load_file, save_file
+from utils.data import build_datasets, resolution, to_device, val_loader
+from utils.distributed import pick_device
+from utils.errors import CheckpointError, UsageError
+from utils.runtime import fail_cleanly, seed_everything
 
 REFERENCE_WEIGHTS = "IMAGENET1K_V1"  # what ``pretrained=True`` gave the authors
 # The teacher's layout: oneDNN's CPU convolutions take channels-last tensors without reordering
@@ -49,7 +49,7 @@ def _torchvision_model(name: str, num_classes: int, weights: str | None = None) 
                          f"{', '.join(['DEFAULT', *choices.__members__])}") from None
     if (classes := len(chosen.meta["categories"])) != num_classes:
         raise UsageError(f"--teacher {name} predicts {classes} classes, the data has {num_classes}: "
-                         "train a teacher on this data (python -m utils.teacher) or use --teacher none")
+                         "train a teacher on this data (python -m training.teacher) or use --teacher none")
     try:
         return torchvision.models.get_model(name, weights=chosen)
     except Exception as e:  # no network and nothing cached, most often
@@ -71,7 +71,7 @@ def load_teacher(spec: str, num_classes: int, device: torch.device, trust_pickle
     description for the log that names the weights used.
 
     A torchvision model name takes its ``weights`` (``IMAGENET1K_V1``: the reference's
-    ``pretrained=True``, not today's ``DEFAULT``); a path, a checkpoint of ``python -m utils.teacher``.
+    ``pretrained=True``, not today's ``DEFAULT``); a path, a checkpoint of ``python -m training.teacher``.
     """
     if spec.lower() == "none":
         return None, "none (cross-entropy on the labels)"
@@ -79,7 +79,7 @@ def load_teacher(spec: str, num_classes: int, device: torch.device, trust_pickle
         ckpt = load_file(spec, trust_pickle)
         if not isinstance(ckpt, dict) or not {"arch", "num_classes", "model_state_dict"} <= set(ckpt):
             raise CheckpointError(f"{spec}: not a teacher checkpoint (needs arch, num_classes and "
-                                  "model_state_dict, as python -m utils.teacher writes)")
+                                  "model_state_dict, as python -m training.teacher writes)")
         model = _torchvision_model(ckpt["arch"], ckpt["num_classes"])
         try:
             model.load_state_dict(ckpt["model_state_dict"])
@@ -87,7 +87,7 @@ def load_teacher(spec: str, num_classes: int, device: torch.device, trust_pickle
             raise CheckpointError(f"{spec}: does not fit {ckpt['arch']}: {str(e).splitlines()[0]}") from None
         if ckpt["num_classes"] != num_classes:
             raise UsageError(f"--teacher {spec} predicts {ckpt['num_classes']} classes, the data has "
-                             f"{num_classes}: train a teacher on this data (python -m utils.teacher)")
+                             f"{num_classes}: train a teacher on this data (python -m training.teacher)")
         description = f"{ckpt['arch']} from {spec}"
     else:
         model = _torchvision_model(spec, num_classes, weights)

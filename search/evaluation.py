@@ -7,23 +7,23 @@ from dataclasses import dataclass
 import torch
 
 from models import Supernet
+from training.pieces import evaluate_in_pieces
+from utils import distributed
+from utils.checkpoint import load_supernet
+from utils.cli import model_config
+from utils.data import Batch, Datasets, ValidationBatches, stage_datasets, to_device
+from utils.errors import UsageError
+from utils.logs import RunLog
 
-from . import distributed
 from .bn_recalibration import recalibrate_bn
-from .checkpoint import load_supernet
-from .cli import model_config
-from .data import Batch, Datasets, ValidationBatches, stage_datasets, to_device
-from .errors import UsageError
 from .folds import fold_batches
-from .logs import RunLog
-from .pieces import evaluate_in_pieces
 
 
 @dataclass
 class Evaluation:
     """The supernet a stage evaluates, on ``device``, and the validation batches in their fixed
     order (``ValidationBatches``: in memory when they fit), evaluated as the reference's
-    ``nn.DataParallel`` over ``replicas`` devices did (``utils.pieces.evaluate_in_pieces``)."""
+    ``nn.DataParallel`` over ``replicas`` devices did (``training.pieces.evaluate_in_pieces``)."""
 
     device: torch.device
     data: Datasets

@@ -3,7 +3,7 @@
 Stage 2 searches one branch choice per fold: the search scores candidates on the fold, then the
 winner is scored on every other batch ("full accuracy"), so fold and full sets never overlap.
 """
-from .errors import UsageError
+from utils.errors import UsageError
 
 
 def fold_batches(num_batches: int, k: int, fold: int) -> tuple[range, list[int]]:

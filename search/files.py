@@ -1,5 +1,5 @@
 """Stage 2's record of a search as it runs: what a user watches, and what a killed search continues
-from (utils/evolution.py's ``SearchState``).
+from (search/evolution.py's ``SearchState``).
 
 * ``history.jsonl`` in ``--save``: one line per evaluated candidate, written (one ``write`` on a file
   opened for appending, so the processes of a torchrun job can share it) as soon as it is scored:
@@ -20,7 +20,8 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import DataError, UsageError
+from utils.errors import DataError, UsageError
+
 from .evolution import Candidate, SearchState
 from .results import write_json
 

@@ -14,8 +14,7 @@ import torch
 from torch import nn
 
 from quant.functional import pieces_of
-
-from .errors import UsageError
+from utils.errors import UsageError
 
 
 def piece_sizes(batch: int, replicas: int) -> list[int]:
