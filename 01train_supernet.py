@@ -26,9 +26,10 @@ from tqdm import tqdm
 from models import Supernet, build_supernet
 from quant import ClipActivation
 from training.losses import kd_loss
+from training.lsq_init import first_piece, initialize_activation_steps
 from training.param_groups import stage1_param_groups
 from training.pieces import Share, check_training_pieces, piece_sizes
-from training.step import Amp, DataWait, Reading, RunningStats, initialize_activation_steps, train_step
+from training.step import Amp, DataWait, Reading, RunningStats, train_step
 from training.teacher import load_teacher
 from utils import distributed
 from utils.checkpoint import (
@@ -41,10 +42,10 @@ from utils.checkpoint import (
     stage1_checkpoint,
 )
 from utils.cli import add_amp_arg, model_config, stage_parser
-from utils.data import Datasets, batch_stream, initialisation_batch, resolution, stage_datasets, to_device
+from utils.data import Datasets, batch_stream, resolution, stage_datasets, to_device
 from utils.errors import UsageError
 from utils.logs import RunLog
-from utils.runtime import fail_cleanly, seed_everything, use_tf32
+from utils.runtime import fail_cleanly, load_back_ends, seed_everything, use_tf32
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -170,9 +171,9 @@ class Run:
     def draw_selection(self) -> list[int]:
         return draw_selection(self.model, self.selection_rng)
 
-    def start_phase(self, phase: int, first_piece: Callable[[], torch.Tensor]) -> None:
+    def start_phase(self, phase: int, initialisation_images: Callable[[], torch.Tensor]) -> None:
         """Enter ``phase`` (SPEC 3): precision, the LSQ activation steps initialised from the first
-        piece of a batch of their own (``first_piece``) at the start of phase 1, the weight steps
+        piece of a batch of their own (``training.lsq_init``) at the start of phase 1, the weight steps
         re-initialised at the start of phase 2, which begins a fresh epoch as the reference's second
         ``train()``; a new optimizer and schedule, or the checkpoint's."""
         self.model.change_precision(True, phase == 2)
@@ -182,7 +183,7 @@ class Run:
                 self.epoch, self.batch = self.epoch + 1, 0
         if self.iteration == 0:
             if phase == 1:
-                initialize_activation_steps(self.model, first_piece(), self.draw_selection())
+                initialize_activation_steps(self.model, initialisation_images(), self.draw_selection())
             else:
                 self.model.init_weight_steps()
         args = self.args
@@ -314,14 +315,11 @@ def train(args: argparse.Namespace) -> None:
              + (f", resumed from {args.resume} (phase {run.phase}, iteration {run.iteration})"
                 if args.resume else ""))
 
-    def first_piece() -> torch.Tensor:  # of the batch drawn for the LSQ initialisation, on process 0
-        if not distributed.is_main():
-            return torch.empty(0)
-        images, _ = initialisation_batch(data.train, args.batch_size, args.replicas, args.seed)
-        return to_device(images, device)
+    def initialisation_images() -> torch.Tensor:
+        return first_piece(data.train, args.batch_size, args.replicas, args.seed, device)
 
     for phase in range(run.phase, 3):
-        run.start_phase(phase, first_piece)
+        run.start_phase(phase, initialisation_images)
         run_phase(run, teacher, data, log)
     log.info(f"stage 1 done; checkpoints, log.txt and TensorBoard events are in {Path(args.save).resolve()}"
              + (f"; last checkpoint {run.last_saved}" if run.last_saved else ""))
@@ -344,4 +342,5 @@ def criterion(teacher: torch.nn.Module | None, images: torch.Tensor, labels: tor
 
 
 if __name__ == "__main__":
+    load_back_ends()  # the CPU back end's fused kernels, where it is there (README, "Speed")
     fail_cleanly(train, parse_args())

@@ -45,7 +45,7 @@ from utils.cli import add_eval_args, comma_list, non_negative_int, positive_int,
 from utils.data import batch_stream
 from utils.errors import DataError, UsageError
 from utils.logs import RunLog
-from utils.runtime import fail_cleanly, seed_everything, use_tf32
+from utils.runtime import fail_cleanly, load_back_ends, seed_everything, use_tf32
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -237,4 +237,5 @@ def fold_list(text: str) -> list[int]:
 
 
 if __name__ == "__main__":
+    load_back_ends()  # the CPU back end's fused kernels, where it is there (README, "Speed")
     fail_cleanly(search, parse_args())

@@ -40,7 +40,7 @@ from utils.cli import add_amp_arg, add_eval_args, boolean, stage_parser
 from utils.data import batch_stream, resolution, to_device, train_loader
 from utils.errors import UsageError
 from utils.logs import RunLog
-from utils.runtime import fail_cleanly, seed_everything, use_tf32
+from utils.runtime import fail_cleanly, load_back_ends, seed_everything, use_tf32
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -195,4 +195,5 @@ def arch_line(done: dict) -> str:
 
 
 if __name__ == "__main__":
+    load_back_ends()  # the CPU back end's fused kernels, where it is there (README, "Speed")
     fail_cleanly(finetune, parse_args())

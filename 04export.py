@@ -33,9 +33,8 @@ import torch
 from export.deploy import deploy, size_report
 from export.onnx_export import MIN_OPSET, OPSET, ORT_SETTINGS, ort_session, to_onnx
 from models import build_supernet
-from quant.functional import pieces_of
 from search.results import read_search_result, write_json
-from training.pieces import piece_sizes
+from training.pieces import piece_sizes, run_in_pieces
 from utils.checkpoint import load_file, load_model_state, state_dict_of
 from utils.cli import (
     REPLICAS,
@@ -50,7 +49,7 @@ from utils.cli import (
 from utils.data import build_datasets, resolution, to_device, val_loader
 from utils.errors import UsageError
 from utils.files import atomic_path
-from utils.runtime import fail_cleanly
+from utils.runtime import fail_cleanly, load_back_ends
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -213,8 +212,8 @@ def export(args: argparse.Namespace) -> dict:
             for key, session in sessions.items():
                 runs[key].append(session.run(None, {"images": x.numpy()})[0])
             if len(theirs) < args.compare_batches:  # the supernet is slower: a few batches show it
-                with pieces_of(piece):  # the deployed steps' k, on every image alike
-                    theirs.append(supernet(x, selection).numpy())
+                # the deployed steps' k, on every image alike
+                theirs.append(run_in_pieces(lambda x: supernet(x, selection), x, piece).numpy())
             if y is not None:
                 labels.append(y.numpy())
     ours_all, theirs_all = np.concatenate(ours), np.concatenate(theirs)
@@ -292,4 +291,5 @@ def export(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
+    load_back_ends()  # the CPU back end's fused kernels, where it is there (README, "Speed")
     fail_cleanly(export, parse_args())

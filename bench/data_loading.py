@@ -31,6 +31,7 @@ from torchvision import transforms
 
 from bench.timing import timed
 from utils.data import IMAGENET_MEAN, IMAGENET_STD, batch_stream, to_device, train_transform
+from utils.runtime import load_back_ends
 
 
 def generate(folder: Path, images: int, classes: int = 4, size: tuple[int, int] = (500, 375)) -> None:
@@ -117,4 +118,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    load_back_ends()  # the CPU back end's fused kernels, where it is there (README, "Speed")
     main()

@@ -35,6 +35,7 @@ from export.deploy import deploy
 from export.onnx_export import ort_session, to_onnx
 from models import build_supernet
 from utils.cli import comma_list
+from utils.runtime import load_back_ends
 
 CONFIGS = {  # name: width, divisor, pixels, classes
     "demo": (0.5, 8, 32, 10),
@@ -154,4 +155,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    load_back_ends()  # the CPU back end's fused kernels, where it is there (README, "Speed")
     main()

@@ -38,6 +38,7 @@ from bench.images import make_image_folder
 from models import build_supernet
 from search.prefix_scorer import bytes_per_image
 from utils.checkpoint import load_file, save_file
+from utils.runtime import load_back_ends
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSED, FAILED, NOT_EXERCISED = "passed", "failed", "not exercised"
@@ -270,4 +271,5 @@ def torchrun_check(cuda: bool, stage1_args: list[str], save: Path) -> tuple[str,
 
 
 if __name__ == "__main__":
+    load_back_ends()  # the CPU back end's fused kernels, where it is there (README, "Speed")
     main()

@@ -34,6 +34,7 @@ from torch.utils._pytree import tree_leaves
 
 from models import build_supernet
 from search.reference_results import REFERENCE_L2_BOUNDS
+from utils.runtime import load_back_ends
 
 GB = 10**9  # GPU memory is sold in decimal gigabytes (a "16 GB" card has 16e9 bytes or a little more)
 GIB = 2**30
@@ -281,4 +282,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    load_back_ends()  # the CPU back end's fused kernels, where it is there (README, "Speed")
     main()

@@ -18,6 +18,7 @@ from search.draws import FoldDraws
 from search.evaluation import accuracy_on
 from search.evolution import EvolutionSearch
 from search.prefix_scorer import PrefixScorer
+from utils.runtime import load_back_ends
 
 
 def main() -> None:
@@ -86,4 +87,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    load_back_ends()  # the CPU back end's fused kernels, where it is there (README, "Speed")
     main()

@@ -2,10 +2,11 @@
 
 ``BN_pre`` and the quantizer run as one pass over the unit's input; ``BN_post``, ReLU, the skip and
 ``BN_last`` as one pass over its output (``kernels.c``), where PyTorch's ops make six to nine.
-The values are PyTorch's bit for bit, which depends on how this machine's PyTorch computes
-BatchNorm: ``is_exact`` checks every kind of unit against PyTorch's ops once per process, and the
-units keep PyTorch's ops if any bit differs. The skip is the model's (``models.skip.FlexibleSkip``):
-the kernels repeat and pool its input themselves, and the check builds skips of its type.
+The values are the model's bit for bit, which depends on how this machine's PyTorch computes
+BatchNorm: ``is_exact`` checks every kind of unit once per process against the model's own formula
+(``models.units.unit_forward`` with the back end off), and the units run that formula if any bit
+differs, or if the formula changed. The skip must be the model's ``FlexibleSkip``: the kernels
+repeat and pool its input themselves.
 """
 import ctypes
 import weakref
@@ -13,9 +14,12 @@ import weakref
 import torch
 from torch import nn
 
-from quant import ClipActivation, LsqActivation, QConv
+from models import units as model_units
+from models.skip import FlexibleSkip
+from quant import fused
 from quant.functional import values_key
 
+from . import checks
 from . import library as native
 from .after import after_quantizer, has_hooks, lsq_step_and_scale, quantizer_tensors, quantizes_after
 
@@ -29,10 +33,10 @@ def _in_evaluation(bn: nn.Module) -> bool:
 def applies(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, bn_post: nn.Module,
             skip: nn.Module, bn_last: nn.Module) -> bool:
     """Whether the fused kernels can run this unit: no autograd, eval-mode BatchNorms, CPU float32,
-    no hooks on the parts the kernels stand in for."""
+    no hooks on the parts the kernels stand in for, the model's skip, and this process's check passed."""
     return (not torch.is_grad_enabled() and x.dim() == 4 and native.usable(x)
-            and quantizes_after(quantizer)
-            and all(_in_evaluation(bn) for bn in (bn_pre, bn_post, bn_last)) and is_exact(type(skip)))
+            and quantizes_after(quantizer) and type(skip) is FlexibleSkip
+            and all(_in_evaluation(bn) for bn in (bn_pre, bn_post, bn_last)) and is_exact())
 
 
 _alphas: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
@@ -80,41 +84,17 @@ def unit(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, conv: nn.Modu
     return out
 
 
-def _by_pytorch_ops(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, conv: nn.Module,
-                    bn_post: nn.Module, skip: nn.Module, bn_last: nn.Module) -> torch.Tensor:
-    """The unit in evaluation, one PyTorch op after the other: what ``unit`` must equal."""
-    return bn_last(skip.add_to(torch.relu(bn_post(conv(quantizer(bn_pre(x))))), x))
-
-
-# Every kind of unit the supernets have: (in, out, kernel, stride, quantizer). The skip repeats,
-# repeats and truncates, sums chunks (with and without padding), and pools odd sizes.
-_CHECKED_UNITS = [(8, 24, 1, 1, "lsq"), (24, 24, 3, 2, "clip"), (24, 24, 3, 1, "clip off"),
-                  (24, 8, 1, 1, "lsq"), (20, 8, 1, 2, "lsq"), (8, 20, 1, 2, "none"), (16, 16, 3, 1, "none")]
-
-
-def _matches(skip_type: type[nn.Module]) -> bool:
+def _matches_the_model() -> bool:
     gen = torch.Generator().manual_seed(0)
-    for cin, cout, kernel, stride, kind in _CHECKED_UNITS:
-        quantizer = {"lsq": LsqActivation(2, cin), "none": nn.Identity()}.get(kind) or ClipActivation(2)
-        if kind == "clip":
-            quantizer.quantize = True
-            quantizer.upper_bound.data.fill_(2.5)
-        conv = QConv(cin, cout, kernel, 2, stride, cin if kernel == 3 else 1)
-        conv.quantize_weights = True
-        bns = [nn.BatchNorm2d(c).eval() for c in (cin, cout, cout)]
-        for bn in bns:
-            for t in (bn.running_mean, bn.weight.data, bn.bias.data):
-                t.copy_(torch.randn(t.shape, generator=gen))
-            bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=gen) * 3 + 1e-3)
-        x = torch.randn(3, cin, 9, 7, generator=gen) * 3
-        if kind == "lsq":
-            quantizer.init_from(bns[0](x))
-        parts = (bns[0], quantizer, conv, bns[1], skip_type(cin, cout, stride), bns[2])
-        if not torch.equal(unit(x, *parts), _by_pytorch_ops(x, *parts)):
+    for x, parts in checks.units(gen):
+        with fused.pytorch_only():
+            expected = model_units.unit_forward(x, *parts)
+        if not torch.equal(unit(x, *parts), expected):
             return False
     return True
 
 
 is_exact = native.checked_once(
-    _matches, "BASQ's fused evaluation kernels do not give PyTorch's BatchNorm values bit for bit "
-              "on this machine; evaluation uses PyTorch's ops instead.")
+    _matches_the_model,
+    "BASQ's fused evaluation kernels do not give the unit's values (models.units.unit_forward) bit "
+    "for bit on this machine; evaluation uses the unit's PyTorch ops instead.")

@@ -21,13 +21,19 @@ from .after import after_quantizer, has_hooks, lsq_step_and_scale, quantizer_ten
 
 
 def applies(bn: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``batch_norm`` can stand in for ``bn(x)``: a plain BatchNorm2d in training, CPU
-    float32, no hooks, and this machine's check passed. A tensor with one channel or one position
-    per image is also channels-last contiguous, and PyTorch sums those in another order."""
+    """Whether ``batch_norm`` can stand in for ``bn(x)``: CPU float32 ``x`` that ``takes`` ``bn``."""
+    return native.usable(x) and takes(bn, x.shape)
+
+
+def takes(bn: nn.Module, shape: torch.Size | tuple[int, ...]) -> bool:
+    """Whether ``batch_norm`` can stand in for ``bn`` on contiguous CPU float32 inputs of ``shape``:
+    a plain BatchNorm2d in training, no hooks, and this machine's check passed. A tensor with one
+    channel or one position per image is also channels-last contiguous, and PyTorch sums those in
+    another order."""
     return (bn.training and type(bn) is nn.BatchNorm2d and bn.track_running_stats and bn.affine
-            and x.dim() == 4 and x.shape[1] > 1 and x.shape[2] * x.shape[3] > 1
+            and len(shape) == 4 and shape[1] > 1 and shape[2] * shape[3] > 1
             and not has_hooks(bn)
-            and native.usable(x, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+            and native.usable(bn.weight, bn.bias, bn.running_mean, bn.running_var)
             and is_exact())
 
 

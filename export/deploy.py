@@ -26,8 +26,9 @@ from torch import nn
 
 from models.skip import FlexibleSkip
 from models.supernet import Supernet
+from models.units import unit_formula
 from quant import ClipActivation, LsqActivation, QConv
-from quant.functional import clip_range, lsq_scale, lsq_step, values_key
+from quant.functional import clip_codes, clip_range, lsq_codes, lsq_scale, lsq_step, values_key
 from utils.checkpoint import save_file
 
 from .packing import pack_codes, unpack_codes
@@ -43,12 +44,7 @@ class ClipQuant(nn.Module):
         self.register_buffer("delta", delta.detach().clone().reshape(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (
-            torch.clamp(x, min=torch.zeros_like(self.upper), max=self.upper)
-            .div(self.delta)
-            .round()
-            .mul(self.delta)
-        )
+        return clip_codes(x, self.upper, self.delta).mul_(self.delta)
 
     def levels(self) -> int:
         """The highest level: ``round(upper / delta)``, ``2**bits - 1`` for a clip above 0."""
@@ -66,7 +62,7 @@ class LsqQuant(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.step.view(1, -1, 1, 1)
-        return torch.clamp(x / a, 0, self.qmax).round().mul(a)
+        return lsq_codes(x / a, 0, self.qmax).mul_(a)
 
     def levels(self) -> int:
         return self.qmax
@@ -130,7 +126,7 @@ class DeployedUnit(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn_last(self.skip.add_to(F.relu(self.bn_post(self.conv(self.quant(self.bn_pre(x))))), x))
+        return unit_formula(x, self.bn_pre, self.quant, self.conv, self.bn_post, self.skip, self.bn_last)
 
 
 class DeployedBlock(nn.Module):
@@ -302,7 +298,7 @@ def _conv(conv: QConv) -> QuantizedConv:
     w = conv.weight.detach()
     q = conv.w_quantize
     a = lsq_step(q.s, lsq_scale(w.numel(), q.qp)).view(-1, 1, 1, 1)
-    codes = torch.clamp(w / a, -q.qp, q.qp).round()
+    codes = lsq_codes(w / a, -q.qp, q.qp)
     return QuantizedConv(codes, a.flatten(), q.bits, conv.stride, conv.groups)
 
 
@@ -320,42 +316,26 @@ def deploy(supernet: Supernet, selection: list[int], batch_size: int, resolution
     selection = supernet.check_selection(selection)
     numels = _quantizer_inputs(supernet, selection, batch_size, resolution)
 
-    def unit(parts: tuple, key: int) -> DeployedUnit:
+    def unit(parts: tuple) -> DeployedUnit:
         bn_pre, quantizer, conv, bn_post, skip, bn_last = parts
-        return DeployedUnit(
-            bn_pre, _quant(quantizer, numels.get(key, 0)), _conv(conv), bn_post, skip, bn_last
-        )
+        return DeployedUnit(bn_pre, _quant(quantizer, numels.get(id(quantizer), 0)), _conv(conv), bn_post,
+                            skip, bn_last)
 
-    blocks, genes = [], iter(selection)
-    if supernet.config["arch"] == "mobilenet_v2":
-        *searchable, last = supernet.feature[1:]
-        for block in searchable:
-            parts = ([block.expand.parts()] if block.expand is not None else []) + [
-                block.depthwise.parts(next(genes)),
-                block.project.parts(),
-            ]
-            shortcut = (
-                FlexibleSkip(parts[0][4].in_channels, parts[0][4].in_channels) if block.residual else None
-            )
-            blocks.append(DeployedBlock([unit(p, id(p[1])) for p in parts], shortcut))
-        final = unit(last.unit.parts(), id(last.unit.parts()[1]))
-        classifier = _fold_into_classifier(final.bn_last, supernet.classifier[1])
-        final.bn_last = nn.Identity()
-        blocks.append(DeployedBlock([final], None))
-        stem = _Stem(supernet.feature[0].conv1, supernet.feature[0].bn1, nn.Identity())
-    else:
-        for block in supernet.blocks:
-            parts = [block.unit0.parts(next(genes)), block.unit1.parts(next(genes))]
-            blocks.append(DeployedBlock([unit(p, id(p[1])) for p in parts], block.shortcut))
-        classifier = copy.deepcopy(supernet.classifier)
-        stem = _Stem(supernet.stem.conv1, supernet.stem.bn1, supernet.stem.maxpool)
+    path = supernet.path(selection)
+    blocks = [DeployedBlock([unit(p) for p in block.units], block.shortcut) for block in path.blocks]
+    classifier = copy.deepcopy(path.classifier)
+    last = blocks[-1]
+    if last.shortcut is None and isinstance(last.units[-1].bn_last, nn.BatchNorm2d):
+        # the last BN_last meets the average pool and the classifier: the three become one layer
+        classifier = _fold_into_classifier(last.units[-1].bn_last, classifier)
+        last.units[-1].bn_last = nn.Identity()
     source = {
         "config": dict(supernet.config),
         "selection": list(selection),
         "batch_size": batch_size,
         "resolution": resolution,
     }
-    return DeployedNet(stem, blocks, classifier, source).eval()
+    return DeployedNet(_Stem(*path.stem), blocks, classifier, source).eval()
 
 
 def _quantizer_inputs(

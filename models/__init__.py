@@ -1,12 +1,18 @@
-"""BASQ supernets: ``build_supernet`` is the one entry point."""
+"""BASQ supernets: ``build_supernet`` is the one entry point.
+
+Every module of this package is imported here, so that each architecture registers itself
+(``models.registry``): adding one is one module in ``models/``.
+"""
+import importlib
+import pkgutil
 from collections.abc import Sequence
 
-from .mobilenet_v2 import MobileNetV2Supernet
-from .resnet import STAGE_BLOCKS, ResNetSupernet
-from .supernet import Supernet
+from .registry import architecture, archs, register_supernet
+from .supernet import PathBlock, SinglePath, Supernet
 from .units import QUANTIZERS
 
-ARCHS = ("mobilenet_v2", "resnet18", "resnet34")
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def build_supernet(arch: str, num_classes: int, bits: int, l2_vals: Sequence[float],
@@ -25,8 +31,7 @@ def build_supernet(arch: str, num_classes: int, bits: int, l2_vals: Sequence[flo
     ``small_input_stem`` keeps the first stage at the input's resolution (stride-1 stem; no
     max-pool in the ResNet) for 28-64 px images; the ImageNet stem is the default.
     """
-    if arch not in ARCHS:
-        raise ValueError(f"arch {arch!r} is unknown; choose one of {', '.join(ARCHS)}")
+    build = architecture(arch).build
     if quantizer not in QUANTIZERS:
         raise ValueError(f"quantizer {quantizer!r} is unknown; choose one of {', '.join(QUANTIZERS)}")
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
@@ -48,14 +53,11 @@ def build_supernet(arch: str, num_classes: int, bits: int, l2_vals: Sequence[flo
                   depth_multiplier=depth_multiplier, resolution_multiplier=resolution_multiplier,
                   base_resolution=base_resolution, quantizer=quantizer,
                   small_input_stem=bool(small_input_stem))
-    if arch == "mobilenet_v2":
-        model = MobileNetV2Supernet(num_classes, bits, l2_vals, width_multiplier, width_divisor,
-                                    depth_multiplier, quantizer, small_input_stem)
-    else:
-        model = ResNetSupernet(STAGE_BLOCKS[arch], num_classes, bits, l2_vals, width_multiplier,
-                               width_divisor, depth_multiplier, quantizer, small_input_stem)
+    model = build(num_classes, bits, l2_vals, width_multiplier, width_divisor, depth_multiplier,
+                  quantizer, small_input_stem)
     model.config = config
     return model
 
 
-__all__ = ["ARCHS", "QUANTIZERS", "Supernet", "build_supernet"]
+__all__ = ["QUANTIZERS", "PathBlock", "SinglePath", "Supernet", "architecture", "archs", "build_supernet",
+           "register_supernet"]

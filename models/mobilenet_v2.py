@@ -5,7 +5,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .supernet import Stage, Supernet, make_divisible
+from .registry import register_supernet
+from .skip import FlexibleSkip
+from .supernet import PathBlock, SinglePath, Stage, Supernet, make_divisible
 from .units import BranchUnit, QuantUnit
 
 # (expansion t, channels c, repeats n, stride s); the first row is the stem.
@@ -44,6 +46,12 @@ class InvertedResidual(nn.Module):
         self.project = QuantUnit(self, 2, hidden, out_channels, bits, quantizer=quantizer)
         self.residual = stride == 1 and in_channels == out_channels
 
+    def path(self, branch: int) -> PathBlock:
+        units = ([self.expand.parts()] if self.expand is not None else []) + [
+            self.depthwise.parts(branch), self.project.parts()]
+        channels = units[0][4].in_channels
+        return PathBlock(units, FlexibleSkip(channels, channels) if self.residual else None)
+
     def forward(self, x: torch.Tensor, branch: int) -> torch.Tensor:
         out = self.expand(x) if self.expand is not None else x
         out = self.project(self.depthwise(out, branch))
@@ -61,6 +69,7 @@ class LastUnit(nn.Module):
         return self.unit(x)
 
 
+@register_supernet("mobilenet_v2", "MobileNet-v2")
 class MobileNetV2Supernet(Supernet):
     """``feature.0`` stem, ``feature.1..N`` searchable blocks, ``feature.N+1`` last unit, classifier.
 
@@ -93,3 +102,10 @@ class MobileNetV2Supernet(Supernet):
         return [Stage(0, (stem,), lambda x, genes: stem(x)),
                 *(Stage(1, (block,), lambda x, genes, block=block: block(x, genes[0])) for block in blocks),
                 Stage(0, (last, self.classifier), lambda x, genes: self.classifier(last(x).mean((2, 3))))]
+
+    def path(self, selection: Sequence[int]) -> SinglePath:
+        stem, *blocks, last = self.feature
+        genes = self.check_selection(selection)
+        return SinglePath((stem.conv1, stem.bn1, nn.Identity()),
+                          [block.path(gene) for block, gene in zip(blocks, genes, strict=True)]
+                          + [PathBlock([last.unit.parts()], None)], self.classifier[1])

@@ -14,14 +14,16 @@ Each block has two searchable layers: 16 for ResNet-18, 32 for ResNet-34. No uni
 activation quantizer (but the ``lsq`` baseline), so ``initialize_activation_steps`` only
 updates the BatchNorm statistics here.
 """
+import functools
 import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from .registry import register_supernet
 from .skip import FlexibleSkip
-from .supernet import Stage, Supernet, make_divisible
+from .supernet import PathBlock, SinglePath, Stage, Supernet, make_divisible
 from .units import BranchUnit
 
 # BasicBlocks per stage, before the depth multiplier.
@@ -69,6 +71,9 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor, branch0: int, branch1: int) -> torch.Tensor:
         return self.unit1(self.unit0(x, branch0), branch1) + self.shortcut(x)
 
+    def path(self, branch0: int, branch1: int) -> PathBlock:
+        return PathBlock([self.unit0.parts(branch0), self.unit1.parts(branch1)], self.shortcut)
+
 
 class ResNetSupernet(Supernet):
     """``stem``, ``blocks.0..N-1`` (two searchable layers each), global average pool, ``classifier``.
@@ -101,3 +106,13 @@ class ResNetSupernet(Supernet):
                 *(Stage(2, (block,), lambda x, genes, block=block: block(x, genes[0], genes[1]))
                   for block in self.blocks),
                 Stage(0, (self.classifier,), lambda x, genes: self.classifier(x.mean((2, 3))))]
+
+    def path(self, selection: Sequence[int]) -> SinglePath:
+        genes = self.check_selection(selection)
+        return SinglePath((self.stem.conv1, self.stem.bn1, self.stem.maxpool),
+                          [block.path(*genes[2 * i:2 * i + 2]) for i, block in enumerate(self.blocks)],
+                          self.classifier)
+
+
+for _name, _title in (("resnet18", "ResNet-18"), ("resnet34", "ResNet-34")):
+    register_supernet(_name, _title)(functools.partial(ResNetSupernet, STAGE_BLOCKS[_name]))

@@ -5,7 +5,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quant import ClipActivation, LsqActivation, QConv
+from quant import ClipActivation, QConv
+from quant.lsq import initialize_during
 
 
 def make_divisible(v: float, divisor: int) -> int:
@@ -15,6 +16,28 @@ def make_divisible(v: float, divisor: int) -> int:
     if new_v < 0.9 * v:
         new_v += divisor
     return new_v
+
+
+@dataclass(frozen=True)
+class PathBlock:
+    """A block of a single path: its units one after the other (each unit's parts, ``bn_pre,
+    quantizer, conv, bn_post, skip, bn_last``, as ``Unit.parts`` gives them), plus ``shortcut(x)``
+    of the block's input where the block has a residual (``None`` where it has none)."""
+
+    units: list[tuple[nn.Module, ...]]
+    shortcut: nn.Module | None
+
+
+@dataclass(frozen=True)
+class SinglePath:
+    """A supernet's single path for one selection, in the supernet's own modules: the full-precision
+    stem ``pool(ReLU(bn(conv(x))))`` (``pool`` an ``nn.Identity`` or a max-pool), the blocks, and the
+    ``classifier`` (an ``nn.Linear``) after the global average pool. ``export`` makes it the
+    deployed model and the ONNX graph."""
+
+    stem: tuple[nn.Conv2d, nn.BatchNorm2d, nn.Module]
+    blocks: list[PathBlock]
+    classifier: nn.Linear
 
 
 @dataclass(frozen=True)
@@ -47,6 +70,10 @@ class Supernet(nn.Module):
         The output of a stage depends only on the selection's genes up to its own, so stage 2 can
         reuse it for every selection with that prefix.
         """
+        raise NotImplementedError
+
+    def path(self, selection: Sequence[int]) -> SinglePath:
+        """The single path of ``selection``: what ``forward(x, selection)`` computes in evaluation."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, selection: Sequence[int]) -> torch.Tensor:
@@ -83,26 +110,13 @@ class Supernet(nn.Module):
             if isinstance(m, QConv):
                 m.init_weight_steps()
 
-    @torch.no_grad()
     def initialize_activation_steps(self, images: torch.Tensor, selection: Sequence[int]) -> None:
-        """Set every LSQ activation step from data, as the reference's ``initialize()`` (SPEC 1).
-
-        One no-grad, train-mode forward of ``images`` (a batch drawn for this, before the first
-        training step) with a hook that runs after each LSQ activation quantizer: the quantizer
-        quantizes with the step it has (1 when new), then sets its step from its input. The pass
-        updates every BatchNorm's running statistics once. Under ``nn.DataParallel`` the reference
-        took both from the first piece of that batch alone (``training.step``'s wrapper).
-        """
-        def init_hook(module: LsqActivation, args: tuple, output: torch.Tensor) -> None:
-            module.init_from(args[0])
-
-        handles = [m.register_forward_hook(init_hook)
-                   for m in self.modules() if isinstance(m, LsqActivation)]
+        """Set every LSQ activation step from ``images`` (``quant.lsq.initialize_during``) in one
+        train-mode pass of ``selection``, which updates every BatchNorm's running statistics once.
+        When and from which images stage 1 does it: ``training.lsq_init``."""
         was_training = self.training
         try:
             self.train()
-            self(images, selection)
+            initialize_during(self, lambda: self(images, selection))
         finally:
             self.train(was_training)
-            for h in handles:
-                h.remove()

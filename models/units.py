@@ -12,12 +12,10 @@ and looks them up there at every call.
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from cpu_kernels import units as cpu_units
 from models.skip import FlexibleSkip
-from quant import ClipActivation, LsqActivation, QConv
+from quant import ClipActivation, LsqActivation, QConv, fused
 
 QUANTIZERS = ("basq", "lsq", "float")
 
@@ -36,17 +34,20 @@ def activation_quantizers(quantizer: str, bits: int, channels: int,
     return [nn.Identity()]
 
 
+def unit_formula(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, conv: nn.Module,
+                 bn_post: nn.Module, skip: FlexibleSkip, bn_last: nn.Module) -> torch.Tensor:
+    """``U(x) = BN_last(ReLU(BN_post(QConv(Q(BN_pre(x))))) + Skip(x))`` in PyTorch: the unit's one
+    definition, which the supernets, the deployed model and the back end's check run."""
+    return bn_last(skip.add_to(torch.relu(bn_post(conv(quantizer(bn_pre(x))))), x))
+
+
 def unit_forward(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, conv: nn.Module,
                  bn_post: nn.Module, skip: FlexibleSkip, bn_last: nn.Module) -> torch.Tensor:
-    """``U(x) = BN_last(ReLU(BN_post(QConv(Q(BN_pre(x))))) + Skip(x))``, for every unit and branch.
-
-    On the CPU, the back end's fused kernels run it where they give PyTorch's values bit for bit on
-    this machine (``cpu_kernels.units``); PyTorch's ops everywhere else.
-    """
-    out = cpu_units.forward(x, bn_pre, quantizer, conv, bn_post, skip, bn_last)
-    if out is not None:
-        return out
-    return bn_last(skip.add_to(F.relu(bn_post(conv(quantizer(bn_pre(x))))), x))
+    """The unit of every supernet and branch: a back end's fused path where one is registered and
+    takes these parts (``quant.fused``; it is checked against ``unit_formula``), else ``unit_formula``."""
+    fused_unit = fused.path("unit")
+    out = fused_unit(x, bn_pre, quantizer, conv, bn_post, skip, bn_last) if fused_unit is not None else None
+    return out if out is not None else unit_formula(x, bn_pre, quantizer, conv, bn_post, skip, bn_last)
 
 
 class Unit:

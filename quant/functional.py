@@ -1,8 +1,9 @@
-"""The quantizers' arithmetic and autograd functions (SPEC section 1).
+"""The quantizers' arithmetic and autograd functions (SPEC section 1), in PyTorch.
 
-Each function asks the CPU back end (``cpu_kernels.quantizers``) whether its fused kernels apply
-(contiguous float32 CPU tensors) and runs PyTorch's ops elsewhere; both give the same values bit
-for bit.
+The rounding is written once, here (``clip_codes``, ``lsq_codes``); the deployed model calls it too.
+Each autograd function asks ``quant.fused`` for a back end's fused quantizers, which give the same
+values bit for bit where they apply (checked against these functions), and runs PyTorch's ops
+elsewhere.
 """
 import contextlib
 import contextvars
@@ -11,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
-from cpu_kernels import quantizers as kernels
+from . import fused
 
 
 def clip_delta(clip: torch.Tensor, bin_: torch.Tensor) -> torch.Tensor:
@@ -82,6 +83,24 @@ def clip_range(clip: torch.Tensor, bin_: torch.Tensor) -> tuple[torch.Tensor, to
     return upper, torch.where(delta > 0, delta, torch.ones_like(delta))
 
 
+def clip_codes(x: torch.Tensor, upper: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """The clip quantizer's level of each value, ``round(clamp(x, 0, upper) / delta)``, in this order
+    (bit-exact rounding; SPEC section 1); a new tensor. Times ``delta``: the quantized values."""
+    return torch.clamp(x, min=torch.zeros_like(upper), max=upper).div_(delta).round_()
+
+
+def lsq_codes(q: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """LSQ's level of each value, ``round(clamp(q, lo, hi))`` of ``q = x / step``; a new tensor.
+    Times the step: the quantized values."""
+    return torch.clamp(q, lo, hi).round_()
+
+
+def _kernels(*tensors: torch.Tensor):
+    """The back end's fused quantizers where they take these tensors, else ``None``."""
+    kernels = fused.path("quantizers")
+    return kernels if kernels is not None and kernels.applies(*tensors) else None
+
+
 class ClipQuantize(torch.autograd.Function):
     """PACT-style clip-and-round with the reference's straight-through backward.
 
@@ -91,20 +110,17 @@ class ClipQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, clip: torch.Tensor, bin_: torch.Tensor) -> torch.Tensor:
         upper, delta = clip_range(clip, bin_)
-        # round(clamp(x, 0, c) / delta) * delta, in this order (bit-exact rounding): in one pass,
-        # or in place on the one new tensor.
-        if kernels.applies(x):
-            y = kernels.clip_forward(x, float(upper), float(delta))
-        else:
-            y = torch.clamp(x, min=torch.zeros_like(upper), max=upper).div_(delta).round_().mul_(delta)
+        ctx.kernels = kernels = _kernels(x)
+        y = (kernels.clip_forward(x, float(upper), float(delta)) if kernels is not None
+             else clip_codes(x, upper, delta).mul_(delta))
         ctx.save_for_backward(x, clip)
         return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, clip = ctx.saved_tensors
-        if kernels.applies(x):
-            grad_x, grad_clip = kernels.clip_backward(x, grad, float(clip))
+        if ctx.kernels is not None:
+            grad_x, grad_clip = ctx.kernels.clip_backward(x, grad, float(clip))
             grad_clip = torch.tensor(grad_clip, dtype=clip.dtype).reshape(clip.shape)
             return (grad_x if ctx.needs_input_grad[0] else None,
                     grad_clip if ctx.needs_input_grad[1] else None, None)
@@ -144,23 +160,23 @@ class LsqQuantize(torch.autograd.Function):
                 dim: int) -> torch.Tensor:
         ctx.lo, ctx.hi, ctx.k, ctx.dim = lo, hi, k, dim
         a = lsq_step(s, k)
-        if kernels.applies(x, a):  # one pass; the backward recomputes q from x
+        ctx.kernels = kernels = _kernels(x, a)
+        if kernels is not None:  # one pass; the backward recomputes q from x
             ctx.save_for_backward(x, a)
             return kernels.lsq_forward(x, a, lo, hi, dim)
         shape = [1] * x.dim()
         shape[dim] = -1
         a = a.view(shape)
         q = x / a
-        if not any(ctx.needs_input_grad):  # evaluation: work in place on the one new tensor
-            return q.clamp_(lo, hi).round_().mul_(a)
-        ctx.save_for_backward(q, None)
-        return torch.clamp(q, lo, hi).round_().mul_(a)
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(q, None)
+        return lsq_codes(q, lo, hi).mul_(a)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x_or_q, a = ctx.saved_tensors
         if a is not None:
-            grad_x, grad_s = kernels.lsq_backward(x_or_q, a, grad, ctx.lo, ctx.hi, ctx.dim)
+            grad_x, grad_s = ctx.kernels.lsq_backward(x_or_q, a, grad, ctx.lo, ctx.hi, ctx.dim)
             return (grad_x if ctx.needs_input_grad[0] else None,
                     grad_s.to(a.dtype) * ctx.k if ctx.needs_input_grad[1] else None,
                     None, None, None, None)

@@ -1,5 +1,9 @@
-"""LSQ quantizers (Esser et al. 2020): learned per-channel step sizes."""
+"""LSQ quantizers (Esser et al. 2020): learned per-channel step sizes, and how their steps are
+initialised (``init_from``; ``initialize_during``, the pass that calls it). When and from which
+data stage 1 initialises them: ``training.lsq_init``."""
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,3 +56,17 @@ class LsqWeight(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, channels={self.s.numel()}"
+
+
+@torch.no_grad()
+def initialize_during(module: nn.Module, run: Callable[[], Any]) -> None:
+    """The reference's ``initialize()`` (SPEC 1): ``run()``, a no-grad pass of ``module``, with a
+    hook after each of its LSQ activation quantizers: the quantizer quantizes with the step it has
+    (1 when new), then sets its step from its input (``LsqActivation.init_from``)."""
+    handles = [m.register_forward_hook(lambda q, args, output: q.init_from(args[0]))
+               for m in module.modules() if isinstance(m, LsqActivation)]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()

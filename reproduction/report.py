@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from models import architecture
 from utils.checkpoint import load_file, state_dict_of
 
 METHODS = ("float", "lsq", "basq-uniform", "basq")
@@ -15,7 +16,6 @@ METHOD_NAMES = {
     "basq-uniform": "BASQ, one L2 decay for all layers",
     "basq": "BASQ (k-fold search)",
 }
-ARCH_NAMES = {"mobilenet_v2": "MobileNet-v2", "resnet18": "ResNet-18"}
 
 
 @dataclass
@@ -41,7 +41,7 @@ class Row:
     def network(self) -> str:
         """The network's name and width, e.g. ``MobileNet-v2 x0.5``."""
         width = self.result["config"].get("width_multiplier")
-        return ARCH_NAMES[self.arch] + (f" x{width:g}" if width is not None else "")
+        return architecture(self.arch).title + (f" x{width:g}" if width is not None else "")
 
     def clips(self) -> list[float]:
         """Every clip value of the stage-1 supernet this row used (none for the baselines)."""

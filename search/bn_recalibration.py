@@ -11,8 +11,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from quant.functional import pieces_of
-from training.pieces import piece_sizes
+from training.pieces import piece_sizes, run_in_pieces
 from utils.data import Batch, to_device
 
 
@@ -45,8 +44,8 @@ def recalibrate_bn(model: nn.Module, selection: Sequence[int], batches: Sequence
     at once with LSQ's ``k`` of the first of its pieces over ``replicas`` (``calibration_piece``)."""
     with fresh_bn_statistics([model]):
         for images, _ in batches:
-            with pieces_of(calibration_piece(len(images), replicas)):
-                model(to_device(images, device), selection)
+            run_in_pieces(lambda x: model(x, selection), to_device(images, device),
+                          calibration_piece(len(images), replicas))
 
 
 def calibration_piece(batch: int, replicas: int) -> int:

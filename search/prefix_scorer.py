@@ -19,8 +19,7 @@ import torch
 
 from models import Supernet
 from models.supernet import Stage
-from quant.functional import pieces_of
-from training.pieces import evaluation_groups
+from training.pieces import evaluation_groups, run_in_pieces
 from utils.data import Batch, to_device
 
 from .bn_recalibration import calibration_piece, fresh_bn_statistics
@@ -123,8 +122,7 @@ class PrefixScorer:
         def run(xs: list[torch.Tensor], pieces: list[int]) -> list[torch.Tensor]:
             outputs = []
             for x, piece in zip(xs, pieces, strict=True):
-                with pieces_of(piece):
-                    outputs.append(stage.run(x, genes))
+                outputs.append(run_in_pieces(lambda x: stage.run(x, genes), x, piece))
             return outputs
 
         if calibration:

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import cpu_kernels  # noqa: F401  the tests run the back end's fused paths, as the stages do
 from bench.images import make_image_folder
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,8 +7,9 @@ import torch
 
 from models import build_supernet
 from training.losses import kd_loss
+from training.lsq_init import initialize_activation_steps
 from training.pieces import Share
-from training.step import initialize_activation_steps, train_step
+from training.step import train_step
 from utils import distributed
 
 from .conftest import load_script

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from training.losses import kd_loss
+from training.lsq_init import initialize_activation_steps
 from training.pieces import Share, piece_sizes
-from training.step import initialize_activation_steps, train_step
+from training.step import train_step
 
 from .test_trajectories import (
     MAX_OFF,

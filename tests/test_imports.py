@@ -1,12 +1,23 @@
-"""Imports run downward: the CPU back end and the quantizers know nothing of the layers above them."""
+"""Imports run downward, and the CPU back end plugs in from above and can be removed.
+
+``quant`` and ``models`` are pure PyTorch: they import nothing of the back end or of the layers
+above them. The back end (``cpu_kernels``) stands on ``quant`` and ``models`` and registers its
+fused paths with ``quant.fused``; nothing below the entry points imports it.
+"""
 import ast
+import shutil
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_script
 
+ABOVE_THE_MODEL = {"utils", "search", "training", "reproduction", "export", "bench", "tests"}
 # package -> the packages it must not import
-BELOW = {"quant": {"models", "utils"}, "cpu_kernels": {"models", "utils"}}
+BELOW = {"quant": {"models", "cpu_kernels"} | ABOVE_THE_MODEL,
+         "models": {"cpu_kernels"} | ABOVE_THE_MODEL,
+         "cpu_kernels": ABOVE_THE_MODEL,
+         "utils": {"cpu_kernels"}, "search": {"cpu_kernels"}, "training": {"cpu_kernels"},
+         "export": {"cpu_kernels"}, "reproduction": {"cpu_kernels"}}
 
 
 def imported_packages(path) -> set[str]:
@@ -29,5 +40,32 @@ def test_package_imports_nothing_above_it(package):
 
 def test_the_check_sees_an_upward_import(tmp_path):
     path = tmp_path / "m.py"
-    path.write_text("import torch\nfrom utils.files import atomic_path\n")
-    assert imported_packages(path) & BELOW["quant"] == {"utils"}
+    path.write_text("import torch\nfrom utils.files import atomic_path\nimport cpu_kernels.units\n")
+    assert imported_packages(path) & BELOW["quant"] == {"utils", "cpu_kernels"}
+
+
+def test_the_back_end_registers_its_fused_paths_from_above():
+    from quant import fused
+
+    assert {"quant", "models"} <= set().union(*map(imported_packages, (ROOT / "cpu_kernels").glob("*.py")))
+    import cpu_kernels  # noqa: F401  (conftest imported it first)
+
+    assert all(fused.path(name) is not None for name in fused.NAMES)
+    with fused.pytorch_only():
+        assert all(fused.path(name) is None for name in fused.NAMES)
+
+
+def test_the_project_trains_without_the_back_end(tmp_path, image_folder):
+    """A copy of the project without ``cpu_kernels/`` runs stage 1 (PyTorch's ops), silently."""
+    copy = tmp_path / "project"
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(
+        "cpu_kernels", "tests", ".git", ".venv", "data", "demo", "runs", "__pycache__", "*.pth"))
+    assert not (copy / "cpu_kernels").exists()
+    run = run_script("01train_supernet.py", "--data", str(image_folder), "--teacher", "none",
+                     "--save", str(tmp_path / "out"), "--width_multiplier", "0.25", "--width_divisor", "8",
+                     "--base_resolution", "32", "--l2_bounds", "0.01,0.001", "--batch_size", "8",
+                     "--replicas", "1", "-j", "0", "--abin_total_iters", "1", "--awbin_total_iters", "1",
+                     cwd=copy)
+    assert run.returncode == 0, run.stderr
+    assert "kernels" not in run.stderr
+    assert (tmp_path / "out" / "model_actwbin_best_00001it.pth").is_file()

@@ -10,7 +10,6 @@ import torch
 from cpu_kernels import eval_unit, train_batch_norm
 from cpu_kernels import library as native
 from cpu_kernels.after import quantizes_after
-from models.skip import FlexibleSkip
 from quant.functional import clip_quantize, lsq_quantize
 from tests.conftest import ROOT, require_exact, require_native
 
@@ -166,7 +165,7 @@ def fused_and_pytorch(model, x, selection, monkeypatch):
 
 @pytest.fixture
 def exact():
-    require_exact(lambda: eval_unit.is_exact(FlexibleSkip),
+    require_exact(lambda: eval_unit.is_exact(),
                   "this machine's PyTorch rounds BatchNorm otherwise: evaluation runs PyTorch's ops "
                   "(test_evaluation_keeps_pytorchs_ops_where_the_kernels_differ)")
 
@@ -214,8 +213,8 @@ def test_evaluation_keeps_pytorchs_ops_where_the_kernels_differ(monkeypatch):
                         lambda bn: (terms(bn)[0] * 1.0000001, *terms(bn)[1:]))
     eval_unit.is_exact.cache_clear()
     try:
-        with pytest.warns(UserWarning, match="evaluation uses PyTorch's ops"):
-            assert not eval_unit.is_exact(FlexibleSkip)
+        with pytest.warns(UserWarning, match="evaluation uses the unit's PyTorch ops"):
+            assert not eval_unit.is_exact()
         model = supernet("mobilenet_v2", 0.35)
         x, selection = torch.randn(2, 3, 32, 32), [2] * model.num_searchable_layers
         fused, pytorch = fused_and_pytorch(model, x, selection, monkeypatch)
@@ -227,7 +226,7 @@ def test_evaluation_keeps_pytorchs_ops_where_the_kernels_differ(monkeypatch):
 def test_the_check_leaves_the_random_stream_alone():
     eval_unit.is_exact.cache_clear()
     torch.manual_seed(5)
-    eval_unit.is_exact(FlexibleSkip)
+    eval_unit.is_exact()
     drawn = torch.rand(3)
     torch.manual_seed(5)
     assert torch.equal(drawn, torch.rand(3))
@@ -239,7 +238,7 @@ def test_eval_unituation_under_inference_mode(exact, monkeypatch):
     x, selection = torch.randn(2, 3, 32, 32), [0] * model.num_searchable_layers
     with torch.inference_mode():
         fused = model(x, selection)
-    assert eval_unit.is_exact(FlexibleSkip)
+    assert eval_unit.is_exact()
     assert torch.equal(fused, fused_and_pytorch(model, x, selection, monkeypatch)[1])
 
 
@@ -390,3 +389,60 @@ def test_the_back_end_stands_aside_where_no_kernel_applies(monkeypatch):
         m.setattr(native, "usable", lambda *tensors: False)
         assert units.forward(x, *(p.train() for p in parts)) is None  # no kernel takes the tensors
     assert units.forward(x, *parts) is not None  # training-mode BatchNorms
+
+
+# ---- The kernels follow the model's formula (issue 30, item 6) ----
+
+def test_the_kernels_stand_aside_when_the_units_formula_changes(monkeypatch):
+    """A researcher edits the unit in models/ (its ReLU becomes an absolute value): the kernels'
+    once-per-process checks, which run the model's own formula with the back end off, fail; each
+    says so in one line; the CPU path then computes the edited unit, in evaluation and in training."""
+    import copy
+    import warnings
+
+    from cpu_kernels import units
+    from models import units as model_units
+    from quant import fused
+
+    require_exact(eval_unit.is_exact, "this machine's PyTorch rounds BatchNorm otherwise")
+    require_exact(train_batch_norm.is_exact, "this machine's PyTorch rounds BatchNorm otherwise")
+    require_exact(units.is_exact, "the training kernels stand aside on this machine")
+
+    def edited(x, bn_pre, quantizer, conv, bn_post, skip, bn_last):
+        return bn_last(skip.add_to(torch.abs(bn_post(conv(quantizer(bn_pre(x))))), x))
+
+    model = supernet("mobilenet_v2", 0.35)
+    x, selection = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)), [1] * 17
+
+    def outputs():  # evaluation without autograd, then training (a copy: its statistics move)
+        with torch.no_grad():
+            evaluated = model(x, selection)
+        trained = copy.deepcopy(model).train()
+        torch.manual_seed(0)  # the classifier's dropout
+        y = trained(x, selection)
+        y.sum().backward()
+        return evaluated, y.detach(), trained.feature[3].conv1.weights.grad
+
+    def pytorch_outputs():
+        with fused.pytorch_only():
+            return outputs()
+
+    checks = (eval_unit.is_exact, units.is_exact)
+    before = pytorch_outputs()
+    with monkeypatch.context() as m:
+        m.setattr(model_units, "unit_formula", edited)
+        for check in checks:
+            check.cache_clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ours = outputs()
+        expected = pytorch_outputs()
+    for check in checks:
+        check.cache_clear()
+    notices = [str(w.message) for w in caught]
+    assert len(notices) == 2 and all(len(n.splitlines()) == 1 for n in notices)
+    assert "evaluation uses the unit's PyTorch ops" in notices[0]
+    assert "training uses the unit's PyTorch ops" in notices[1]
+    for a, b, unedited in zip(ours, expected, before, strict=True):
+        assert torch.equal(a, b) and not torch.allclose(a, unedited)
+    assert eval_unit.is_exact() and units.is_exact()  # the formula as it is: the kernels run again

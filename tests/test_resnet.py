@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import ARCHS, build_supernet
+from models import archs, build_supernet
 from models.resnet import BasicBlock, ResNetSupernet
 from quant import ClipActivation, QConv
 from training.param_groups import stage1_param_groups, stage3_param_groups
@@ -48,7 +48,7 @@ def branch_params(model: ResNetSupernet, layer: int, branch: int) -> dict[str, n
 
 
 def test_archs_registered():
-    assert {"mobilenet_v2", "resnet18", "resnet34"} <= set(ARCHS)
+    assert {"mobilenet_v2", "resnet18", "resnet34"} <= set(archs())
     model = tiny()
     assert isinstance(model, ResNetSupernet)
     assert model.config["arch"] == "resnet18" and model.config["width_multiplier"] == WIDTH

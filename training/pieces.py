@@ -3,8 +3,9 @@
 Over ``replicas`` devices a batch of ``B`` is cut by ``torch.chunk``: pieces of ``ceil(B / replicas)``,
 the last smaller, fewer than ``replicas`` where the chunks run out. In training each piece is a
 batch of its own (BatchNorm over the piece, LSQ's ``k`` from the piece); in evaluation only ``k``
-depends on it (``quant.functional.pieces_of``). Under torchrun with ``W`` processes, process ``r``
-computes pieces ``r*R/W ... (r+1)*R/W - 1``: one arithmetic, whatever the number of processes.
+depends on it, and it reaches the quantizers in one place, ``run_in_pieces`` (through
+``quant.functional.pieces_of``), which every evaluation calls. Under torchrun with ``W`` processes,
+process ``r`` computes pieces ``r*R/W ... (r+1)*R/W - 1``: one arithmetic, whatever the number of processes.
 """
 import math
 from collections.abc import Callable
@@ -70,14 +71,22 @@ def evaluation_groups(batch: int, replicas: int) -> list[tuple[int, int, int]]:
     return groups
 
 
+def run_in_pieces(run: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                  piece: int) -> torch.Tensor:
+    """``run(images)`` in evaluation (or BN re-estimation) as if ``images`` came in pieces of
+    ``piece`` images: LSQ's ``k`` of a piece (SPEC 5a). The one place a piece size enters the
+    quantizers."""
+    with pieces_of(piece):
+        return run(images)
+
+
 def evaluate_in_pieces(model_fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
                        replicas: int) -> torch.Tensor:
     """``model_fn(images)`` as the reference's evaluation under ``nn.DataParallel`` over ``replicas``
     devices computed it: each run of equal pieces at once with LSQ's ``k`` of its piece size."""
     outputs = []
     for start, stop, size in evaluation_groups(images.shape[0], replicas):
-        with pieces_of(size):
-            outputs.append(model_fn(images[start:stop]))
+        outputs.append(run_in_pieces(model_fn, images[start:stop], size))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 

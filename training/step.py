@@ -7,8 +7,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models import Supernet
-from quant import LsqActivation
 from utils import distributed
 
 from .pieces import Share
@@ -108,16 +106,6 @@ def train_step(model: nn.Module, images: torch.Tensor, selection: Sequence[int],
     amp.scaler.step(optimizer)
     amp.scaler.update()
     return torch.cat(logits), torch.stack(losses).sum(), grad_norm
-
-
-def initialize_activation_steps(model: Supernet, images: torch.Tensor, selection: Sequence[int]) -> None:
-    """The reference's ``initialize()`` under ``nn.DataParallel``: the LSQ activation steps and one
-    update of the BN running statistics from ``images``, the first piece of the batch drawn for it
-    (``Supernet.initialize_activation_steps``), on process 0; under torchrun then shared."""
-    if distributed.is_main():
-        model.initialize_activation_steps(images, selection)
-    steps = [m.s.detach() for m in model.modules() if isinstance(m, LsqActivation)]
-    distributed.broadcast_from_main(steps + statistics(model))
 
 
 class DataWait:

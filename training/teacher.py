@@ -23,7 +23,7 @@ from utils.checkpoint import load_file, save_file
 from utils.data import build_datasets, resolution, to_device, val_loader
 from utils.distributed import pick_device
 from utils.errors import CheckpointError, UsageError
-from utils.runtime import fail_cleanly, seed_everything
+from utils.runtime import fail_cleanly, load_back_ends, seed_everything
 
 REFERENCE_WEIGHTS = "IMAGENET1K_V1"  # what ``pretrained=True`` gave the authors
 # The teacher's layout: oneDNN's CPU convolutions take channels-last tensors without reordering
@@ -160,4 +160,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    load_back_ends()  # the CPU back end's fused kernels, where it is there (README, "Speed")
     main()

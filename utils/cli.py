@@ -3,7 +3,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from models import ARCHS, QUANTIZERS
+from models import QUANTIZERS, archs
 
 T = TypeVar("T")
 
@@ -89,7 +89,7 @@ def stage_parser(description: str, save: str, dist_timeout: float) -> argparse.A
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """The supernet's flags, under the reference's spellings and defaults."""
-    parser.add_argument("--arch", default="mobilenet_v2", choices=ARCHS)
+    parser.add_argument("--arch", default="mobilenet_v2", choices=archs())
     parser.add_argument("--bits", type=bits, default=2, help="weight and activation bits (2-8)")
     parser.add_argument("--l2_bounds", type=l2_bounds, default=REFERENCE_L2_BOUNDS,
                         help="candidate L2 decays of the clips, one branch each (comma-separated)")

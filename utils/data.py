@@ -16,7 +16,7 @@ import torchvision
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision import transforms
 
-from cpu_kernels import library as native
+from quant import fused
 from training.pieces import Share
 
 from . import distributed
@@ -101,12 +101,11 @@ def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     images = images.to(device, non_blocking=True)
     if images.dtype != torch.uint8:
         return images
-    if device.type == "cpu" and images.dim() == 4 and images.is_contiguous() and native.library() is not None:
-        n, c, h, w = images.shape
-        table = _normalisation_table(c)
-        out = torch.empty(images.shape, dtype=torch.float32)
-        native.library().normalize_images(native.ptr(images), native.ptr(out), n, c, h * w, native.ptr(table))
-        return out
+    kernel = fused.path("normalise_images")  # a back end's one pass (quant.fused)
+    if kernel is not None and images.dim() == 4:
+        out = kernel(images, _normalisation_table(images.shape[1]))
+        if out is not None:
+            return out
     return normalise(images)
 
 
@@ -290,16 +289,6 @@ def batch_stream(dataset: Dataset, batch_size: int, workers: int, seed: int, epo
         for index, item in enumerate(loader, batch):
             yield epoch, index, item
         epoch, batch = epoch + 1, 0
-
-
-def initialisation_batch(dataset: Dataset, batch_size: int, replicas: int, seed: int
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first piece of the batch stage 1 initialises the LSQ steps from, drawn for that purpose
-    as the reference's ``initialize()`` draws it: not one of the training batches (it is epoch -1
-    of the sampler)."""
-    loader, batches = train_loader(dataset, batch_size, 0, seed, replicas=replicas, world=replicas)
-    batches.set_epoch(-1)
-    return next(iter(loader))
 
 
 Batch = tuple[torch.Tensor, torch.Tensor]

@@ -1,5 +1,6 @@
 """How a stage script runs: seeded, and failing on a user error with one line instead of a traceback."""
 import argparse
+import importlib
 import math
 import random
 import re
@@ -14,6 +15,20 @@ from . import distributed
 from .cpu_memory import keep_freed_memory
 from .data import rank_seed
 from .errors import BasqError
+
+# The back ends the entry points load: each registers its fused paths with quant.fused on import.
+BACK_ENDS = ("cpu_kernels",)
+
+
+def load_back_ends() -> None:
+    """Import the back ends (``BACK_ENDS``), which plug their fused paths into the quantizers and
+    the unit; one that is not there is skipped: the project runs its PyTorch definitions, slower."""
+    for name in BACK_ENDS:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:
