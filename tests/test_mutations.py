@@ -264,3 +264,22 @@ def test_a_recording_where_they_did_not_move_fails(recording, name, what):
     failures = compare_step(doctored, faithful_step(recording, name), noise_parameters(recording, name))
     wrong = tensors(failures, case["state_after"])
     assert wrong and wrong <= moved, wrong
+
+
+# -- evaluation in pieces ---------------------------------------------------------------------
+
+def test_evaluation_without_the_pieces_k(monkeypatch):
+    """``evaluate_in_pieces`` with ``pieces_of`` switched off (LSQ's ``k`` of the whole run of
+    pieces): ``test_pieces.py``'s evaluation check fails."""
+    import contextlib
+
+    from utils import pieces as pieces_module
+
+    from .test_pieces import check_k_of_the_piece
+    from .test_prefix_scorer import trained_like
+
+    model = trained_like("mobilenet_v2")
+    selection = [i % 3 for i in range(model.num_searchable_layers)]
+    monkeypatch.setattr(pieces_module, "pieces_of", lambda images: contextlib.nullcontext())
+    with pytest.raises(AssertionError, match="not the values of a piece-by-piece evaluation"):
+        check_k_of_the_piece(model, selection, torch.randn(10, 3, 12, 12), replicas=5)
