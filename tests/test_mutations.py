@@ -30,6 +30,8 @@ from .replay import (
     training,
 )
 from .step_compare import compare_step
+from .test_search_replay import CASES as SEARCH_CASES
+from .test_search_replay import replayed
 
 STAGE1 = "stage1_phase2_step"  # weights quantized too: every kind of parameter moves
 STAGE3 = "stage3_step"
@@ -283,3 +285,26 @@ def test_evaluation_without_the_pieces_k(monkeypatch):
     monkeypatch.setattr(pieces_module, "pieces_of", lambda images: contextlib.nullcontext())
     with pytest.raises(AssertionError, match="not the values of a piece-by-piece evaluation"):
         check_k_of_the_piece(model, selection, torch.randn(10, 3, 12, 12), replicas=5)
+
+
+# -- the search -------------------------------------------------------------------------------
+
+def mutate_genes_first(self, parents):
+    """The reference's mutation with its draws in another order: every gene's ``uniform`` first,
+    then the parent, then the resampled genes."""
+    resampled = [self.draws.uniform() < self.m_prob for _ in range(self.num_layers)]
+    child = list(parents[self.draws.below(len(parents))])
+    for i, again in enumerate(resampled):
+        if again:
+            child[i] = self.draws.below(self.num_branches)
+    return tuple(child)
+
+
+@pytest.mark.parametrize("case_index", SEARCH_CASES)
+def test_mutation_draws_in_another_order(replay, case_index):
+    """The same mutation, its draws taken in another order: the replay of the recorded search
+    fails at a generation bred by mutation."""
+    case = replay["cases"][case_index]
+    runs = replayed(case, mutate=mutate_genes_first)
+    assert any(evaluated != recorded["evaluated"]
+               for recorded, (evaluated, _, _) in zip(case["folds"], runs, strict=True))
