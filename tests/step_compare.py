@@ -28,10 +28,14 @@ The tolerances:
 * **Parameters whose gradient is zero in exact arithmetic** (``noise_gradient_parameters``): their
   recorded and computed gradients are float noise that no implementation reproduces, and Adam
   turns noise into a step of up to about lr. Compared by what is reproducible: both gradients
-  below the noise bound ``eps32 * |g|`` (``|g|`` the norm of all the clipped gradients: a sum that
-  cancels exactly leaves rounding errors of its terms, each at most ``eps32`` of a gradient that is
-  itself at most ``|g|``; measured: below 1e-9 of ``|g|``), and their update and optimizer state
-  those that some gradient within that bound gives from the recorded state.
+  below the noise bound ``eps32 * |g|``, and their update and optimizer state those that some
+  gradient within that bound gives from the recorded state. ``|g|`` is the norm of all the
+  clipped gradients: such a gradient is a sum over the batch and positions of the upstream
+  gradients at the next BatchNorm's input, which cancels exactly, so what is left is their
+  rounding, about ``eps32`` of their sum of magnitudes; those are gradients of the same loss as
+  the parameters', of the order of ``|g|`` at most (measured: the noise stays below 1e-9 of
+  ``|g|``, over a hundred times below the bound, while a real bias gradient lies far above it, so
+  a live bias counted among these fails).
 """
 import math
 from collections.abc import Iterable
