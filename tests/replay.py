@@ -6,6 +6,7 @@ mutation suite (``tests/test_mutations.py``) share both.
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import combinations
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ from utils.losses import kd_loss
 from utils.pieces import Share
 from utils.training import initialize_activation_steps, train_step
 
+from .boundaries import MAX_RUNS, BoundarySides
 from .conftest import FIXTURES, load_script
 
 stage1 = load_script("01train_supernet.py")
@@ -117,10 +119,13 @@ def stage3_optimizer(model: nn.Module, case: dict, train_clip: bool = True) -> t
 
 
 def run_step(recording: dict, name: str, share: Share | None = None,
-             optimizer_fn: Callable[[nn.Module, dict], torch.optim.Optimizer] | None = None) -> Step:
+             optimizer_fn: Callable[[nn.Module, dict], torch.optim.Optimizer] | None = None,
+             flipped: frozenset = frozenset(), found: list | None = None) -> Step:
     """Our stage-1 (``stage1_phase{1,2}_step``) or stage-3 (``stage3_step``) step from the case's
     recorded state, over the case's pieces (``share``: others, for a mutation); ``optimizer_fn``
-    builds the optimizer (default: the stage's, as ``stage1_optimizer``/``stage3_optimizer``)."""
+    builds the optimizer (default: the stage's, as ``stage1_optimizer``/``stage3_optimizer``).
+    ``flipped``: quantizer inputs on a rounding boundary put on its other side, ``found``: where
+    such inputs are listed (``tests/boundaries.py``)."""
     case = recording[name]
     batch = case["batch"]
     stage3_case = name == "stage3_step"
@@ -142,8 +147,15 @@ def run_step(recording: dict, name: str, share: Share | None = None,
         def criterion(logits, piece):
             return kd_loss(logits, batch["teacher_logits"][piece])
     load_optimizer_state(optimizer, named, recorded)
-    _, loss, grad_norm = train_step(model, batch["x"], selection, criterion, optimizer,
-                                    share=share or pieces(case))
+    sides = BoundarySides(model, flipped) if flipped or found is not None else None
+    try:
+        _, loss, grad_norm = train_step(model, batch["x"], selection, criterion, optimizer,
+                                        share=share or pieces(case))
+    finally:
+        if sides is not None:
+            sides.remove()
+            if found is not None:
+                found += sides.found
     names = {id(p): n for n, p in named.items()}
     return Step(list(named), model.state_dict(),
                 {names[id(p)]: dict(s) for p, s in optimizer.state.items()},
@@ -157,9 +169,34 @@ _steps: dict = {}
 def faithful_step(recording: dict, name: str) -> Step:
     """``run_step`` of the case as the stages run it, computed once per process (the fixture tests
     and the mutation suite compare it; nobody changes it)."""
+    return _faithful(recording, name)[0]
+
+
+def boundary_sides(recording: dict, name: str) -> frozenset:
+    """The quantizer inputs on a rounding boundary that the faithful step put on their other side
+    to agree with the recording (``tests/boundaries.py``): a mutation's step takes the same."""
+    return _faithful(recording, name)[1]
+
+
+def _faithful(recording: dict, name: str) -> tuple[Step, frozenset]:
+    """The faithful step, and where it fails the comparison, again with the quantizer inputs within
+    float noise of a rounding boundary put on its other side, one and then two at a time (which
+    side the recording took depends on the recording machine's kernels: a CPU without AVX2 rounds
+    one of ``dataparallel_4bit.pt``'s stage-1 inputs otherwise): the first that agrees."""
+    from .step_compare import compare_step
+
     key = (id(recording), name)
     if key not in _steps:
-        _steps[key] = (recording, run_step(recording, name))  # the recording kept alive with its id
+        step, flipped = run_step(recording, name), frozenset()
+        if compare_step(recording[name], step, noise_parameters(recording, name)):
+            found: list = []
+            run_step(recording, name, found=found)
+            for candidate in [frozenset(s) for n in (1, 2) for s in combinations(found, n)][:MAX_RUNS]:
+                again = run_step(recording, name, flipped=candidate)
+                if not compare_step(recording[name], again, noise_parameters(recording, name)):
+                    step, flipped = again, candidate
+                    break
+        _steps[key] = (recording, (step, flipped))  # the recording kept alive with its id
     return _steps[key][1]
 
 

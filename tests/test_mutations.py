@@ -19,6 +19,7 @@ from quant.functional import pieces_of
 from utils.pieces import Share
 
 from .replay import (
+    boundary_sides,
     faithful_step,
     noise_parameters,
     pieces,
@@ -40,7 +41,12 @@ OPTIMIZER_STATE = ("exp_avg", "exp_avg_sq", "step", "momentum_buffer", "grad", "
 
 @pytest.fixture(scope="module", params=recordings("trajectories*.pt") + recordings("dataparallel*.pt"))
 def recording(request, load_fixture) -> dict:
-    return load_fixture(request.param)
+    """A recording, its faithful steps computed (and cached) before any test patches the code."""
+    recording = load_fixture(request.param)
+    for name in (STAGE1, STAGE3):
+        boundary_sides(recording, name)
+        noise_parameters(recording, name)
+    return recording
 
 
 def names_of(recording: dict, kinds: tuple[type, ...], branch: int | None = None) -> set[str]:
@@ -67,6 +73,12 @@ def tensors(failures: dict[str, str], state: dict) -> set[str]:
         head, _, tail = key.rpartition(".")
         out.add(head if key not in state and tail in OPTIMIZER_STATE else key)
     return out
+
+
+def mutated(recording: dict, name: str, **wrong) -> object:
+    """``run_step`` with a mutation (``wrong``: its optimizer or pieces), with the quantizer inputs
+    on a rounding boundary on the side the faithful step put them (``replay.boundary_sides``)."""
+    return run_step(recording, name, flipped=boundary_sides(recording, name), **wrong)
 
 
 def failing(recording: dict, name: str, step) -> set[str]:
@@ -112,13 +124,13 @@ def several_pieces(recording: dict, name: str) -> Share:
 @pytest.mark.parametrize("name", [STAGE1, STAGE3])
 def test_clips_frozen(recording, name):
     build = stage3_optimizer if name == STAGE3 else stage1_optimizer
-    wrong = failing(recording, name, run_step(recording, name, optimizer_fn=frozen(model_clips, build)))
+    wrong = failing(recording, name, mutated(recording, name, optimizer_fn=frozen(model_clips, build)))
     assert wrong and wrong <= clips(recording), wrong
 
 
 def test_stage3_not_training_the_clips(recording):
     """``bn_stabilize_optimizer(train_clip=False)``: the clips stand still (and keep no momentum)."""
-    wrong = failing(recording, STAGE3, run_step(
+    wrong = failing(recording, STAGE3, mutated(
         recording, STAGE3, optimizer_fn=lambda model, case: stage3_optimizer(model, case, train_clip=False)))
     assert wrong and wrong <= clips(recording), wrong
 
@@ -127,7 +139,7 @@ def test_stage3_not_training_the_clips(recording):
 def test_lsq_steps_frozen(recording, name):
     """Stage 3 trains no LSQ step: there, freezing them changes nothing and must pass."""
     build = stage3_optimizer if name == STAGE3 else stage1_optimizer
-    wrong = failing(recording, name, run_step(recording, name, optimizer_fn=frozen(model_lsq_steps, build)))
+    wrong = failing(recording, name, mutated(recording, name, optimizer_fn=frozen(model_lsq_steps, build)))
     if name == STAGE3:
         assert not wrong
     else:
@@ -149,7 +161,7 @@ def test_one_branch_decay_doubled(recording, name):
                 group["weight_decay"] *= 2
         return optimizer
 
-    wrong = failing(recording, name, run_step(recording, name, optimizer_fn=doubled))
+    wrong = failing(recording, name, mutated(recording, name, optimizer_fn=doubled))
     assert wrong and wrong <= clips(recording, branch), wrong
 
 
@@ -170,7 +182,7 @@ def test_adam_settings_changed(recording, change, fails, holds):
         return optimizer
 
     case = recording[STAGE1]
-    step = run_step(recording, STAGE1, optimizer_fn=changed)
+    step = mutated(recording, STAGE1, optimizer_fn=changed)
     failures = compare_step(case, step, noise_parameters(recording, STAGE1))
     assert not state_failures(failures, holds), failures
     if fails:
@@ -187,7 +199,7 @@ def test_no_gradient_clipping(recording, monkeypatch):
         pytest.skip(f"the recorded gradient norm {norm:.3g} is not above {training.MAX_GRAD_NORM}: "
                     "the reference did not clip")
     monkeypatch.setattr(training, "MAX_GRAD_NORM", math.inf)
-    step = run_step(recording, STAGE1)
+    step = mutated(recording, STAGE1)
     failures = compare_step(recording[STAGE1], step, noise_parameters(recording, STAGE1))
     assert state_failures(failures, "exp_avg") and state_failures(failures, "exp_avg_sq"), failures
 
@@ -198,7 +210,7 @@ def test_unselected_branches_not_stepped(recording, monkeypatch):
     monkeypatch.setattr(training, "give_every_parameter_a_gradient",
                         lambda optimizer: optimizer.zero_grad(set_to_none=True))
     case = recording[STAGE1]
-    wrong = failing(recording, STAGE1, run_step(recording, STAGE1))
+    wrong = failing(recording, STAGE1, mutated(recording, STAGE1))
     selection = case["batch"]["selection"]
     model = supernet(recording, case["state_before"])
     model.change_precision(True, True)
@@ -217,26 +229,38 @@ def test_lsq_k_from_the_whole_batch(recording):
     """Each piece's LSQ quantizers count the whole batch's elements: their steps' gradients shrink."""
     several_pieces(recording, STAGE1)
     with pieces_of(len(recording[STAGE1]["batch"]["x"])):
-        step = run_step(recording, STAGE1)
+        step = mutated(recording, STAGE1)
     wrong = failing(recording, STAGE1, step)
     assert wrong & names_of(recording, (LsqActivation,)), wrong
 
 
 def test_running_statistics_from_the_last_piece(recording, monkeypatch):
     """The BN running statistics kept from the last piece instead of the first: only they fail."""
-    share = several_pieces(recording, STAGE1)
-    first, last = share.bounds()[0], share.bounds()[-1]
-    # The same pieces with the first and the last swapped: the step keeps the statistics of its
-    # first piece, now the recorded last one. The gradients are the same sums in another order.
-    case = recording[STAGE1]
-    order = list(range(len(case["batch"]["x"])))
-    moved = order[last[0]:last[1]] + order[first[1]:last[0]] + order[first[0]:first[1]]
-    swapped = Share((share.sizes[-1], *share.sizes[1:-1], share.sizes[0]), 0, share.batch, True)
-    batch = {**case["batch"], "x": case["batch"]["x"][moved],
-             "teacher_logits": case["batch"]["teacher_logits"][moved]}
-    doctored = {**recording, STAGE1: {**case, "batch": batch}}
-    step = run_step(doctored, STAGE1, swapped)
-    wrong = failing(recording, STAGE1, step)
+    from . import replay
+
+    several_pieces(recording, STAGE1)
+    flipped = boundary_sides(recording, STAGE1)
+    build = replay.supernet
+
+    def last_piece_keeps(rec, state):
+        """The model, its BatchNorms' running statistics put back before every piece but the first
+        (after the previous piece's backward, which reads them): the last piece's update stays."""
+        model = build(rec, state)
+        kept = []
+
+        def put_back(module, args):
+            if kept:
+                for buffer, value in zip(statistics(model), kept, strict=True):
+                    buffer.copy_(value)
+            else:
+                kept.extend(b.clone() for b in statistics(model))
+        model.register_forward_pre_hook(put_back)
+        return model
+
+    statistics = training.statistics
+    monkeypatch.setattr(training, "statistics", lambda model: [])  # the step's own keeping, off
+    monkeypatch.setattr(replay, "supernet", last_piece_keeps)
+    wrong = failing(recording, STAGE1, run_step(recording, STAGE1, flipped=flipped))
     assert wrong and all(k.endswith(("running_mean", "running_var")) for k in wrong), wrong
 
 
@@ -244,7 +268,7 @@ def test_batch_norm_over_the_whole_batch(recording):
     """One BatchNorm over the whole batch (LSQ's ``k`` still of a piece): the parameters fail."""
     share = several_pieces(recording, STAGE1)
     with pieces_of(share.sizes[0]):
-        step = run_step(recording, STAGE1, Share.of(share.batch))
+        step = mutated(recording, STAGE1, share=Share.of(share.batch))
     wrong = failing(recording, STAGE1, step)
     assert wrong & set(step.parameters), wrong
 
