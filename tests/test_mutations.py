@@ -121,10 +121,10 @@ def several_pieces(recording: dict, name: str) -> Share:
 
 # -- the optimizers ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", [STAGE1, STAGE3])
-def test_clips_frozen(recording, name):
-    build = stage3_optimizer if name == STAGE3 else stage1_optimizer
-    wrong = failing(recording, name, mutated(recording, name, optimizer_fn=frozen(model_clips, build)))
+def test_clips_frozen(recording):
+    """Stage 1's clips frozen (stage 3's: ``test_stage3_not_training_the_clips``)."""
+    wrong = failing(recording, STAGE1, mutated(recording, STAGE1,
+                                               optimizer_fn=frozen(model_clips, stage1_optimizer)))
     assert wrong and wrong <= clips(recording), wrong
 
 
@@ -135,15 +135,11 @@ def test_stage3_not_training_the_clips(recording):
     assert wrong and wrong <= clips(recording), wrong
 
 
-@pytest.mark.parametrize("name", [STAGE1, STAGE3])
-def test_lsq_steps_frozen(recording, name):
-    """Stage 3 trains no LSQ step: there, freezing them changes nothing and must pass."""
-    build = stage3_optimizer if name == STAGE3 else stage1_optimizer
-    wrong = failing(recording, name, mutated(recording, name, optimizer_fn=frozen(model_lsq_steps, build)))
-    if name == STAGE3:
-        assert not wrong
-    else:
-        assert wrong and wrong <= lsq_steps(recording), wrong
+def test_lsq_steps_frozen(recording):
+    """Stage 1's LSQ steps frozen (stage 3 trains none)."""
+    wrong = failing(recording, STAGE1, mutated(recording, STAGE1,
+                                               optimizer_fn=frozen(model_lsq_steps, stage1_optimizer)))
+    assert wrong and wrong <= lsq_steps(recording), wrong
 
 
 @pytest.mark.parametrize("name", [STAGE1, STAGE3])
