@@ -14,8 +14,8 @@ The tolerances:
   that do not conspire (``n = 10^5``: 4e-5), and the terms' size is the tensor's largest gradient up
   to the cancellation inside the sum (a clip's gradient, a sum of upstream gradients of both
   signs, nets to a fraction of its terms). ``RHO = 2**-12`` (2.4e-4) of the tensor's largest
-  recorded gradient covers that with a factor of 6; measured on the public recordings under three
-  CPU settings: at most 2.1e-5. A wrong step changes gradients by far more (each mutation of
+  recorded gradient covers that with a factor of 6; measured on the public recordings with this
+  machine's default kernels: at most 2.1e-5. A wrong step changes gradients by far more (each mutation of
   ``tests/test_mutations.py`` is caught with it).
 * **From a gradient to an update.** An update is a function of the gradient and the recorded
   optimizer state: SGD's ``lr * ((1 + momentum) * g + momentum**2 * b0)`` moves by ``lr * (1 +
