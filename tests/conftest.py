@@ -24,6 +24,20 @@ def fixtures_dir() -> Path:
     return FIXTURES
 
 
+@pytest.fixture(scope="session")
+def replay(fixtures_dir) -> dict:
+    """``search_replay.json``: the reference's search, recorded candidate by candidate."""
+    import json
+
+    path = fixtures_dir / "search_replay.json"
+    if not path.is_file():
+        why = f"{path} not found (the reference's search, recorded candidate by candidate)"
+        if os.environ.get("BASQ_REQUIRE_FIXTURES") == "1":
+            pytest.fail(why)
+        pytest.skip(why)
+    return json.loads(path.read_text())
+
+
 def require_native() -> None:
     """Skip without the fused CPU kernels (cpu_kernels/library.py); CI (``BASQ_REQUIRE_FIXTURES=1``) fails."""
     from cpu_kernels import library as native

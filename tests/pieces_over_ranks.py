@@ -1,6 +1,7 @@
 """One stage-1 iteration (the LSQ initialisation, then a step) of a global batch over 4 pieces, run
 by ``tests/test_distributed.py`` in one process (4 pieces) and under torchrun on 2 processes (2
-pieces each); rank 0 saves the model and optimizer state to ``argv[1]``."""
+pieces each); rank 0 saves the step as a recorded case (``trajectories.pt``'s keys, with the
+gradients and the parameters' names) to ``argv[1]``."""
 import sys
 
 import torch
@@ -15,14 +16,14 @@ from utils import distributed
 from .conftest import load_script
 
 REPLICAS, BATCH = 4, 14  # pieces of 4, 4, 4, 2
+CONFIG = dict(num_classes=10, bits=2, l2_vals=[0.01, 0.001, 0.0001], width_multiplier=0.25, width_divisor=8)
 
 
 def main(out: str) -> None:
     distributed.setup("cpu", 1)
     world, rank = distributed.world_size(), distributed.rank()
     torch.manual_seed(rank)  # each process builds its own model; process 0's is shared
-    model = build_supernet("mobilenet_v2", 10, 2, [0.01, 0.001, 0.0001], width_multiplier=0.25,
-                           width_divisor=8)
+    model = build_supernet("mobilenet_v2", **CONFIG)
     distributed.broadcast_from_main(list(model.state_dict().values()))
     model.change_precision(True, False)
     data = torch.Generator().manual_seed(0)
@@ -33,15 +34,26 @@ def main(out: str) -> None:
     model.train()
     model.classifier[0].eval()  # no dropout: the processes would draw their own
     optimizer, _ = load_script("01train_supernet.py").phase_optimizer(model, 1e-3, 5e-6, 10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     share = Share.of(BATCH, REPLICAS, world, rank)
     mine = slice(share.start, share.start + share.images)
-    train_step(model, x[mine], selection, lambda logits, piece: kd_loss(logits, teacher[mine][piece]),
-               optimizer, share=share)
-    names = {id(p): n for n, p in model.named_parameters()}
-    state = {**model.state_dict(), **{f"{names[id(p)]}.{k}": v for p, s in optimizer.state.items()
-                                      for k, v in s.items() if k != "step"}}
+    _, loss, grad_norm = train_step(model, x[mine], selection,
+                                    lambda logits, piece: kd_loss(logits, teacher[mine][piece]),
+                                    optimizer, share=share)
+    named = dict(model.named_parameters())
+    names = {id(p): n for n, p in named.items()}
+    stepped = {names[id(p)]: dict(s) for p, s in optimizer.state.items()}
+    loss = distributed.all_reduce_sum(loss * (share.images / share.batch))  # the global batch's mean
+    case = {
+        "state_before": before, "state_after": model.state_dict(), "optimizer_state_after": stepped,
+        "optimizer_state_before": {n: {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(named[n]),
+                                       "exp_avg_sq": torch.zeros_like(named[n])} for n in stepped},
+        "group_lrs": [g["lr"] for g in optimizer.param_groups], "hyper": {"lr": 1e-3},
+        "batch": {"x": x, "selection": selection}, "config": CONFIG,
+        "loss": loss.item(), "grad_norm_before_clipping": grad_norm.item(),
+        "grads": {n: p.grad for n, p in named.items() if p.grad is not None}, "parameters": list(named)}
     if distributed.is_main():
-        torch.save(state, out)
+        torch.save(case, out)
     distributed.teardown()
 
 

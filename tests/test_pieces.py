@@ -1,5 +1,7 @@
 """The pieces of the reference's ``nn.DataParallel`` (SPEC 5a): their sizes, each process's share,
 evaluation with LSQ's ``k`` of the piece, and the batches refused before a run."""
+import math
+
 import pytest
 import torch
 
@@ -32,7 +34,8 @@ def test_each_process_takes_its_run_of_pieces():
 
 def test_evaluation_gives_the_values_of_a_piece_by_piece_evaluation(kernels):
     """Each run of equal pieces at once, LSQ's ``k`` from its piece: bit for bit the values of
-    evaluating each piece on its own (the fused kernels' too), uneven last piece included."""
+    evaluating each piece on its own (the fused kernels' too), uneven last piece included; on
+    inputs where the piece's ``k`` changes the values (``check_k_of_the_piece``)."""
     model = trained_like("mobilenet_v2")
     selection = [i % 3 for i in range(model.num_searchable_layers)]
     x = torch.randn(10, 3, 12, 12)
@@ -42,11 +45,41 @@ def test_evaluation_gives_the_values_of_a_piece_by_piece_evaluation(kernels):
         for replicas in (4, 3, 5):
             by_piece = torch.cat([model(piece, selection) for piece in torch.chunk(x, replicas)])
             assert torch.equal(evaluate_in_pieces(lambda p: model(p, selection), x, replicas), by_piece)
-    # The pieces change the arithmetic: some LSQ step takes another value with a piece's k.
-    lsq = next(m for m in model.modules() if isinstance(m, LsqActivation))
-    numel = 10 * lsq.s.numel() * 6 * 6
-    whole, piece = (lsq_step(lsq.s, lsq_scale(n, lsq.qp)) for n in (numel, numel // 10))
-    assert not torch.equal(whole, piece)
+    check_k_of_the_piece(model, selection, x, replicas=5)
+
+
+def check_k_of_the_piece(model, selection: list[int], x: torch.Tensor, replicas: int) -> None:
+    """``evaluate_in_pieces`` over ``replicas`` equal pieces gives a piece-by-piece evaluation's
+    values where the piece's ``k`` and the whole batch's give other values: the first LSQ
+    quantizer (``feature.2``'s expand unit, its BN_pre made an exact identity) is given inputs
+    halfway between its rounding points with the two steps, in every position and channel."""
+    piece = piece_sizes(len(x), replicas)[0]
+    assert piece * replicas == len(x), "equal pieces: one run, one k"
+    block = model.feature[2]
+    bn_pre, lsq = block.bn_qconv_bn_relu_0[0], block.bn_qconv_bn_relu_0[1]
+    with torch.no_grad():
+        positions = model.feature[1](model.feature[0](x[:1]), selection[0])[0, 0].numel()
+        bn_pre.eps = 0.0
+        for buffer, value in ((bn_pre.running_mean, 0), (bn_pre.running_var, 1), (bn_pre.weight, 1),
+                              (bn_pre.bias, 0)):
+            buffer.fill_(value)
+        lsq.s.copy_(steps_that_tell_pieces_apart(lsq.s.numel(), lsq.qp, len(x), piece, positions))
+        a_piece, a_whole = (lsq_step(lsq.s, lsq_scale(n * lsq.s.numel() * positions, lsq.qp)).double()
+                            for n in (piece, len(x)))
+        side = int(math.isqrt(positions))
+        levels = 1 + torch.arange(lsq.s.numel() * positions, dtype=torch.float64).remainder(lsq.qp - 1)
+        middle = ((a_piece + a_whole) / 2).view(1, -1, 1, 1)
+        halfway = ((levels.view(1, -1, side, side) + 0.5) * middle).float()
+    hook = block.register_forward_pre_hook(
+        lambda _, args: (halfway.expand_as(args[0]).contiguous(), *args[1:]))
+    try:
+        with torch.no_grad():
+            by_piece = torch.cat([model(p, selection) for p in torch.chunk(x, replicas)])
+            assert torch.equal(evaluate_in_pieces(lambda p: model(p, selection), x, replicas),
+                               by_piece), "not the values of a piece-by-piece evaluation"
+            assert not torch.equal(model(x, selection), by_piece), "these inputs do not tell the k apart"
+    finally:
+        hook.remove()
 
 
 def test_batches_a_batchnorm_cannot_normalise_are_refused():
@@ -78,11 +111,13 @@ def halfway_inputs(s: torch.Tensor, qp: int, images: int, piece: int) -> torch.T
     return ((levels + 0.5) * (a_piece + a_whole) / 2).float()
 
 
-def steps_that_tell_pieces_apart(channels: int, qp: int, images: int, piece: int) -> torch.Tensor:
+def steps_that_tell_pieces_apart(channels: int, qp: int, images: int, piece: int,
+                                 positions: int = 16) -> torch.Tensor:
     """LSQ steps whose value with a piece's ``k`` differs from that with the whole batch's (about
-    one in two thousand at these sizes), for ``[images, channels, 4, 4]`` inputs."""
+    one in two thousand at these sizes), for ``[images, channels, *positions]`` inputs."""
     candidates = torch.rand(2**20, generator=torch.Generator().manual_seed(0)) * 3 + 0.05
-    a_piece, a_whole = (lsq_step(candidates, lsq_scale(n * channels * 16, qp)) for n in (piece, images))
+    a_piece, a_whole = (lsq_step(candidates, lsq_scale(n * channels * positions, qp))
+                        for n in (piece, images))
     return candidates[a_piece != a_whole][:channels]
 
 

@@ -7,29 +7,26 @@ itself (search/evolution.py with search/draws.py), then stage 2 end to end (its 
 fixture's), whose history.jsonl must list the same candidates in the same order.
 """
 import json
-import os
-from pathlib import Path
 
 import pytest
 
 from search.draws import ReferenceDraws
 from search.evolution import EvolutionSearch
 
-from .conftest import load_script
+from .conftest import FIXTURES, load_script
 from .test_stage2 import MODEL, VAL_BATCH, captured, stage1
 
 stage2 = load_script("02kfold_evolution.py")
 
 
-@pytest.fixture(scope="module")
-def replay(fixtures_dir) -> dict:
-    path = fixtures_dir / "search_replay.json"
-    if not path.is_file():
-        why = f"{path} not found (the reference's search, recorded candidate by candidate)"
-        if os.environ.get("BASQ_REQUIRE_FIXTURES") == "1":
-            pytest.fail(why)
-        pytest.skip(why)
-    return json.loads(path.read_text())
+def case_count() -> int:
+    """How many cases the fixtures folder's ``search_replay.json`` holds (one, which the ``replay``
+    fixture then skips or fails on, without the file)."""
+    path = FIXTURES / "search_replay.json"
+    return len(json.loads(path.read_text())["cases"]) if path.is_file() else 1
+
+
+CASES = range(case_count())
 
 
 def correct(table: list, fold: int, cand) -> int:
@@ -64,17 +61,27 @@ def case_search(case: dict, fold: int, draws: ReferenceDraws, **hooks) -> Evolut
         **hooks)
 
 
-@pytest.mark.parametrize("case_index", [0, 1])
-def test_the_search_replays_every_fold(replay, case_index):
-    case = replay["cases"][case_index]
-    draws = ReferenceDraws(0)  # seeded once: every fold continues the stream
+def replayed(case: dict, **hooks) -> list[tuple[list, list, object]]:
+    """Each fold's search on one stream seeded 0 (every fold continues it), as the reference ran
+    them: the candidates in the order scored, each generation, the result."""
+    draws, out = ReferenceDraws(0), []
     for recorded in case["folds"]:
-        fold = recorded["fold"]
         evaluated: list = []
         generations: list = []
-        result = case_search(
-            case, fold, draws, progress=lambda cand, acc, seen=evaluated: seen.append(list(cand)),
-            checkpoint=lambda state, seen=generations: seen.append([list(c) for c in state.population])).run()
+        search = case_search(
+            case, recorded["fold"], draws, progress=lambda cand, acc, seen=evaluated: seen.append(list(cand)),
+            checkpoint=lambda state, seen=generations: seen.append([list(c) for c in state.population]))
+        for name, hook in hooks.items():
+            setattr(search, name, hook.__get__(search))
+        out.append((evaluated, generations, search.run()))
+    return out
+
+
+@pytest.mark.parametrize("case_index", CASES)
+def test_the_search_replays_every_fold(replay, case_index):
+    case = replay["cases"][case_index]
+    for recorded, (evaluated, generations, result) in zip(case["folds"], replayed(case), strict=True):
+        fold = recorded["fold"]
         assert evaluated == recorded["evaluated"], f"fold {fold}"
         assert generations == recorded["generations"], f"fold {fold}"
         assert list(result.best) == recorded["arch"]
@@ -83,18 +90,20 @@ def test_the_search_replays_every_fold(replay, case_index):
         assert result.num_evaluated == len(recorded["evaluated"])
 
 
-def test_the_small_case_exercises_giving_up(replay):
-    """Case 2's space (27 candidates) makes crossover give up after ten tries per child asked for."""
-    case = replay["cases"][1]
-    s = case["settings"]
-    assert s["nr_state"] ** s["nr_layer"] == 27
-    draws, children = ReferenceDraws(0), []
-    for recorded in case["folds"]:
-        search = case_search(case, recorded["fold"], draws)
-        crossover = search.get_crossover
-        search.get_crossover = lambda crossover=crossover: children.append(len(c := crossover())) or c
-        search.run()
-    assert min(children) < s["crossover_num"]
+def test_the_cases_exercise_giving_up(replay):
+    """Some case's space is small enough that crossover gives up after ten tries per child asked
+    for (the search replays it as the reference did only if it gives up as theirs did)."""
+    gave_up = []
+    for case in replay["cases"]:
+        s = case["settings"]
+        draws = ReferenceDraws(0)
+        for recorded in case["folds"]:
+            search = case_search(case, recorded["fold"], draws)
+            crossover = search.get_crossover
+            search.get_crossover = lambda crossover=crossover, asked=s["crossover_num"]: gave_up.append(
+                len(c := crossover()) < asked) or c
+            search.run()
+    assert any(gave_up)
 
 
 # -- stage 2 end to end -----------------------------------------------------------------------
@@ -107,39 +116,53 @@ def fixture_scorers(table: list):
 
 
 @pytest.fixture(scope="module")
-def seven_branch_supernet(tmp_path_factory, image_folder) -> tuple[Path, list[str]]:
-    """A supernet with the fixture's 7 branches (17 searchable layers, as MobileNet-v2's)."""
-    model = [*MODEL[:-1], "0.01,0.005,0.001,0.0005,0.0001,0.00005,0.00001"]
-    out = tmp_path_factory.mktemp("stage1-7")
+def supernet_file(tmp_path_factory, image_folder):
+    """A briefly trained supernet for stage 2 to load (its evaluation is replaced by the fixture's
+    scorer)."""
+    out = tmp_path_factory.mktemp("stage1")
     captured(stage1.train, stage1.parse_args([
-        "--data", str(image_folder), "--teacher", "none", "--save", str(out), *model,
+        "--data", str(image_folder), "--teacher", "none", "--save", str(out), *MODEL,
         "--batch_size", "8", "--replicas", "2", "-j", "0", "--abin_total_iters", "1",
         "--awbin_total_iters", "1"]))
-    return out / "model_actwbin_best_00001it.pth", model
+    return out / "model_actwbin_best_00001it.pth"
 
 
-def case_args(image_folder, supernet: Path, model: list[str], save: Path, settings: dict, *extra: str):
-    # 6 validation batches: k = 3 gives folds of 2 batches
+def case_args(image_folder, supernet, save, settings: dict, *extra: str):
+    # 6 validation batches: up to k = 6 folds
     return stage2.parse_args([
-        "--data", str(image_folder), "--supernet", str(supernet), "--save", str(save), "-j", "0", *model,
+        "--data", str(image_folder), "--supernet", str(supernet), "--save", str(save), "-j", "0", *MODEL,
         "--k", str(settings["k"]), "--val_batch_size", str(VAL_BATCH),
         "--max-epochs", str(settings["max_epochs"]), "--population-num", str(settings["population_num"]),
         "--select-num", str(settings["select_num"]), "--mutation-num", str(settings["mutation_num"]),
         "--crossover-num", str(settings["crossover_num"]), "--m_prob", str(settings["m_prob"]), *extra])
 
 
-def history(save: Path) -> list[dict]:
+def history(save) -> list[dict]:
     return [json.loads(line) for line in (save / "history.jsonl").read_text().splitlines()]
 
 
-def test_stage2_with_rng_reference_replays_the_authors_search(replay, seven_branch_supernet, image_folder,
-                                                              tmp_path, monkeypatch):
-    case = replay["cases"][0]
-    assert case["settings"]["nr_layer"] == 17 and case["settings"]["nr_state"] == 7
+def case_space(settings: dict):
+    """Stage 2's ``evaluation_setup`` with the model standing for the case's search space: the
+    fixture's scorer replaces the model's evaluation, so only its layer and branch counts matter."""
+    real = stage2.evaluation_setup
+
+    def setup(args):
+        found = real(args)
+        found.model.num_searchable_layers = settings["nr_layer"]
+        found.model.num_branches = settings["nr_state"]
+        return found
+    return setup
+
+
+@pytest.mark.parametrize("case_index", CASES)
+def test_stage2_with_rng_reference_replays_the_authors_search(replay, supernet_file, image_folder, tmp_path,
+                                                              monkeypatch, case_index):
+    case = replay["cases"][case_index]
+    settings = case["settings"]
     monkeypatch.setattr(stage2, "fold_scorers", fixture_scorers(case["table"]))
-    supernet, model = seven_branch_supernet
-    found, text = captured(stage2.search, case_args(image_folder, supernet, model, tmp_path,
-                                                    case["settings"], "--rng", "reference"))
+    monkeypatch.setattr(stage2, "evaluation_setup", case_space(settings))
+    found, text = captured(stage2.search, case_args(image_folder, supernet_file, tmp_path, settings,
+                                                    "--rng", "reference"))
     folds = case["folds"]
     assert found["archs"] == [f["arch"] for f in folds]
     assert found["fold_accs"] == [f["fold_acc"] for f in folds]
@@ -157,6 +180,9 @@ def test_stage2_with_rng_reference_replays_the_authors_search(replay, seven_bran
             assert [line["candidate"] for line in mine if line["epoch"] == epoch] == generation
     # each epoch's top-k in the log, the final ranking with the winner's full accuracy
     log = (tmp_path / "log.txt").read_text()
-    assert log.count("fold 0 epoch ") == case["settings"]["max_epochs"]
-    assert f"fold 2 final ranking: top 10 of 945 evaluated, full_acc {folds[2]['full_acc']:.2f}" in log
-    assert f"  No.1 {tuple(folds[2]['arch'])} fold_acc {folds[2]['fold_acc']:.2f}" in log
+    last = folds[-1]
+    top = min(settings["select_num"], len(last["evaluated"]))
+    assert log.count(f"fold {folds[0]['fold']} epoch ") == settings["max_epochs"]
+    assert (f"fold {last['fold']} final ranking: top {top} of {len(last['evaluated'])} evaluated, "
+            f"full_acc {last['full_acc']:.2f}") in log
+    assert f"  No.1 {tuple(last['arch'])} fold_acc {last['fold_acc']:.2f}" in log
