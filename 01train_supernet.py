@@ -240,8 +240,7 @@ def run_phase(run: Run, teacher: torch.nn.Module | None, data: Datasets, log: Ru
         if args.record_selections:
             with open(selections, "a") as f:
                 f.write(f"{phase} {run.iteration + 1} {','.join(map(str, selection))}\n")
-        logits, loss, _ = train_step(model, images, selection, criterion(teacher, images, labels, run.amp),
-                                     run.optimizer, run.amp, share)
+        logits, loss, _ = stage_step(model, teacher, images, labels, selection, run.optimizer, run.amp, share)
         run.scheduler.step()
         run.iteration += 1
         stats.add(loss, logits, labels, run.iteration)
@@ -328,19 +327,33 @@ def train(args: argparse.Namespace) -> None:
     log.close()
 
 
-def criterion(teacher: torch.nn.Module | None, images: torch.Tensor, labels: torch.Tensor, amp: Amp
-              ) -> Callable[[torch.Tensor, slice], torch.Tensor]:
+def stage_step(model: Supernet, teacher: torch.nn.Module | None, images: torch.Tensor, labels: torch.Tensor,
+               selection: list[int], optimizer: torch.optim.Optimizer, amp: Amp, share: Share
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stage 1's step on this process's ``images``: the teacher's logits of its pieces, then the
+    reference's DataParallel step of the student (``train_step``). ``bench.memory`` measures this
+    function, so the README's table is what the stage does."""
+    return train_step(model, images, selection, criterion(teacher, images, labels, amp, share), optimizer,
+                      amp, share)
+
+
+def criterion(teacher: torch.nn.Module | None, images: torch.Tensor, labels: torch.Tensor, amp: Amp,
+              share: Share | None = None) -> Callable[[torch.Tensor, slice], torch.Tensor]:
     """The loss of a piece's logits: distillation from the teacher (the method), or cross-entropy
-    on the labels without one. The teacher runs on the piece, under the same autocast as the student."""
+    on the labels without one.
+
+    The teacher runs here, on each piece of ``share`` (default: the whole of ``images``) under the
+    same autocast as the student, before the student's first forward: its activations are freed
+    before the student's are saved, so a device holds the larger of the two, not their sum (about
+    1 GiB less at pieces of 96, README "Memory"). Only its logits wait (a few MB). The teacher is
+    frozen and in eval mode and draws no random numbers, so when it runs does not change a value.
+    """
     if teacher is None:
         return lambda logits, piece: F.cross_entropy(logits, labels[piece])
-
-    def distillation(logits: torch.Tensor, piece: slice) -> torch.Tensor:
-        with torch.no_grad(), amp.autocast():
-            teacher_logits = teacher(images[piece]).float()
-        return kd_loss(logits, teacher_logits)
-
-    return distillation
+    share = share or Share.of(len(images))
+    with torch.no_grad(), amp.autocast():
+        targets = torch.cat([teacher(images[start:stop]).float() for start, stop in share.bounds()])
+    return lambda logits, piece: kd_loss(logits, targets[piece])
 
 
 if __name__ == "__main__":

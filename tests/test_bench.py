@@ -68,7 +68,7 @@ def test_saved_bytes_counts_unique_storages_saved_for_backward_without_parameter
 def test_a_fit_per_image_and_the_largest_piece_that_fits():
     line = memory.fit(lambda n: 100 + 7 * n, (2, 4))
     assert (line.per_image, line.per_step) == (7, 100)
-    figures = memory.Figures(None, line, line, line, line, 0, 0)
+    figures = memory.Figures(None, line, line, line, line, 0, 0, line)
     room = 16 * memory.GB - memory.RESERVE
     largest = figures.largest_piece(16, lambda p: 2**30 * p)
     assert largest * 2**30 <= room < (largest + 1) * 2**30
