@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import utils.torch_floor  # noqa: F401  (first: an older torch stops here, with one line)
 from utils import distributed
 from utils.cli import add_eval_args, comma_list, non_negative_int, positive_int, probability, stage_parser
 from utils.data import batch_stream

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import utils.torch_floor  # noqa: F401  (first: an older torch stops here, with one line)
 from utils import distributed, reference_results
 from utils.bn_recalibration import recalibrate_bn
 from utils.checkpoint import finetuned_checkpoint, finetuned_name, save_file

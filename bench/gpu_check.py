@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torchvision
 
+import utils.torch_floor  # noqa: F401  (first: an older torch stops here, with one line)
 from bench import memory
 from bench.images import make_image_folder
 from models import build_supernet
