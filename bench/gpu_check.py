@@ -226,7 +226,9 @@ def main(argv: list[str] | None = None) -> None:
     eval_args = [*common, "--supernet", str(fp32 / last), "--k", "2", "--val_batch_size", str(size.val_batch)]
 
     def search_run() -> Path:
-        stage2.search(stage2.parse_args([*eval_args, "--max-epochs", "1", "--population-num", "4",
+        # --prefix_cache_gb 2: the default takes what the fold leaves free, which the table cannot predict
+        stage2.search(stage2.parse_args([*eval_args, "--prefix_cache_gb", "2", "--max-epochs", "1",
+                                         "--population-num", "4",
                                          "--select-num", "2", "--mutation-num", "1", "--crossover-num", "1",
                                          "--save", str(search)]))
         return search / "search_result.json"
