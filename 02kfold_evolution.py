@@ -30,7 +30,7 @@ from tqdm import tqdm
 import utils.torch_floor  # noqa: F401  (first: an older torch stops here, with one line)
 from utils import distributed
 from utils.cli import add_eval_args, comma_list, non_negative_int, positive_int, probability, stage_parser
-from utils.data import batch_stream
+from utils.data import batch_stream, resolution
 from utils.draws import FoldDraws, ReferenceDraws
 from utils.errors import DataError, UsageError
 from utils.evaluation import Evaluation, evaluation_setup, gather_by_fold
@@ -46,7 +46,7 @@ from utils.results import (
     search_result_file,
     write_json,
 )
-from utils.runtime import fail_cleanly, seed_everything, use_tf32
+from utils.runtime import check_shared_memory, fail_cleanly, seed_everything, use_tf32
 from utils.search_files import FoldHistory, check_settings, read_state, state_path, write_state
 
 
@@ -88,6 +88,8 @@ def search(args: argparse.Namespace) -> dict:
     seed_everything(args.seed)  # seeds 0 for torch, numpy and random, as the reference
     torch.backends.cudnn.deterministic = True  # as the reference: a candidate scores the same each time
     setup = evaluation_setup(args)
+    loaders = check_shared_memory(args.workers, max(args.val_batch_size, args.recalibration_batch_size),
+                                  resolution(args.base_resolution, args.resolution_multiplier))
     model = setup.model.eval()
     model.change_precision(True, True)
     folds_to_search = args.folds if args.folds is not None else list(range(args.k))
@@ -108,6 +110,7 @@ def search(args: argparse.Namespace) -> dict:
     check_settings(save, settings)
     log = RunLog(save, enabled=distributed.is_main(), tensorboard=False)
     log.info(use_tf32(args.tf32, setup.device))
+    log.info(loaders)
     log.info(f"stage 2: {args.supernet} ({setup.config['arch']}, {setup.config['bits']}-bit, "
              f"{model.num_branches} branches), {setup.num_batches} validation batches in {args.k} folds"
              + (f", spread over {distributed.world_size()} processes" if distributed.is_distributed()
