@@ -104,8 +104,9 @@ def test_gpu_check_statuses_and_resume_tolerance(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: int(1.2 * 2**30))
     gpu.run("over the table", lambda: gpu.peak(2**30, "a stage"))
     gpu.run("within the table", lambda: gpu.peak(1.2 * 2**30, "a stage"))
+    gpu.run("far under the table", lambda: gpu.peak(1.5 * 2**30, "a stage"))
     statuses = [r["status"] for r in checks.results + gpu.results]
-    assert statuses == ["not exercised", "failed", "failed", "passed"]
+    assert statuses == ["not exercised", "failed", "failed", "passed", "failed"]
     assert not checks.report("cpu")  # a failed check fails the run
     state = {"w": torch.linspace(1, 2, 10_000), "n": torch.tensor(3)}
     close = {"w": state["w"] * (1 + 5e-4), "n": torch.tensor(3)}
