@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import utils.torch_floor  # noqa: F401  (first: an older torch stops here, with one line)
 from utils.checkpoint import checkpoint_name, latest_checkpoint
 from utils.cli import comma_list
 from utils.errors import UsageError
