@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import utils.torch_floor  # noqa: F401  (first: an older torch stops here, with one line)
 from models import Supernet, build_supernet
 from quant import ClipActivation
 from training.losses import kd_loss
@@ -42,10 +43,24 @@ from utils.checkpoint import (
     stage1_checkpoint,
 )
 from utils.cli import add_amp_arg, model_config, stage_parser
-from utils.data import Datasets, batch_stream, resolution, stage_datasets, to_device
+from utils.data import (
+    Datasets,
+    batch_stream,
+    resolution,
+    stage_datasets,
+    started_loader,
+    to_device,
+)
 from utils.errors import UsageError
 from utils.logs import RunLog
-from utils.runtime import fail_cleanly, load_back_ends, seed_everything, use_tf32
+from utils.runtime import (
+    check_amp,
+    check_shared_memory,
+    fail_cleanly,
+    load_back_ends,
+    seed_everything,
+    use_tf32,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -214,14 +229,17 @@ class Run:
         return self.last_saved
 
 
-def run_phase(run: Run, teacher: torch.nn.Module | None, data: Datasets, log: RunLog) -> None:
+def run_phase(run: Run, teacher: torch.nn.Module | None, data: Datasets, log: RunLog,
+              loader: tuple | None = None) -> None:
     """``run``'s phase from its iteration to its end: each iteration a global batch (this process's
-    pieces of it), a new selection and the reference's DataParallel step; reports and checkpoints."""
+    pieces of it), a new selection and the reference's DataParallel step; reports and checkpoints.
+    ``loader``: the stage's ``started_loader``, whose workers serve every phase."""
     args, model, device, phase, total = run.args, run.model, run.device, run.phase, run.total
     world, rank = distributed.world_size(), distributed.rank()
     wait = DataWait()
     stream = wait(batch_stream(data.train, args.batch_size, args.workers, args.seed, run.epoch, run.batch,
-                               drop_last=False, replicas=args.replicas, world=world, rank=rank))
+                               drop_last=False, replicas=args.replicas, world=world, rank=rank,
+                               source=loader))
     selections = Path(args.save) / "selections" / f"rank{rank}.txt"
     if args.record_selections:
         selections.parent.mkdir(parents=True, exist_ok=True)
@@ -241,8 +259,7 @@ def run_phase(run: Run, teacher: torch.nn.Module | None, data: Datasets, log: Ru
         if args.record_selections:
             with open(selections, "a") as f:
                 f.write(f"{phase} {run.iteration + 1} {','.join(map(str, selection))}\n")
-        logits, loss, _ = train_step(model, images, selection, criterion(teacher, images, labels, run.amp),
-                                     run.optimizer, run.amp, share)
+        logits, loss, _ = stage_step(model, teacher, images, labels, selection, run.optimizer, run.amp, share)
         run.scheduler.step()
         run.iteration += 1
         stats.add(loss, logits, labels, run.iteration)
@@ -286,7 +303,10 @@ def train(args: argparse.Namespace) -> None:
     world, rank = distributed.world_size(), distributed.rank()
     seed_everything(args.seed, rank)
     torch.backends.cudnn.benchmark = True  # as the reference: fixed shapes, the fastest kernels
+    check_amp(args.amp, device)
     data = stage_datasets(args)
+    loaders = check_shared_memory(args.workers, Share.of(args.batch_size, args.replicas, world, rank).images,
+                                  resolution(args.base_resolution, args.resolution_multiplier))
     config = model_config(args, data.num_classes)
     model = build_supernet(**config).to(device)
     image = torch.zeros(1, 3, *[resolution(args.base_resolution, args.resolution_multiplier)] * 2,
@@ -303,6 +323,7 @@ def train(args: argparse.Namespace) -> None:
     run.restore_rng()
     log = RunLog(Path(args.save), enabled=distributed.is_main())
     log.info(use_tf32(args.tf32, device))
+    log.info(loaders)
     pieces = piece_sizes(args.batch_size, args.replicas)
     log.info(f"stage 1: {config['arch']} supernet, {model.num_searchable_layers} searchable layers x "
              f"{model.num_branches} branches, {config['bits']}-bit, {data.num_classes} classes, "
@@ -318,27 +339,45 @@ def train(args: argparse.Namespace) -> None:
     def initialisation_images() -> torch.Tensor:
         return first_piece(data.train, args.batch_size, args.replicas, args.seed, device)
 
+    # The loader's workers start now, before the steps' memory grows, and serve both phases (a
+    # loader made for phase 2 would fork its workers from the grown process: utils.data.started_loader).
+    loader = started_loader(data.train, args.batch_size, args.workers, args.seed, run.epoch, run.batch,
+                            drop_last=False, replicas=args.replicas, world=world, rank=rank)
     for phase in range(run.phase, 3):
         run.start_phase(phase, initialisation_images)
-        run_phase(run, teacher, data, log)
+        run_phase(run, teacher, data, log, loader)
     log.info(f"stage 1 done; checkpoints, log.txt and TensorBoard events are in {Path(args.save).resolve()}"
              + (f"; last checkpoint {run.last_saved}" if run.last_saved else ""))
     log.close()
 
 
-def criterion(teacher: torch.nn.Module | None, images: torch.Tensor, labels: torch.Tensor, amp: Amp
-              ) -> Callable[[torch.Tensor, slice], torch.Tensor]:
+def stage_step(model: Supernet, teacher: torch.nn.Module | None, images: torch.Tensor, labels: torch.Tensor,
+               selection: list[int], optimizer: torch.optim.Optimizer, amp: Amp, share: Share
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stage 1's step on this process's ``images``: the teacher's logits of its pieces, then the
+    reference's DataParallel step of the student (``train_step``). ``bench.memory`` measures this
+    function, so the README's table is what the stage does."""
+    return train_step(model, images, selection, criterion(teacher, images, labels, amp, share), optimizer,
+                      amp, share)
+
+
+def criterion(teacher: torch.nn.Module | None, images: torch.Tensor, labels: torch.Tensor, amp: Amp,
+              share: Share | None = None) -> Callable[[torch.Tensor, slice], torch.Tensor]:
     """The loss of a piece's logits: distillation from the teacher (the method), or cross-entropy
-    on the labels without one. The teacher runs on the piece, under the same autocast as the student."""
+    on the labels without one.
+
+    The teacher runs here, on each piece of ``share`` (default: the whole of ``images``) under the
+    same autocast as the student, before the student's first forward: its activations are freed
+    before the student's are saved, so a device holds the larger of the two, not their sum (about
+    1 GiB less at pieces of 96, README "Memory"). Only its logits wait (a few MB). The teacher is
+    frozen and in eval mode and draws no random numbers, so when it runs does not change a value.
+    """
     if teacher is None:
         return lambda logits, piece: F.cross_entropy(logits, labels[piece])
-
-    def distillation(logits: torch.Tensor, piece: slice) -> torch.Tensor:
-        with torch.no_grad(), amp.autocast():
-            teacher_logits = teacher(images[piece]).float()
-        return kd_loss(logits, teacher_logits)
-
-    return distillation
+    share = share or Share.of(len(images))
+    with torch.no_grad(), amp.autocast():
+        targets = torch.cat([teacher(images[start:stop]).float() for start, stop in share.bounds()])
+    return lambda logits, piece: kd_loss(logits, targets[piece])
 
 
 if __name__ == "__main__":

@@ -20,12 +20,14 @@ log.txt, and each fold's search state is saved after every generation: a killed 
 inside its fold and ends as the uninterrupted one would.
 """
 import argparse
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+import utils.torch_floor  # noqa: F401  (first: an older torch stops here, with one line)
 from search.draws import FoldDraws, ReferenceDraws
 from search.evaluation import Evaluation, evaluation_setup, gather_by_fold
 from search.evolution import Candidate, EvolutionSearch, Ranked, uniform_search
@@ -42,10 +44,10 @@ from search.results import (
 )
 from utils import distributed
 from utils.cli import add_eval_args, comma_list, non_negative_int, positive_int, probability, stage_parser
-from utils.data import batch_stream
+from utils.data import batch_stream, resolution
 from utils.errors import DataError, UsageError
 from utils.logs import RunLog
-from utils.runtime import fail_cleanly, load_back_ends, seed_everything, use_tf32
+from utils.runtime import check_shared_memory, fail_cleanly, load_back_ends, seed_everything, use_tf32
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,10 +64,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--crossover-num", type=non_negative_int, default=15)
     parser.add_argument("--mutation-num", type=non_negative_int, default=15)
     parser.add_argument("--recalibration_batch_size", type=positive_int, default=128)
-    parser.add_argument("--prefix_cache_gb", type=float, default=2.0,
+    parser.add_argument("--prefix_cache_gb", type=float, default=None,
                         help="memory for the fold's stage outputs, reused by every candidate that "
                              "shares their prefix of branches (same accuracies, less compute; 0: off). "
-                             "Used when the validation batches fit in memory")
+                             "Used when the validation batches fit in memory. Default: on a GPU what "
+                             "the fold leaves free, else 2 (the log says what it chose)")
     parser.add_argument("--rng", choices=("fold", "reference"), default="fold",
                         help="fold: Python's random seeded --seed + fold per fold (folds independent: "
                              "--folds and torchrun work); reference: the reference's stream, numpy's "
@@ -85,6 +88,8 @@ def search(args: argparse.Namespace) -> dict:
     seed_everything(args.seed)  # seeds 0 for torch, numpy and random, as the reference
     torch.backends.cudnn.deterministic = True  # as the reference: a candidate scores the same each time
     setup = evaluation_setup(args)
+    loaders = check_shared_memory(args.workers, max(args.val_batch_size, args.recalibration_batch_size),
+                                  resolution(args.base_resolution, args.resolution_multiplier))
     model = setup.model.eval()
     model.change_precision(True, True)
     folds_to_search = args.folds if args.folds is not None else list(range(args.k))
@@ -105,6 +110,7 @@ def search(args: argparse.Namespace) -> dict:
     check_settings(save, settings)
     log = RunLog(save, enabled=distributed.is_main(), tensorboard=False)
     log.info(use_tf32(args.tf32, setup.device))
+    log.info(loaders)
     log.info(f"stage 2: {args.supernet} ({setup.config['arch']}, {setup.config['bits']}-bit, "
              f"{model.num_branches} branches), {setup.num_batches} validation batches in {args.k} folds"
              + (f", spread over {distributed.world_size()} processes" if distributed.is_distributed()
@@ -151,9 +157,10 @@ def fold_scorers(args: argparse.Namespace, setup: Evaluation, fold: int, calibra
     fold_range, full = fold_batches(setup.num_batches, args.k, fold)
     model = setup.model
     kept = setup.val.kept(fold_range)  # decoded once for all of the fold's candidates
-    if kept is not None and args.prefix_cache_gb > 0:  # on the GPU as far as it has room
-        on_fold = PrefixScorer.on_device(model, kept, calibration, setup.device,
-                                         args.prefix_cache_gb * 2**30, setup.replicas).accuracy
+    if kept is not None and args.prefix_cache_gb != 0:  # on the GPU as far as it has room
+        cache = None if args.prefix_cache_gb is None else args.prefix_cache_gb * 2**30
+        on_fold = PrefixScorer.on_device(model, kept, calibration, setup.device, cache,
+                                         setup.replicas).accuracy
     else:
         def on_fold(candidate):
             return setup.accuracy(candidate, kept if kept is not None else setup.val.stream(fold_range),
@@ -188,6 +195,8 @@ def search_fold(args: argparse.Namespace, setup: Evaluation, fold: int, calibrat
     save = Path(args.save)
     model = setup.model
     on_fold, on_rest = fold_scorers(args, setup, fold, calibration)
+    if isinstance(getattr(on_fold, "__self__", None), PrefixScorer):
+        log.info(f"fold {fold}: {on_fold.__self__.chose}")
     state_file = state_path(save, fold)
     saved = None if args.uniform else read_state(state_file)
     state, full_accs = saved if saved is not None else (None, {})
@@ -205,7 +214,7 @@ def search_fold(args: argparse.Namespace, setup: Evaluation, fold: int, calibrat
         final = epoch == args.max_epochs
         leader = (f", full_acc {full_acc(top[0][0]):.2f}" if final or args.leader_full_acc else "")
         log.info(f"fold {fold} {'final ranking' if final else f'epoch {epoch}/{args.max_epochs}'}: "
-                 f"top {len(top)} of {len(search.state.evaluated)} evaluated{leader}\n"
+                 f"top {len(top)} of {len(search().state.evaluated)} evaluated{leader}\n"
                  + "\n".join(f"  No.{i + 1} {c} fold_acc {acc:.2f}" for i, (c, acc) in enumerate(top)))
 
     if args.uniform:
@@ -214,14 +223,19 @@ def search_fold(args: argparse.Namespace, setup: Evaluation, fold: int, calibrat
         if state is not None:
             log.info(f"fold {fold}: continuing its search at epoch {state.generation}/{args.max_epochs} "
                      f"({len(state.evaluated)} candidates scored, {state_file})")
-        search = EvolutionSearch(
+        evolution = EvolutionSearch(
             model.num_searchable_layers, model.num_branches, scored,
             population_num=args.population_num, select_num=args.select_num,
             mutation_num=args.mutation_num, crossover_num=args.crossover_num, m_prob=args.m_prob,
             max_epochs=args.max_epochs, draws=fold_draws(args, save, fold), progress=candidates,
             state=state, ranked=ranked,
             checkpoint=lambda state: write_state(state_file, state, settings, full_accs))
-        result = search.run()
+        # ``ranked`` reads the search through a weak reference: the search holds ``ranked``, and a
+        # strong one back would be a cycle that keeps this fold's scorer (its images and prefix cache,
+        # GBs on a GPU) alive past its return, until a full garbage collection, into the next fold's
+        # room check.
+        search = weakref.ref(evolution)
+        result = evolution.run()
     candidates.close()
     return fold_record(fold, result.best_acc, full_acc(result.best),
                        list(result.best), result.num_evaluated, settings)

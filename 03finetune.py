@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import utils.torch_floor  # noqa: F401  (first: an older torch stops here, with one line)
 from search import reference_results
 from search.bn_recalibration import recalibrate_bn
 from search.evaluation import Evaluation, evaluation_setup, gather_by_fold
@@ -40,7 +41,14 @@ from utils.cli import add_amp_arg, add_eval_args, boolean, stage_parser
 from utils.data import batch_stream, resolution, to_device, train_loader
 from utils.errors import UsageError
 from utils.logs import RunLog
-from utils.runtime import fail_cleanly, load_back_ends, seed_everything, use_tf32
+from utils.runtime import (
+    check_amp,
+    check_shared_memory,
+    fail_cleanly,
+    load_back_ends,
+    seed_everything,
+    use_tf32,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -89,6 +97,9 @@ def search_result(args: argparse.Namespace, config: dict, model: torch.nn.Module
 def finetune(args: argparse.Namespace) -> dict:
     torch.backends.cudnn.benchmark = True  # as the reference: fixed shapes, the fastest kernels
     setup = evaluation_setup(args)
+    check_amp(args.amp, setup.device)
+    size = resolution(args.base_resolution, args.resolution_multiplier)
+    loaders = check_shared_memory(args.workers, max(args.batch_size, args.val_batch_size), size)
     found, source = search_result(args, setup.config, setup.model)
     setup.check_folds(found["folds"], args.k)
     # The folds are batch indices: stage 3 must split the validation set as stage 2 did.
@@ -102,6 +113,7 @@ def finetune(args: argparse.Namespace) -> dict:
     save = Path(args.save)
     log = RunLog(save, enabled=distributed.is_main())
     log.info(use_tf32(args.tf32, setup.device))
+    log.info(loaders)
     iters = args.iters_per_epoch or math.ceil(len(setup.data.train) / args.batch_size)
     log.info(f"stage 3: {len(found['archs'])} archs from {source}, supernet {args.supernet}, "
              f"{args.bn_epochs} epochs of {iters} iterations, lr {args.learning_rate_bnstabilize}"

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import utils.torch_floor  # noqa: F401  (first: an older torch stops here, with one line)
 from export.deploy import deploy, size_report
 from export.onnx_export import MIN_OPSET, OPSET, ORT_SETTINGS, ort_session, to_onnx
 from models import build_supernet

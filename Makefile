@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DATA := data
 
-.PHONY: demo test test-numeric lint data reproduce sweep
+.PHONY: demo test test-numeric lint data reproduce sweep torch-floor
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ NUMERIC_TESTS := $(addprefix tests/test_,$(addsuffix .py,mobilenet_v2 resnet var
   trajectories mutations training stage1 stage3))
 test-numeric: $(VENV)/.installed
 	$(PY) -m pytest -q $(NUMERIC_TESTS)
+
+# requirements.txt's oldest torch runs the project (tests/torch_floor.py): a virtual environment of its
+# own with exactly that release; every module imported, stage 1 one step per phase.
+FLOOR_VENV := .venv-floor
+torch-floor:
+	test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip install -q -r requirements.txt "torch==2.5.1" "torchvision==0.20.1"
+	$(FLOOR_VENV)/bin/python -m tests.torch_floor
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

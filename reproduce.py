@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import utils.torch_floor  # noqa: F401  (first: an older torch stops here, with one line)
 from reproduction.report import (
     METHODS,
     Row,

@@ -9,17 +9,20 @@ with PyTorch's ops: the fused CPU kernels are turned off, as a GPU does not have
   parameters left out), through ``torch.autograd.graph.saved_tensors_hooks``;
 - *peak*: the most bytes of tensors made by the step's operations alive at once (``LiveTensors``),
   what ``torch.cuda.max_memory_allocated`` counts over the parameters, gradients and optimizer
-  state (which are counted apart, by size). A training step's peak is its forward and backward
-  with the gradients already there (a piece of an accumulated step), and the optimizer's step;
+  state (which are counted apart, by size). The training steps are the stages' own, run as they
+  run: stage 1's ``stage_step`` (the teacher's logits of the pieces, then the student's DataParallel
+  step, ``training.step.train_step``, with the stage's Adam) and stage 3's (``train_step`` with
+  cross-entropy and the stage's SGD), each on a batch of two pieces, the gradients already there;
   an evaluation step's, a forward under ``inference_mode``.
 
-Each is measured at two batch sizes: the difference is the cost per image, the rest the cost per
+Each is measured at two piece sizes: the difference is the cost per image, the rest the cost per
 step (the quantized weights saved for backward, for example). A stage's memory per device is then
-the persistent state plus the larger of its steps' peaks at the piece it computes (SPEC 5a:
+the persistent state plus its steps' peak at the piece it computes (SPEC 5a:
 ``ceil(batch / replicas)`` images). Not counted: the CUDA context and cuDNN's workspaces (outside
-PyTorch's allocator), and the caching allocator's fragmentation; ``RESERVE`` keeps room for them.
+the step's tensors), and the caching allocator's fragmentation; ``RESERVE`` keeps room for them.
 """
 import argparse
+import importlib.util
 import math
 import os
 import weakref
@@ -32,10 +35,14 @@ import torchvision
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import utils.torch_floor  # noqa: F401  (first: an older torch stops here, with one line)
 from models import build_supernet
 from search.reference_results import REFERENCE_L2_BOUNDS
+from training.pieces import Share
+from training.step import Amp, train_step
 from utils.runtime import load_back_ends
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GB = 10**9  # GPU memory is sold in decimal gigabytes (a "16 GB" card has 16e9 bytes or a little more)
 GIB = 2**30
 RESERVE = 1.5 * GIB  # CUDA context, cuDNN workspaces, allocator fragmentation
@@ -124,18 +131,19 @@ class Figures:
 
     amp: str | None
     saved: Linear  # the supernet's training forward: tensors saved for backward
-    train: Linear  # the supernet's training step (forward, backward, optimizer), peak
+    train: Linear  # stage 3's step on a piece (forward, backward, SGD), peak
     eval: Linear  # the supernet's evaluation forward, peak
     teacher: Linear  # the teacher's forward (no gradient), peak
     parameters: int  # the supernet's
     teacher_parameters: int
+    stage1_step: Linear  # stage 1's step on a piece (teacher, student, loss, backward, Adam), peak
 
     def stage1(self, piece: int, batch_per_device: int) -> float:
         """Stage 1: parameters, gradients and Adam's two moments; the teacher's weights; the
-        process's batch as uint8 and float32; the larger of the teacher's and the student's step
-        on a piece (the teacher runs before the student's forward, piece by piece)."""
+        process's batch as uint8 and float32; the peak of the stage's step on pieces of ``piece``
+        (measured as it runs: the teacher's activations are gone before the student's forward)."""
         return (4 * self.parameters + self.teacher_parameters + batch_per_device * IMAGE * 5
-                + max(self.teacher(piece), self.train(piece)))
+                + self.stage1_step(piece))
 
     def stage3(self, piece: int, batch_per_device: int, val_batch: int) -> float:
         """Stage 3: parameters, gradients and SGD's momentum; the process's batch; the larger of a
@@ -168,16 +176,37 @@ def imagenet_supernet() -> torch.nn.Module:
     return model
 
 
+def stage_script(name: str):
+    """A numbered stage script (``01train_supernet.py``) as a module, to run its functions here."""
+    spec = importlib.util.spec_from_file_location(name[2:-3], os.path.join(ROOT, name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def step_resident(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  teacher: torch.nn.Module | None = None) -> list[torch.Tensor]:
+    """What a training step finds on the device and does not make: the parameters, gradients,
+    optimizer state and buffers (of the teacher too)."""
+    params = list(model.parameters())
+    state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    nets = [model] + ([teacher] if teacher is not None else [])
+    return (params + [p.grad for p in params if p.grad is not None] + state
+            + [t for net in nets for t in (*net.parameters(), *net.buffers())])
+
+
 def measure(amp: str | None, device: torch.device = torch.device("cpu"), sizes: tuple[int, int] = (2, 4),
             model: torch.nn.Module | None = None, resolution: int = 224,
             teacher: torch.nn.Module | None = None) -> Figures:
     """The figures of ``model`` (default: the ImageNet supernet) at ``resolution``, in float32 or
     under ``--amp bf16|fp16`` autocast. (``main`` measures PyTorch's ops, as a GPU runs them: on
     the CPU the fused kernels would save other tensors.)"""
+    stage1, stage3 = stage_script("01train_supernet.py"), stage_script("03finetune.py")
     model = (model or imagenet_supernet()).to(device)
     teacher = (teacher or torchvision.models.resnet50()).to(device).eval()
     params = list(model.parameters())
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp, torch.float32)
+    mixed = Amp(amp, device)
     selection = [0] * model.num_searchable_layers
     gen = torch.Generator().manual_seed(0)
 
@@ -192,24 +221,34 @@ def measure(amp: str | None, device: torch.device = torch.device("cpu"), sizes: 
             logits = model(x, selection)
         return F.cross_entropy(logits.float(), torch.zeros(len(x), dtype=torch.long, device=device))
 
-    optimizer = torch.optim.Adam(params, lr=1e-6, foreach=True)
     model.train()
-    forward(images(2)).backward()  # gradients and Adam's state exist, as in every step but the first
-    for p in params:  # every parameter has a gradient, as in the stages (training.step)
-        p.grad = torch.zeros_like(p) if p.grad is None else p.grad
-    optimizer.step()
-    state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
-    resident = params + [p.grad for p in params] + state + list(model.buffers())
+    adam, _ = stage1.phase_optimizer(model, 1e-9, 0.0, 1)
+    sgd = stage3.bn_stabilize_optimizer(model, 1e-9)
+
+    def step_peak(run: Callable[[torch.Tensor, torch.Tensor, Share], object],
+                  optimizer: torch.optim.Optimizer, net: torch.nn.Module | None = None
+                  ) -> Callable[[int], int]:
+        """The peak of ``run(images, labels, share)`` on a batch of two pieces of ``n``, after a first
+        step (gradients and the optimizer's state exist, as in every step but the first)."""
+        def peak(n: int) -> int:
+            x, labels = images(2 * n), torch.zeros(2 * n, dtype=torch.long, device=device)
+            share = Share.of(2 * n, 2)
+            model.train()
+            run(x, labels, share)
+            with LiveTensors(step_resident(model, optimizer, net) + [x, labels]) as live:
+                run(x, labels, share)
+            return live.peak
+        return peak
+
+    def stage1_step(x: torch.Tensor, labels: torch.Tensor, share: Share):
+        return stage1.stage_step(model, teacher, x, labels, selection, adam, mixed, share)
+
+    def stage3_step(x: torch.Tensor, labels: torch.Tensor, share: Share):
+        return train_step(model, x, selection, lambda logits, piece: F.cross_entropy(logits, labels[piece]),
+                          sgd, mixed, share)
 
     def saved(n: int) -> int:
         return saved_bytes(lambda: forward(images(n)), params)
-
-    def train_peak(n: int) -> int:
-        x = images(n)
-        with LiveTensors(resident + [x]) as live:
-            forward(x).backward()
-            optimizer.step()
-        return live.peak
 
     def eval_peak(net: torch.nn.Module, run: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[int], int]:
         def peak(n: int) -> int:
@@ -221,12 +260,15 @@ def measure(amp: str | None, device: torch.device = torch.device("cpu"), sizes: 
             return live.peak
         return peak
 
-    figures = Figures(amp, fit(saved, sizes), fit(train_peak, sizes),
+    figures = Figures(amp, fit(saved, sizes), fit(step_peak(stage3_step, sgd), sizes),
                       fit(eval_peak(model, lambda x: model(x, selection)), sizes),
                       fit(eval_peak(teacher, teacher), sizes),
                       sum(p.numel() * p.element_size() for p in params),
-                      sum(p.numel() * p.element_size() for p in teacher.parameters()))
-    optimizer.zero_grad(set_to_none=True)
+                      sum(p.numel() * p.element_size() for p in teacher.parameters()),
+                      fit(step_peak(stage1_step, adam, teacher), sizes))
+    model.train()
+    for p in params:
+        p.grad = None
     return figures
 
 
@@ -256,7 +298,8 @@ def per_image_lines(figures: Figures) -> list[str]:
     def line(name: str, f: Linear) -> str:
         return f"  {name}: {f.per_image / 2**20:.2f} MiB per image + {f.per_step / 2**20:.0f} MiB per step"
     return [f"{figures.amp or 'float32'}:", line("saved for backward", figures.saved),
-            line("training step, peak", figures.train), line("evaluation, peak", figures.eval),
+            line("stage 1's step (teacher and student), peak", figures.stage1_step),
+            line("stage 3's step, peak", figures.train), line("evaluation, peak", figures.eval),
             line("teacher (ResNet-50, no gradient), peak", figures.teacher),
             f"  parameters {figures.parameters / 2**20:.1f} MiB, "
             f"the teacher's {figures.teacher_parameters / 2**20:.1f} MiB"]

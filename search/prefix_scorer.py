@@ -28,6 +28,7 @@ Activations = tuple[list[torch.Tensor], list[torch.Tensor]]  # calibration outpu
 
 
 MARGIN = 0.9  # of the free GPU memory: the rest for the allocator's fragmentation and cuDNN
+CPU_CACHE = 2 * 2**30  # the cache's default in host memory (on a GPU: what the fold leaves free)
 
 
 class PrefixScorer:
@@ -72,13 +73,27 @@ class PrefixScorer:
 
     @classmethod
     def on_device(cls, model: Supernet, batches: Sequence[Batch], calibration: Sequence[Batch],
-                  device: torch.device, cache_bytes: float, replicas: int = 1) -> "PrefixScorer":
+                  device: torch.device, cache_bytes: float | None, replicas: int = 1) -> "PrefixScorer":
         """A scorer that fits ``device`` (``fold_chunk``): the fold moved to a GPU and computed at
-        once where it has room, else left in host memory and computed chunk after chunk."""
-        chunk = fold_chunk(model, batches, calibration, device, cache_bytes)
+        once where it has room, else left in host memory and computed chunk after chunk. A cache
+        of ``None`` bytes takes what the fold leaves free on a GPU (``cache_room``), so a large
+        card keeps every stage's outputs of the fold; on the CPU ``CPU_CACHE``. ``chose`` says what
+        it chose, for the log."""
+        given = cache_bytes is not None
+        if given:
+            chunk = fold_chunk(model, batches, calibration, device, cache_bytes)
+        else:  # the fold first, the cache in what it leaves
+            chunk = fold_chunk(model, batches, calibration, device, 0)
+            cache_bytes = cache_room(model, batches, calibration, device) if chunk == 0 else 0
         if device.type == "cuda" and chunk == 0:
             batches = [(x.to(device), y.to(device)) for x, y in batches]
-        return cls(model, batches, calibration, device, cache_bytes, chunk, replicas)
+        scorer = cls(model, batches, calibration, device, cache_bytes, chunk, replicas)
+        source = ("--prefix_cache_gb" if given else
+                  "what the fold leaves free" if device.type == "cuda" else "the default in host memory")
+        scorer.chose = (f"prefix cache {cache_bytes / 2**30:.2f} GiB ({source}), the fold "
+                        + ("at once" if chunk == 0 else f"{chunk} batches at a time")
+                        + (f" on {device}" if device.type == "cuda" else ""))
+        return scorer
 
     def _start(self, chunk: int) -> Activations:
         scored = []
@@ -169,9 +184,29 @@ def fold_chunk(model: Supernet, batches: Sequence[Batch], calibration: Sequence[
     if device.type != "cuda":
         return 0
     per_image = bytes_per_image(model, batches[0][0].shape[1:], device)
-    room = MARGIN * torch.cuda.mem_get_info(device)[0] - cache_bytes - per_image * sum(
-        len(images) for images, _ in calibration)
+    room = (MARGIN * device_free(device) - cache_bytes
+            - per_image * sum(len(images) for images, _ in calibration))
     uint8 = sum(images.numel() * images.element_size() for images, _ in batches)
     if uint8 + per_image * sum(len(images) for images, _ in batches) <= room:
         return 0
     return max(1, int(room // (per_image * max(len(images) for images, _ in batches))))
+
+
+def device_free(device: torch.device) -> int:
+    """Bytes a GPU has for new tensors: what the driver has free (``mem_get_info``) and the blocks
+    PyTorch's caching allocator holds unused (``memory_reserved - memory_allocated``: freed tensors,
+    a previous fold's, kept for reuse), which the driver counts as used."""
+    return (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+            - torch.cuda.memory_allocated(device))
+
+
+def cache_room(model: Supernet, batches: Sequence[Batch], calibration: Sequence[Batch],
+               device: torch.device) -> float:
+    """The prefix cache's default: on a GPU what the fold, there at once, leaves of ``fold_chunk``'s
+    room; ``CPU_CACHE`` elsewhere."""
+    if device.type != "cuda":
+        return CPU_CACHE
+    per_image = bytes_per_image(model, batches[0][0].shape[1:], device)
+    images = sum(len(x) for x, _ in batches) + sum(len(x) for x, _ in calibration)
+    uint8 = sum(x.numel() * x.element_size() for x, _ in batches)
+    return max(0.0, MARGIN * device_free(device) - uint8 - per_image * images)

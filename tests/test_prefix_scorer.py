@@ -159,6 +159,8 @@ def fake_gpu(monkeypatch, free: float) -> torch.device:
     """A GPU with ``free`` bytes (the CUDA memory query mocked); the scorer's probe runs on the CPU."""
     real = prefix_scorer.bytes_per_image
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (int(free), 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 0)
     monkeypatch.setattr(prefix_scorer, "bytes_per_image",
                         lambda model, shape, device: real(model, shape, CPU))
     return torch.device("cuda", 0)

@@ -41,12 +41,18 @@ def give_every_parameter_a_gradient(optimizer: torch.optim.Optimizer) -> None:
     parameter a gradient, zero where the selection did not use it, so its optimizer steps every
     parameter at every iteration (SPEC 3): Adam keeps moving the branches that were not selected
     and applies their clips' L2 decay. Gradients left ``None`` would make PyTorch skip them.
+    The existing gradients are zeroed in one ``_foreach_zero_`` (a few kernels on a GPU, where
+    ``zero_grad`` of an optimizer without ``foreach``, stage 3's SGD, zeroes each of the ~1,200 alone).
     """
-    optimizer.zero_grad(set_to_none=False)
+    grads = []
     for group in optimizer.param_groups:
         for p in group["params"]:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+            else:
+                grads.append(p.grad)
+    if grads:
+        torch._foreach_zero_(grads)
 
 
 def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -56,6 +62,14 @@ def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 def statistics(model: nn.Module) -> list[torch.Tensor]:
     """Every BatchNorm's running statistics and ``num_batches_tracked``."""
     return [b for m in batch_norms(model) for b in m.buffers()]
+
+
+def keep(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of ``tensors`` in one operation (``_foreach_copy_``; the allocations launch nothing),
+    where a ``clone`` each would be ~1,400 kernels per step for the supernet's BN statistics."""
+    kept = [torch.empty_like(t) for t in tensors]
+    torch._foreach_copy_(kept, tensors)
+    return kept
 
 
 def train_step(model: nn.Module, images: torch.Tensor, selection: Sequence[int],
@@ -86,7 +100,7 @@ def train_step(model: nn.Module, images: torch.Tensor, selection: Sequence[int],
     kept, logits, losses = None, [], []
     for index, (start, stop) in enumerate(share.bounds()):
         if index == int(share.keeps_statistics):  # the updates from here on are the other devices'
-            kept = [b.clone() for b in statistics(model)]
+            kept = keep(statistics(model))
         piece = slice(start, stop)
         with amp.autocast():
             piece_logits = model(images[piece], selection)
@@ -95,8 +109,7 @@ def train_step(model: nn.Module, images: torch.Tensor, selection: Sequence[int],
         logits.append(piece_logits.detach())
         losses.append(loss.detach() * ((stop - start) / share.images))
     if kept is not None:
-        for buffer, value in zip(statistics(model), kept, strict=True):
-            buffer.copy_(value)
+        torch._foreach_copy_(statistics(model), kept)
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     if share.world > 1:  # a batch over processes (stage 3's processes train archs of their own)
         distributed.all_reduce_sum_coalesced([p.grad for p in parameters])

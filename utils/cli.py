@@ -1,5 +1,6 @@
 """The command line of the stage scripts: the flags they share and the model config they describe."""
 import argparse
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -146,7 +147,18 @@ def add_replicas_arg(parser: argparse.ArgumentParser, default: int | None = REPL
 def add_loader_args(parser: argparse.ArgumentParser) -> None:
     """Where built-in datasets are and how many processes load them (every stage, and the export)."""
     parser.add_argument("--data-root", default="data", help="where built-in datasets are unpacked")
-    parser.add_argument("-j", "--workers", type=int, default=4, help="data loading workers")
+    parser.add_argument("-j", "--workers", type=int, default=default_workers(),
+                        help="data loading workers per process (default: the CPU cores per process, "
+                             f"at most {MAX_WORKERS}: {default_workers()} here)")
+
+
+MAX_WORKERS = 16  # beyond, a DataLoader's workers gain little (each holds the dataset's index)
+
+
+def default_workers() -> int:
+    """The CPU cores this process may use, shared by the processes torchrun starts on the node."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(MAX_WORKERS, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def add_trust_arg(parser: argparse.ArgumentParser) -> None:

@@ -9,6 +9,7 @@ loaded, with nothing to install.
 """
 import ctypes
 import ctypes.util
+import os
 import sys
 
 # mallopt parameters, from glibc's malloc.h
@@ -31,3 +32,20 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
+def process_tree_pss(pid: int | None = None) -> int:
+    """Bytes of memory of process ``pid`` (default: this one) and its descendants (loader workers),
+    each page shared between them counted once (the sum of their proportional set sizes, Linux's
+    ``smaps_rollup``); 0 where there is no ``/proc``."""
+    pending, total = [pid or os.getpid()], 0
+    while pending:
+        current = pending.pop()
+        try:
+            with open(f"/proc/{current}/smaps_rollup") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("Pss:")) * 1024
+            with open(f"/proc/{current}/task/{current}/children") as f:
+                pending += [int(child) for child in f.read().split()]
+        except (OSError, StopIteration):  # gone meanwhile, or no /proc
+            continue
+    return total

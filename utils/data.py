@@ -279,16 +279,39 @@ def train_loader(dataset: Dataset, batch_size: int, workers: int, seed: int, dro
 
 
 def batch_stream(dataset: Dataset, batch_size: int, workers: int, seed: int, epoch: int = 0,
-                 batch: int = 0, drop_last: bool = True, replicas: int = 1, world: int = 1, rank: int = 0
+                 batch: int = 0, drop_last: bool = True, replicas: int = 1, world: int = 1, rank: int = 0,
+                 source: tuple[DataLoader, ShareBatches] | None = None
                  ) -> Iterator[tuple[int, int, tuple[torch.Tensor, torch.Tensor]]]:
     """Endless training batches as ``(epoch, batch index, (images, labels))``, from any position:
-    this process's share of each global batch of ``batch_size`` (``train_loader``)."""
-    loader, batches = train_loader(dataset, batch_size, workers, seed, drop_last, replicas, world, rank)
+    this process's share of each global batch of ``batch_size`` (``train_loader``). ``source``: a
+    ``train_loader`` of those settings made earlier (``started_loader``), whose persistent workers
+    serve this stream too."""
+    loader, batches = source or train_loader(dataset, batch_size, workers, seed, drop_last, replicas, world,
+                                             rank)
     while True:
         batches.set_epoch(epoch, batch)
         for index, item in enumerate(loader, batch):
             yield epoch, index, item
         epoch, batch = epoch + 1, 0
+
+
+def started_loader(dataset: Dataset, batch_size: int, workers: int, seed: int, epoch: int, batch: int,
+                   drop_last: bool = True, replicas: int = 1, world: int = 1, rank: int = 0
+                   ) -> tuple[DataLoader, ShareBatches]:
+    """A ``train_loader`` whose workers start now, reading from ``(epoch, batch)`` on, to serve every
+    ``batch_stream`` of a stage (``source``).
+
+    A worker is a fork of the process: it shares the process's memory as it is at that moment, and
+    each page the process writes afterwards is copied. Workers forked once the training step's memory
+    has grown (a new loader for stage 1's phase 2, formerly) keep that heap alive beside the one the
+    process goes on writing, which doubles it (12 GB more at the ImageNet defaults on a CPU host).
+    Started before the first step and persistent, the workers share only the small process they
+    forked from; the data order is the sampler's, the same however the loader is made.
+    """
+    loader, batches = train_loader(dataset, batch_size, workers, seed, drop_last, replicas, world, rank)
+    batches.set_epoch(epoch, batch)
+    iter(loader)  # persistent workers: the loader keeps this iterator and resets it for each epoch
+    return loader, batches
 
 
 Batch = tuple[torch.Tensor, torch.Tensor]

@@ -68,11 +68,24 @@ def setup(device_name: str | None, timeout_minutes: float) -> torch.device:
             torch.cuda.set_device(device)
         # device_id binds the NCCL communicator to this GPU at once (no guessing of a rank's GPU
         # at the first collective, no context made on GPU 0 by every process).
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=timeout_minutes),
-                                device_id=device if device.type == "cuda" else None)
+        backend = backend_for(device)
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes),
+                                device_id=device if backend == "nccl" else None)
     _in_use = device
     return device
+
+
+BACKEND_VARIABLE = "BASQ_DIST_BACKEND"
+
+
+def backend_for(device: torch.device) -> str:
+    """NCCL on GPUs, gloo on the CPU; ``BASQ_DIST_BACKEND=gloo`` for processes that share a GPU
+    (NCCL refuses two ranks on one device; gloo reduces CUDA tensors through the host, slower), as
+    ``bench.gpu_check`` runs 2 processes on a one-GPU machine."""
+    backend = os.environ.get(BACKEND_VARIABLE) or ("nccl" if device.type == "cuda" else "gloo")
+    if backend not in ("nccl", "gloo") or (backend == "nccl" and device.type != "cuda"):
+        raise UsageError(f"{BACKEND_VARIABLE}={backend}: give gloo, or nccl on GPUs")
+    return backend
 
 
 def local_gpu() -> int:
@@ -141,8 +154,8 @@ def _coalesced(tensors: list[torch.Tensor], collective: Callable[[torch.Tensor],
         group = [t for t in tensors if t.dtype == dtype]
         flat = torch.cat([t.reshape(-1) for t in group])
         collective(flat)
-        for t, value in zip(group, flat.split([t.numel() for t in group]), strict=True):
-            t.copy_(value.view_as(t))
+        values = flat.split([t.numel() for t in group])
+        torch._foreach_copy_(group, [v.view_as(t) for t, v in zip(group, values, strict=True)])  # one op
 
 
 def all_reduce_sum_coalesced(tensors: list[torch.Tensor]) -> None:

@@ -2,6 +2,7 @@
 import argparse
 import importlib
 import math
+import os
 import random
 import re
 import sys
@@ -14,7 +15,7 @@ import torch
 from . import distributed
 from .cpu_memory import keep_freed_memory
 from .data import rank_seed
-from .errors import BasqError
+from .errors import BasqError, UsageError
 
 # The back ends the entry points load: each registers its fused paths with quant.fused on import.
 BACK_ENDS = ("cpu_kernels",)
@@ -62,6 +63,50 @@ def use_tf32(enabled: bool, device: torch.device) -> str:
         return ("TF32: on for float32 convolutions (PyTorch's default, as the reference's PyTorch 1.x; "
                 "--tf32 off for float32 arithmetic)")
     return "TF32: off (--tf32 off): float32 convolutions in float32"
+
+
+def check_amp(mode: str | None, device: torch.device) -> None:
+    """``--amp bf16`` on a GPU without bfloat16 arithmetic (before Ampere, compute capability 8.0) is
+    refused before anything runs: PyTorch would emulate it, slowly, or fail inside a kernel."""
+    if mode != "bf16" or device.type != "cuda":
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        raise UsageError(f"--amp bf16: {torch.cuda.get_device_name(device)} (compute capability "
+                         f"{major}.{minor}) has no bfloat16 arithmetic (Ampere, 8.0, and later have): "
+                         "use --amp fp16, or leave --amp out (float32)")
+
+
+SHARED_MEMORY = "/dev/shm"
+PREFETCH = 2  # batches each loader worker holds in flight (DataLoader's prefetch_factor)
+
+
+def shared_memory_free(path: str = SHARED_MEMORY) -> int | None:
+    """Bytes free in ``path`` (where loader workers put their batches), or None where there is none."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def check_shared_memory(workers: int, batch_images: int, resolution: int, free: int | None = None) -> str:
+    """Refuse loader workers whose batches in flight (``PREFETCH`` per worker, uint8 images) do not
+    fit the shared memory they are handed over in (Docker gives a container 64 MB): PyTorch would
+    fail at the first batch, inside a worker. Returns the line a stage logs about its loaders."""
+    if workers <= 0:
+        return "data loading in the main process (-j 0)"
+    batch = batch_images * 3 * resolution**2
+    need = workers * PREFETCH * batch
+    free = shared_memory_free() if free is None else free
+    if free is not None and need > free:
+        raise UsageError(
+            f"{SHARED_MEMORY} has {free / 1e6:.0f} MB free, and -j {workers} loader workers hold up to "
+            f"{need / 1e6:.0f} MB of batches there ({PREFETCH} each of {batch / 1e6:.0f} MB): give the "
+            f"container more shared memory (Docker: --shm-size {max(1, math.ceil(2 * need / 1e9))}g), "
+            "or load in the main process with -j 0 (slower)")
+    return (f"{workers} loader workers (-j; default the CPU cores per process, at most 16), "
+            f"{need / 1e6:.0f} MB of batches in flight in {SHARED_MEMORY}")
 
 
 OOM_DETAILS = (r"Tried to allocate [\d.]+ \w+", r"GPU \d+ has a total capacity of [\d.]+ \w+")
