@@ -18,7 +18,8 @@ from utils.torch_floor import TORCH_FLOOR, release
 from .conftest import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("bench", "cpu_kernels", "export", "models", "quant", "utils")
+PACKAGES = ("bench", "cpu_kernels", "export", "models", "quant", "reproduction", "search", "training",
+            "utils")
 
 
 def main() -> None:
