@@ -68,7 +68,8 @@ def keep(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Copies of ``tensors`` in one operation (``_foreach_copy_``; the allocations launch nothing),
     where a ``clone`` each would be ~1,400 kernels per step for the supernet's BN statistics."""
     kept = [torch.empty_like(t) for t in tensors]
-    torch._foreach_copy_(kept, tensors)
+    if kept:  # a model without BatchNorms keeps nothing (``_foreach_copy_`` refuses empty lists)
+        torch._foreach_copy_(kept, tensors)
     return kept
 
 
@@ -108,7 +109,7 @@ def train_step(model: nn.Module, images: torch.Tensor, selection: Sequence[int],
         amp.scaler.scale(loss * ((stop - start) / share.batch)).backward()
         logits.append(piece_logits.detach())
         losses.append(loss.detach() * ((stop - start) / share.images))
-    if kept is not None:
+    if kept:
         torch._foreach_copy_(statistics(model), kept)
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     if share.world > 1:  # a batch over processes (stage 3's processes train archs of their own)
