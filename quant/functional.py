@@ -89,10 +89,11 @@ def clip_codes(x: torch.Tensor, upper: torch.Tensor, delta: torch.Tensor) -> tor
     return torch.clamp(x, min=torch.zeros_like(upper), max=upper).div_(delta).round_()
 
 
-def lsq_codes(q: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    """LSQ's level of each value, ``round(clamp(q, lo, hi))`` of ``q = x / step``; a new tensor.
-    Times the step: the quantized values."""
-    return torch.clamp(q, lo, hi).round_()
+def lsq_codes(q: torch.Tensor, lo: float, hi: float, in_place: bool = False) -> torch.Tensor:
+    """LSQ's level of each value, ``round(clamp(q, lo, hi))`` of ``q = x / step``: a new tensor, or
+    ``q`` itself with ``in_place`` (evaluation, where nothing else keeps ``q``). Times the step: the
+    quantized values."""
+    return (q.clamp_(lo, hi) if in_place else torch.clamp(q, lo, hi)).round_()
 
 
 def _kernels(*tensors: torch.Tensor):
@@ -168,9 +169,10 @@ class LsqQuantize(torch.autograd.Function):
         shape[dim] = -1
         a = a.view(shape)
         q = x / a
-        if any(ctx.needs_input_grad):
+        training = any(ctx.needs_input_grad)
+        if training:
             ctx.save_for_backward(q, None)
-        return lsq_codes(q, lo, hi).mul_(a)
+        return lsq_codes(q, lo, hi, in_place=not training).mul_(a)  # evaluation: no second tensor
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

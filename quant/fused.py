@@ -30,7 +30,6 @@ def register(name: str, fused_path: Any) -> None:
     _PATHS[name] = fused_path
 
 
-
 def path(name: str) -> Any | None:
     """The fused path registered for ``name``; ``None`` where there is none or inside ``pytorch_only``."""
     return None if _OFF.get() else _PATHS.get(name)
