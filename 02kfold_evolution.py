@@ -151,16 +151,18 @@ def check_reference_stream(args: argparse.Namespace) -> None:
                          f"({distributed.world_size()} processes), or use --rng fold")
 
 
-def fold_scorers(args: argparse.Namespace, setup: Evaluation, fold: int, calibration: list
+def fold_scorers(args: argparse.Namespace, setup: Evaluation, fold: int, calibration: list, log: RunLog
                  ) -> tuple[Callable[[Candidate], float], Callable[[Candidate], float]]:
-    """Top-1 of a candidate on the fold, and on every other batch (its full accuracy)."""
+    """Top-1 of a candidate on the fold, and on every other batch (its full accuracy); the log says
+    how the prefix scorer was sized."""
     fold_range, full = fold_batches(setup.num_batches, args.k, fold)
     model = setup.model
     kept = setup.val.kept(fold_range)  # decoded once for all of the fold's candidates
     if kept is not None and args.prefix_cache_gb != 0:  # on the GPU as far as it has room
         cache = None if args.prefix_cache_gb is None else args.prefix_cache_gb * 2**30
-        on_fold = PrefixScorer.on_device(model, kept, calibration, setup.device, cache,
-                                         setup.replicas).accuracy
+        scorer = PrefixScorer.on_device(model, kept, calibration, setup.device, cache, setup.replicas)
+        log.info(f"fold {fold}: {scorer.chose}")
+        on_fold = scorer.accuracy
     else:
         def on_fold(candidate):
             return setup.accuracy(candidate, kept if kept is not None else setup.val.stream(fold_range),
@@ -194,9 +196,7 @@ def search_fold(args: argparse.Namespace, setup: Evaluation, fold: int, calibrat
     winner's full accuracy."""
     save = Path(args.save)
     model = setup.model
-    on_fold, on_rest = fold_scorers(args, setup, fold, calibration)
-    if isinstance(getattr(on_fold, "__self__", None), PrefixScorer):
-        log.info(f"fold {fold}: {on_fold.__self__.chose}")
+    on_fold, on_rest = fold_scorers(args, setup, fold, calibration, log)
     state_file = state_path(save, fold)
     saved = None if args.uniform else read_state(state_file)
     state, full_accs = saved if saved is not None else (None, {})

@@ -110,7 +110,7 @@ def test_the_cases_exercise_giving_up(replay):
 
 def fixture_scorers(table: list):
     """Stage 2's ``fold_scorers`` replaced by the fixture's scorer (the model is not asked)."""
-    def scorers(args, setup, fold, calibration):
+    def scorers(args, setup, fold, calibration, log):
         return (lambda cand: fold_acc(table, fold, cand)), (lambda cand: full_acc(table, fold, cand))
     return scorers
 
