@@ -4,7 +4,7 @@ line instead of an ``AttributeError`` from inside an import or a ``TypeError`` m
 2.5: ``torch.OutOfMemoryError`` (new in 2.5; ``utils.runtime``'s annotations evaluate it at import),
 and from earlier 2.x releases ``torch.amp.GradScaler(device)`` and ``init_process_group(device_id=...)``.
 ``make torch-floor`` imports every module and runs stage 1 under exactly this release (README,
-"Install"); ``requirements.txt`` names the same floor (tested).
+"Two commands"); ``requirements.txt`` names the same floor (tested).
 """
 import torch
 
