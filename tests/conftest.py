@@ -7,6 +7,7 @@ import torch
 
 import cpu_kernels  # noqa: F401  the tests run the back end's fused paths, as the stages do
 from bench.images import make_image_folder
+from bench.memory import stage_script as load_script  # noqa: F401  (the tests' way to a stage script)
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(os.environ.get("BASQ_FIXTURES", ROOT.parent / "shared" / "fixtures"))
@@ -110,16 +111,6 @@ def normalised(images: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("imagenet-layout"))
-
-
-def load_script(name: str):
-    """Import a numbered stage script (``01train_supernet.py``) as a module."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name.replace(".py", "").lstrip("0123456789"), ROOT / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_script(*args: str, cwd: Path | None = None):
