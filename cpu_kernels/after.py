@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from quant.clip import ClipActivation
-from quant.functional import clip_range, lsq_scale, lsq_step, piece_numel
+from quant.functional import clip_range, lsq_scale, lsq_step
 from quant.lsq import LsqActivation
 
 from . import library as native
@@ -29,10 +29,11 @@ def quantizer_tensors(quantizer: nn.Module | None) -> tuple:
     return None, None, None, 0.0
 
 
-def lsq_step_and_scale(s: torch.Tensor, x: torch.Tensor, hi: float) -> tuple[torch.Tensor, float]:
-    """The step LSQ quantizes ``x`` with (``lsq_step``) and its gradient scale ``k``
-    (``lsq_scale`` of one piece of ``x``: ``piece_numel``), as ``quant.LsqActivation`` takes them."""
-    k = lsq_scale(piece_numel(x), hi)
+def lsq_step_and_scale(s: torch.Tensor, x: torch.Tensor, hi: float,
+                       piece_images: int) -> tuple[torch.Tensor, float]:
+    """The step LSQ quantizes a piece of ``piece_images`` images of ``x`` with (``lsq_step``) and its
+    gradient scale ``k`` (``lsq_scale`` of the piece's elements), as ``quant.LsqActivation`` takes them."""
+    k = lsq_scale(x[0].numel() * piece_images, hi)
     return lsq_step(s, k), k
 
 

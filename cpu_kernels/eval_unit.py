@@ -17,7 +17,7 @@ from torch import nn
 from models import units as model_units
 from models.skip import FlexibleSkip
 from quant import fused
-from quant.functional import values_key
+from quant.functional import piece_runs, values_key
 
 from . import checks
 from . import library as native
@@ -35,6 +35,7 @@ def applies(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, bn_post: n
     """Whether the fused kernels can run this unit: no autograd, eval-mode BatchNorms, CPU float32,
     no hooks on the parts the kernels stand in for, the model's skip, and this process's check passed."""
     return (not torch.is_grad_enabled() and x.dim() == 4 and native.usable(x)
+            and len(piece_runs(x.shape[0])) == 1  # one k: evaluation's runs of equal pieces
             and quantizes_after(quantizer) and type(skip) is FlexibleSkip
             and all(_in_evaluation(bn) for bn in (bn_pre, bn_post, bn_last)) and is_exact())
 
@@ -68,7 +69,7 @@ def unit(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, conv: nn.Modu
     pre = _bn_terms(bn_pre)  # held here: the kernel reads them
     clip, bin_, step, hi = quantizer_tensors(quantizer)
     if step is not None:  # held here: the kernel reads it
-        step = lsq_step_and_scale(step, x, hi)[0]
+        step = lsq_step_and_scale(step, x, hi, piece_runs(n)[0][2])[0]
     after = after_quantizer(clip, bin_, step, hi)
     lib.bn_quantize(native.ptr(x), native.ptr(q), n, c, h * w, *map(native.ptr, pre),
                     ctypes.byref(after), threads)

@@ -278,42 +278,47 @@ static inline void channel_sums(const float *x, int64_t batch, int64_t channels,
     }
 }
 
-/* y = BN(x) with the batch's statistics, then `after`. save_mean and save_invstd for the
- * backward; the new running statistics (momentum: the weight of this batch) in new_mean, new_var. */
-void bn_train_forward(const float *x, float *y, int64_t batch, int64_t channels, int64_t inner,
-                      const float *weight, const float *bias, const float *running_mean,
-                      const float *running_var, float momentum, double eps, float *save_mean,
-                      float *save_invstd, float *new_mean, float *new_var, const after_t *after,
-                      int threads) {
+/* y = BN(x) with each piece's statistics, then `after`: x holds `pieces` pieces of `batch` images,
+ * each normalised over its own images (SPEC 5a), as one call on each piece would. save_mean and
+ * save_invstd ([pieces][channels]) for the backward; the new running statistics from the first
+ * piece's (momentum: the weight of this batch) in new_mean, new_var. */
+void bn_train_forward(const float *x, float *y, int64_t pieces, int64_t batch, int64_t channels,
+                      int64_t inner, const float *weight, const float *bias,
+                      const float *running_mean, const float *running_var, float momentum,
+                      double eps, float *save_mean, float *save_invstd, float *new_mean,
+                      float *new_var, const after_t *after, int threads) {
     int64_t count = batch * inner, blocks = (channels + LANES - 1) / LANES;
-#pragma omp parallel for num_threads(threads) if (batch * channels * inner >= PARALLEL_MIN) \
-    schedule(dynamic)
-    for (int64_t b = 0; b < blocks; b++) {
-        int64_t c0 = b * LANES;
+#pragma omp parallel for num_threads(threads) \
+    if (pieces * batch * channels * inner >= PARALLEL_MIN) schedule(dynamic)
+    for (int64_t pb = 0; pb < pieces * blocks; pb++) {
+        int64_t p = pb / blocks, c0 = (pb % blocks) * LANES, first = p * batch;
+        const float *xs = x + first * channels * inner;
         int lanes = channels - c0 < LANES ? (int)(channels - c0) : LANES;
         double sums[LANES];
         float mean[LANES];
         if (lanes == LANES)
-            channel_sums(x, batch, channels, inner, c0, LANES, mean, 0, sums);
+            channel_sums(xs, batch, channels, inner, c0, LANES, mean, 0, sums);
         else
-            channel_sums(x, batch, channels, inner, c0, lanes, mean, 0, sums);
+            channel_sums(xs, batch, channels, inner, c0, lanes, mean, 0, sums);
         for (int l = 0; l < lanes; l++)
             mean[l] = (float)(sums[l] / (double)count);
         if (lanes == LANES)
-            channel_sums(x, batch, channels, inner, c0, LANES, mean, 1, sums);
+            channel_sums(xs, batch, channels, inner, c0, LANES, mean, 1, sums);
         else
-            channel_sums(x, batch, channels, inner, c0, lanes, mean, 1, sums);
+            channel_sums(xs, batch, channels, inner, c0, lanes, mean, 1, sums);
         for (int l = 0; l < lanes; l++) {
             int64_t c = c0 + l;
             float var_sum = (float)sums[l];
             float invstd = (float)(1.0 / sqrt((double)(var_sum / (float)count) + eps));
-            save_mean[c] = mean[l];
-            save_invstd[c] = invstd;
-            new_mean[c] = momentum * mean[l] + (1.0f - momentum) * running_mean[c];
-            new_var[c] = fmaf(momentum, var_sum / (float)(count - 1),
-                              (1.0f - momentum) * running_var[c]);
+            save_mean[p * channels + c] = mean[l];
+            save_invstd[p * channels + c] = invstd;
+            if (p == 0) {
+                new_mean[c] = momentum * mean[l] + (1.0f - momentum) * running_mean[c];
+                new_var[c] = fmaf(momentum, var_sum / (float)(count - 1),
+                                  (1.0f - momentum) * running_var[c]);
+            }
             float a = invstd * weight[c], s = bn_shift(a, mean[l], bias[c]);
-            for (int64_t n = 0; n < batch; n++) {
+            for (int64_t n = first; n < first + batch; n++) {
                 const float *xp = x + (n * channels + c) * inner;
                 float *yp = y + (n * channels + c) * inner;
                 if (after->kind == AFTER_RELU_SKIP) {
@@ -395,25 +400,27 @@ static inline __attribute__((always_inline)) void backward_channel(
     }
 }
 
-/* The gradients of bn_train_forward with respect to x, weight and bias, and per channel the sum
- * that the quantizer's parameter collects (grad_after: the clip's terms, or LSQ's step gradient
- * before its scale k), for `after` a quantizer or ReLU and skip (a plain BatchNorm's backward is
- * PyTorch's own). The channel sums run in ROW_LANES float sums along the channel's rows, added
- * into double sums every FLUSH_EVERY elements. */
-void bn_train_backward(const float *x, const float *g, float *grad_x, int64_t batch,
+/* The gradients of bn_train_forward with respect to x, and per piece and channel
+ * ([pieces][channels]) those of weight and bias and the sum that the quantizer's parameter collects
+ * (grad_after: the clip's terms, or LSQ's step gradient before its scale k), for `after` a
+ * quantizer or ReLU and skip (a plain BatchNorm's backward is PyTorch's own). The channel sums run
+ * in ROW_LANES float sums along the channel's rows, added into double sums every FLUSH_EVERY
+ * elements. */
+void bn_train_backward(const float *x, const float *g, float *grad_x, int64_t pieces, int64_t batch,
                        int64_t channels, int64_t inner, const float *weight, const float *bias,
                        const float *save_mean, const float *save_invstd, const after_t *after,
                        float *grad_weight, float *grad_bias, double *grad_after, int threads) {
     int kind = after->kind;
     float clip = after->clip, lo = after->lo, hi = after->hi;
-#pragma omp parallel for num_threads(threads) if (batch * channels * inner >= PARALLEL_MIN) \
-    schedule(static)
-    for (int64_t c = 0; c < channels; c++) {
+#pragma omp parallel for num_threads(threads) \
+    if (pieces * batch * channels * inner >= PARALLEL_MIN) schedule(static)
+    for (int64_t pc = 0; pc < pieces * channels; pc++) {
+        int64_t c = pc % channels, offset = pc / channels * batch * channels * inner;
         float step = kind == AFTER_LSQ ? after->step[c] : 1.0f;
 #define CHANNEL(KIND)                                                                              \
-    backward_channel(KIND, x, g, grad_x, batch, channels, inner, c, weight[c], bias[c],             \
-                     save_mean[c], save_invstd[c], clip, step, lo, hi, grad_weight + c,             \
-                     grad_bias + c, grad_after + c)
+    backward_channel(KIND, x + offset, g + offset, grad_x + offset, batch, channels, inner, c,      \
+                     weight[c], bias[c], save_mean[pc], save_invstd[pc], clip, step, lo, hi,        \
+                     grad_weight + pc, grad_bias + pc, grad_after + pc)
         switch (kind) {
         case AFTER_CLIP: CHANNEL(AFTER_CLIP); break;
         case AFTER_LSQ: CHANNEL(AFTER_LSQ); break;

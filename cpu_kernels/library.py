@@ -7,6 +7,7 @@ is built with ``-march=native`` into ``$BASQ_CACHE`` (default ``~/.cache/basq``)
 of the source, the compiler, its flags and the CPU, and renamed into place when complete, so
 processes started together (torchrun) can build it at the same time.
 """
+import concurrent.futures
 import ctypes
 import functools
 import hashlib
@@ -48,9 +49,9 @@ SIGNATURES = {
                            _int]),
     "bn_relu_skip_bn": (None, [_ptr, _ptr, _ptr, *[_i64] * 7, _int, *[_ptr] * 6,
                                _int]),
-    "bn_train_forward": (None, [_ptr, _ptr, _i64, _i64, _i64, *[_ptr] * 4, _f32, ctypes.c_double,
+    "bn_train_forward": (None, [_ptr, _ptr, _i64, _i64, _i64, _i64, *[_ptr] * 4, _f32, ctypes.c_double,
                                 *[_ptr] * 4, ctypes.POINTER(After), _int]),
-    "bn_train_backward": (None, [_ptr, _ptr, _ptr, _i64, _i64, _i64, *[_ptr] * 4,
+    "bn_train_backward": (None, [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, *[_ptr] * 4,
                                  ctypes.POINTER(After), *[_ptr] * 3, _int]),
     "normalize_images": (None, [_ptr, _ptr, _i64, _i64, _i64, _ptr]),
 }
@@ -127,12 +128,20 @@ def threads() -> int:
 
 def checked_once(matches: Callable[..., bool], warning: str) -> Callable[..., bool]:
     """``matches`` (a comparison of kernels with PyTorch's ops) run once per process and
-    arguments, leaving the caller's random stream as it was and making ordinary tensors even under
-    ``inference_mode``; ``warning`` when it fails. The result has ``cache_clear``, for tests."""
+    arguments, leaving the caller's random stream as it was; ``warning`` when it fails. The result
+    has ``cache_clear``, for tests.
+
+    It runs in a thread of its own: the first use comes in the middle of a forward, whose
+    thread-local settings (autocast, grad and inference modes, a training pass's pieces and its
+    function mode, ``training.pieces.one_pass``) must not reach the comparison."""
+    def run(*args) -> bool:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            return matches(*args)
+
     @functools.cache
     def is_exact(*args) -> bool:
-        with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.no_grad():
-            if matches(*args):
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            if pool.submit(run, *args).result():
                 return True
         warnings.warn(warning, stacklevel=3)
         return False

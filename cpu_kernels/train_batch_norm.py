@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from quant import ClipActivation, LsqActivation
+from quant.functional import current_pieces
 
 from . import library as native
 from .after import after_quantizer, has_hooks, lsq_step_and_scale, quantizer_tensors
@@ -41,72 +42,112 @@ def batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, skip: torch.Tensor | None = 
                quantizer: nn.Module | None = None) -> torch.Tensor:
     """``bn(x)`` in training mode (``nn.BatchNorm2d.forward``'s bookkeeping included), followed in
     the same pass by ``ReLU(.) + skip`` (channel ``c`` adding channel ``c % C`` of a ``skip`` of
-    ``C`` channels: an input repeated along channels) or by ``quantizer`` (``quantizes_after``)."""
+    ``C`` channels: an input repeated along channels) or by ``quantizer`` (``quantizes_after``).
+    In a training pass in pieces (``quant.functional.in_pieces`` with ``batch_norm``) each piece is
+    normalised over its own images and the first piece alone updates the running statistics, as
+    ``training.pieces.one_pass`` does with PyTorch's BatchNorm."""
     bn.num_batches_tracked.add_(1)
     factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    pieces = current_pieces()
+    runs = (pieces.runs(x.shape[0]) if pieces is not None and pieces.batch_norm
+            else [(0, x.shape[0], x.shape[0])])
     return _BatchNormTrain.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, factor,
-                                 bn.eps, skip, *quantizer_tensors(quantizer))
+                                 bn.eps, tuple(runs), skip, *quantizer_tensors(quantizer))
 
 
 class _BatchNormTrain(torch.autograd.Function):
+    """The kernels over each run of equal pieces (at most two: an uneven last piece runs alone,
+    with LSQ's step and ``k`` of its size)."""
+
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                 running_mean: torch.Tensor, running_var: torch.Tensor, momentum: float, eps: float,
-                skip: torch.Tensor | None, clip: torch.Tensor | None, bin_: torch.Tensor | None,
-                step: torch.Tensor | None, hi: float) -> torch.Tensor:
-        n, c, h, w = x.shape
-        k = None
-        if step is not None:  # LSQ quantizes with the reference's value of its step
-            step, k = lsq_step_and_scale(step, x, hi)
-        if skip is None:
-            after = after_quantizer(clip, bin_, step, hi)
-        else:
-            after = native.After(kind=native.After.RELU_SKIP, skip=native.ptr(skip),
-                                 skip_channels=skip.shape[1])
+                runs: tuple[tuple[int, int, int], ...], skip: torch.Tensor | None,
+                clip: torch.Tensor | None, bin_: torch.Tensor | None, step: torch.Tensor | None,
+                hi: float) -> torch.Tensor:
+        _, c, h, w = x.shape
         y = torch.empty_like(x)
-        mean, invstd, new_mean, new_var = stats = torch.empty(4, c)
-        native.library().bn_train_forward(
-            native.ptr(x), native.ptr(y), n, c, h * w, native.ptr(weight), native.ptr(bias),
-            native.ptr(running_mean), native.ptr(running_var), momentum, eps, *map(native.ptr, stats),
-            ctypes.byref(after), native.threads())
+        saved, afters, scales, new_running = [], [], [], torch.empty(2, c)
+        for start, stop, images in runs:
+            k = run_step = None
+            if step is not None:  # LSQ quantizes with the reference's value of its step
+                run_step, k = lsq_step_and_scale(step, x, hi, images)
+            if skip is None:
+                after = after_quantizer(clip, bin_, run_step, hi)
+            else:
+                after = native.After(kind=native.After.RELU_SKIP, skip=native.ptr(skip[start:stop]),
+                                     skip_channels=skip.shape[1])
+            pieces = (stop - start) // images
+            mean, invstd = stats = torch.empty(2, pieces, c)
+            # The first run's first piece gives the running statistics' update; later runs write theirs aside.
+            update = new_running if not saved else torch.empty(2, c)
+            native.library().bn_train_forward(
+                native.ptr(x[start:stop]), native.ptr(y[start:stop]), pieces, images, c, h * w,
+                native.ptr(weight), native.ptr(bias), native.ptr(running_mean), native.ptr(running_var),
+                momentum, eps, *map(native.ptr, stats),
+                *map(native.ptr, update),
+                ctypes.byref(after), native.threads())
+            after.skip = None
+            saved += [mean, invstd] + ([run_step] if run_step is not None else [])
+            afters.append(after)
+            scales.append(k)
         # Through PyTorch, so that the buffers' version counters move (eval_unit keys on them).
-        running_mean.copy_(new_mean)
-        running_var.copy_(new_var)
-        after.skip = None
-        ctx.after, ctx.eps, ctx.k, ctx.clip_shape = after, eps, k, None if clip is None else clip.shape
+        running_mean.copy_(new_running[0])
+        running_var.copy_(new_running[1])
+        ctx.runs, ctx.afters, ctx.scales, ctx.eps = runs, afters, scales, eps
+        ctx.clip_shape = None if clip is None else clip.shape
         ctx.skip_channels = skip.shape[1] if skip is not None else 0
-        ctx.save_for_backward(x, weight, bias, mean, invstd, step)
+        ctx.save_for_backward(x, weight, bias, *saved)
         return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, weight, bias, mean, invstd, step = ctx.saved_tensors
+        x, weight, bias, *saved = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        if ctx.after.kind == native.After.NONE:  # PyTorch's own backward is as fast
-            grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-                grad, x, weight, None, None, mean, invstd, True, ctx.eps, list(needs[:3]))
-            return grad_x, grad_weight, grad_bias, *[None] * 9
+        per_run = 2 if ctx.afters[0].kind != native.After.LSQ else 3
+        if ctx.afters[0].kind == native.After.NONE:  # PyTorch's own backward is as fast
+            grads = [torch.ops.aten.native_batch_norm_backward(
+                grad[first:first + images], x[first:first + images], weight, None, None, mean[p],
+                invstd[p], True, ctx.eps, list(needs[:3]))
+                for (start, _, images), mean, invstd in zip(ctx.runs, saved[0::2], saved[1::2], strict=True)
+                for p, first in enumerate(range(start, start + len(mean) * images, images))]
+            grad_x, grad_weight, grad_bias = grads[0]
+            if len(grads) > 1:
+                grad_x = torch.cat([g[0] for g in grads]) if needs[0] else None
+                grad_weight, grad_bias = (torch.stack([g[i] for g in grads]).sum(0) if needs[i] else None
+                                          for i in (1, 2))
+            return grad_x, grad_weight, grad_bias, *[None] * 10
         grad = grad.contiguous()
-        n, c, h, w = x.shape
+        _, c, h, w = x.shape
         grad_x = torch.empty_like(x)
-        grad_weight, grad_bias = torch.empty_like(weight), torch.empty_like(weight)
-        grad_after = torch.empty(c, dtype=torch.float64)
-        after = ctx.after
-        after.step = native.ptr(step)
-        native.library().bn_train_backward(
-            native.ptr(x), native.ptr(grad), native.ptr(grad_x), n, c, h * w, native.ptr(weight),
-            native.ptr(bias), native.ptr(mean), native.ptr(invstd), ctypes.byref(after),
-            native.ptr(grad_weight), native.ptr(grad_bias), native.ptr(grad_after), native.threads())
-        grad_skip = grad_clip = grad_step = None
-        if needs[7]:  # the adjoint of repeating the skip along channels
+        grad_weight, grad_bias, grad_after, grad_step = [], [], [], None
+        for run, (start, stop, images) in enumerate(ctx.runs):
+            mean, invstd, *run_step = saved[run * per_run:(run + 1) * per_run]
+            pieces = len(mean)
+            run_weight, run_bias = torch.empty(2, pieces, c)
+            run_after = torch.empty(pieces, c, dtype=torch.float64)
+            after = ctx.afters[run]
+            after.step = native.ptr(run_step[0]) if run_step else None
+            native.library().bn_train_backward(
+                native.ptr(x[start:stop]), native.ptr(grad[start:stop]), native.ptr(grad_x[start:stop]),
+                pieces, images, c, h * w, native.ptr(weight), native.ptr(bias), native.ptr(mean),
+                native.ptr(invstd), ctypes.byref(after), native.ptr(run_weight), native.ptr(run_bias),
+                native.ptr(run_after), native.threads())
+            grad_weight.append(run_weight)
+            grad_bias.append(run_bias)
+            grad_after.append(run_after)
+            if run_step:  # LSQ's step, with its gradient scale k (quant.functional.lsq_quantize)
+                term = run_after.sum(0).to(weight.dtype) * ctx.scales[run]
+                grad_step = term if grad_step is None else grad_step + term
+        grad_weight, grad_bias = (torch.cat(g).sum(0) for g in (grad_weight, grad_bias))
+        grad_skip = grad_clip = None
+        if needs[8]:  # the adjoint of repeating the skip along channels
             grad_skip = grad.unflatten(1, (c // ctx.skip_channels, ctx.skip_channels)).sum(1)
-        if needs[8]:  # the clip: the sum of g over the outputs above it
-            grad_clip = grad_after.sum().to(weight.dtype).reshape(ctx.clip_shape)
-        if needs[10]:  # LSQ's step, with its gradient scale k (quant.functional.lsq_quantize)
-            grad_step = grad_after.to(weight.dtype) * ctx.k
+        if needs[9]:  # the clip: the sum of g over the outputs above it
+            grad_clip = torch.cat(grad_after).sum().to(weight.dtype).reshape(ctx.clip_shape)
         return (grad_x if needs[0] else None, grad_weight if needs[1] else None,
-                grad_bias if needs[2] else None, None, None, None, None, grad_skip, grad_clip,
-                None, grad_step, None)
+                grad_bias if needs[2] else None, None, None, None, None, None, grad_skip, grad_clip,
+                None, grad_step if needs[11] else None, None)
 
 
 # Shapes that cover whole and partial groups of eight channels, one image, two positions per image,

@@ -8,7 +8,8 @@ elsewhere.
 import contextlib
 import contextvars
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -24,29 +25,73 @@ def clip_delta(clip: torch.Tensor, bin_: torch.Tensor) -> torch.Tensor:
     return torch.where(r >= 1, clip, torch.where(r <= 1 / 255, clip / 255, clip * r))
 
 
-_PIECE_IMAGES: contextvars.ContextVar[int | None] = contextvars.ContextVar("piece_images", default=None)
+@dataclass(frozen=True)
+class Pieces:
+    """The pieces the current forward's batch is cut into, as the reference's devices took them
+    (SPEC 5a): ``sizes``, the images of each in order, or ``each``, pieces of that many images
+    whatever the batch. LSQ's ``k`` counts a piece's elements; in a training pass (``batch_norm``)
+    each train-mode BatchNorm also normalises a piece over its own images
+    (``training.pieces.one_pass``; a back end's fused BatchNorm reads it here)."""
+
+    sizes: tuple[int, ...] = ()
+    each: int | None = None
+    batch_norm: bool = False
+
+    def runs(self, images: int) -> list[tuple[int, int, int]]:
+        """The runs of equal consecutive pieces of a batch of ``images`` as ``(start, stop, piece
+        images)``: all that LSQ's ``k`` depends on."""
+        if self.each is not None:
+            return [(0, images, self.each)]
+        if images != sum(self.sizes):
+            raise ValueError(f"a batch of {images} images inside pieces of {self.sizes}")
+        runs, start = [], 0
+        for size in self.sizes:
+            if runs and runs[-1][2] == size:
+                runs[-1] = (runs[-1][0], start + size, size)
+            else:
+                runs.append((start, start + size, size))
+            start += size
+        return runs
+
+
+_PIECES: contextvars.ContextVar[Pieces | None] = contextvars.ContextVar("pieces", default=None)
 
 
 @contextlib.contextmanager
-def pieces_of(images: int | None) -> Iterator[None]:
+def _pieces(pieces: Pieces | None) -> Iterator[None]:
+    token = _PIECES.set(pieces)
+    try:
+        yield
+    finally:
+        _PIECES.reset(token)
+
+
+def pieces_of(images: int | None) -> contextlib.AbstractContextManager[None]:
     """Inside: LSQ activation quantizers take ``k`` as if their input came in pieces of ``images``
-    images (``piece_numel``); ``None``: from the whole input.
+    images; ``None``: from the whole input.
 
     The reference evaluated under ``nn.DataParallel``, each device on its piece of the batch; in
     evaluation a piece changes nothing but ``k`` (SPEC 5a), so a batch of equal pieces runs at once.
     """
-    token = _PIECE_IMAGES.set(images)
-    try:
-        yield
-    finally:
-        _PIECE_IMAGES.reset(token)
+    return _pieces(None if images is None else Pieces(each=images))
 
 
-def piece_numel(x: torch.Tensor) -> int:
-    """The element count an activation quantizer takes ``k`` from: that of one piece of ``x`` inside
-    ``pieces_of``, else ``x``'s own."""
-    images = _PIECE_IMAGES.get()
-    return x.numel() if images is None else x[0].numel() * images
+def in_pieces(sizes: Sequence[int]) -> contextlib.AbstractContextManager[None]:
+    """Inside: a training pass of pieces of ``sizes`` images (``training.pieces.one_pass``): LSQ's
+    ``k`` of each piece, and a back end's fused BatchNorm per piece."""
+    return _pieces(Pieces(tuple(sizes), batch_norm=True))
+
+
+def current_pieces() -> Pieces | None:
+    """The pieces of ``pieces_of`` or ``in_pieces``, ``None`` outside them."""
+    return _PIECES.get()
+
+
+def piece_runs(images: int) -> list[tuple[int, int, int]]:
+    """``Pieces.runs`` of the current pieces for a batch of ``images``; one run, the whole batch,
+    outside ``pieces_of`` and ``in_pieces``."""
+    pieces = _PIECES.get()
+    return [(0, images, images)] if pieces is None else pieces.runs(images)
 
 
 def lsq_scale(numel: int, hi: float) -> float:

@@ -8,14 +8,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .functional import lsq_quantize, piece_numel
+from .functional import lsq_quantize, piece_runs
 
 
 class LsqActivation(nn.Module):
     """Unsigned LSQ activation quantizer with one step per input channel (reference ``ActLsqQuan``).
 
     Always on. The steps are set from data by ``init_from`` (stage 1 does it on its first batch).
-    ``k`` counts the elements of the input, or of one piece of it (``quant.functional.pieces_of``).
+    ``k`` counts the elements of the input, or of one piece of it (``quant.functional.in_pieces``);
+    a run of equal pieces quantizes at once, an uneven last piece on its own.
     """
 
     def __init__(self, bits: int, channels: int):
@@ -29,7 +30,12 @@ class LsqActivation(nn.Module):
         self.s.copy_(2 * x.abs().mean(dim=(0, 2, 3)) / math.sqrt(self.qp))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return lsq_quantize(x, self.s, 0, self.qp, dim=1, numel=piece_numel(x))
+        runs = piece_runs(x.shape[0])
+        if len(runs) == 1:
+            return lsq_quantize(x, self.s, 0, self.qp, dim=1, numel=x[0].numel() * runs[0][2])
+        return torch.cat([lsq_quantize(piece, self.s, 0, self.qp, dim=1, numel=x[0].numel() * images)
+                          for piece, (_, _, images) in zip(x.split([stop - start for start, stop, _ in runs]),
+                                                           runs, strict=True)])
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, channels={self.s.numel()}"

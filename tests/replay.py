@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import build_supernet
+from quant import fused
 from training.losses import kd_loss
 from training.lsq_init import initialize_activation_steps
 from training.pieces import Share
@@ -121,12 +122,13 @@ def stage3_optimizer(model: nn.Module, case: dict, train_clip: bool = True) -> t
 
 def run_step(recording: dict, name: str, share: Share | None = None,
              optimizer_fn: Callable[[nn.Module, dict], torch.optim.Optimizer] | None = None,
-             flipped: frozenset = frozenset(), found: list | None = None) -> Step:
+             flipped: frozenset = frozenset(), found: list | None = None,
+             pieces_per_pass: int | None = None) -> Step:
     """Our stage-1 (``stage1_phase{1,2}_step``) or stage-3 (``stage3_step``) step from the case's
-    recorded state, over the case's pieces (``share``: others, for a mutation); ``optimizer_fn``
-    builds the optimizer (default: the stage's, as ``stage1_optimizer``/``stage3_optimizer``).
-    ``flipped``: quantizer inputs on a rounding boundary put on its other side, ``found``: where
-    such inputs are listed (``tests/boundaries.py``)."""
+    recorded state, over the case's pieces (``share``: others, for a mutation), ``pieces_per_pass``
+    at once (default: all); ``optimizer_fn`` builds the optimizer (default: the stage's, as
+    ``stage1_optimizer``/``stage3_optimizer``). ``flipped``: quantizer inputs on a rounding
+    boundary put on its other side, ``found``: where such inputs are listed (``tests/boundaries.py``)."""
     case = recording[name]
     batch = case["batch"]
     stage3_case = name == "stage3_step"
@@ -151,7 +153,7 @@ def run_step(recording: dict, name: str, share: Share | None = None,
     sides = BoundarySides(model, flipped) if flipped or found is not None else None
     try:
         _, loss, grad_norm = train_step(model, batch["x"], selection, criterion, optimizer,
-                                        share=share or pieces(case))
+                                        share=share or pieces(case), pieces_per_pass=pieces_per_pass)
     finally:
         if sides is not None:
             sides.remove()
@@ -167,10 +169,10 @@ def run_step(recording: dict, name: str, share: Share | None = None,
 _steps: dict = {}
 
 
-def faithful_step(recording: dict, name: str) -> Step:
-    """``run_step`` of the case as the stages run it, computed once per process (the fixture tests
-    and the mutation suite compare it; nobody changes it)."""
-    return _faithful(recording, name)[0]
+def faithful_step(recording: dict, name: str, pieces_per_pass: int | None = None) -> Step:
+    """``run_step`` of the case as the stages run it (``pieces_per_pass``: as there), computed once
+    per process and back end (the fixture tests and the mutation suite compare it; nobody changes it)."""
+    return _faithful(recording, name, pieces_per_pass)[0]
 
 
 def boundary_sides(recording: dict, name: str) -> frozenset:
@@ -179,21 +181,21 @@ def boundary_sides(recording: dict, name: str) -> frozenset:
     return _faithful(recording, name)[1]
 
 
-def _faithful(recording: dict, name: str) -> tuple[Step, frozenset]:
+def _faithful(recording: dict, name: str, pieces_per_pass: int | None = None) -> tuple[Step, frozenset]:
     """The faithful step, and where it fails the comparison, again with the quantizer inputs within
     float noise of a rounding boundary put on its other side, one and then two at a time (which
     side the recording took depends on the recording machine's kernels: a CPU without AVX2 rounds
     one of ``dataparallel_4bit.pt``'s stage-1 inputs otherwise): the first that agrees."""
     from .step_compare import compare_step
 
-    key = (id(recording), name)
+    key = (id(recording), name, pieces_per_pass, fused.path("unit") is None)
     if key not in _steps:
-        step, flipped = run_step(recording, name), frozenset()
+        step, flipped = run_step(recording, name, pieces_per_pass=pieces_per_pass), frozenset()
         if compare_step(recording[name], step, noise_parameters(recording, name)):
             found: list = []
-            run_step(recording, name, found=found)
+            run_step(recording, name, found=found, pieces_per_pass=pieces_per_pass)
             for candidate in [frozenset(s) for n in (1, 2) for s in combinations(found, n)][:MAX_RUNS]:
-                again = run_step(recording, name, flipped=candidate)
+                again = run_step(recording, name, flipped=candidate, pieces_per_pass=pieces_per_pass)
                 if not compare_step(recording[name], again, noise_parameters(recording, name)):
                     step, flipped = again, candidate
                     break

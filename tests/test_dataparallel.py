@@ -7,8 +7,11 @@ the first piece, the gradients summed. Compared as ``test_trajectories.py`` comp
 A full-batch step from the same states differs in most tensors: the last test checks that these
 cases tell the two apart, so that passing them means computing the pieces.
 """
+import contextlib
+
 import pytest
 
+from quant import fused
 from training.pieces import Share, piece_sizes
 
 from .replay import STEPS, faithful_step, lsq_init, noise_parameters, recordings, run_step
@@ -40,6 +43,27 @@ def test_lsq_initialisation_from_the_first_piece(recording):
 def test_step(recording, name):
     case = recording[name]
     assert compare_step(case, faithful_step(recording, name), noise_parameters(recording, name)) == {}
+
+
+@pytest.mark.parametrize("name", STEPS)
+@pytest.mark.parametrize("back_end, pieces_per_pass", [("fused", 1), ("pytorch", 2)])
+def test_step_in_passes(recording, name, back_end, pieces_per_pass):
+    """The pieces one by one by the fused CPU kernels, or two at a time by PyTorch's ops (a GPU's
+    path; an uneven last piece in a pass of its own or beside another): the same recorded step.
+    The default, all of a process's pieces in one pass, is ``test_step``'s (fused kernels) and
+    ``test_one_pass_by_pytorch``'s."""
+    case = recording[name]
+    with fused.pytorch_only() if back_end == "pytorch" else contextlib.nullcontext():
+        step = faithful_step(recording, name, pieces_per_pass)
+    assert compare_step(case, step, noise_parameters(recording, name)) == {}
+
+
+def test_one_pass_by_pytorch(recording):
+    """All the pieces in one pass by PyTorch's ops (``test_step`` runs the fused kernels)."""
+    for name in STEPS:
+        with fused.pytorch_only():
+            step = faithful_step(recording, name)
+        assert compare_step(recording[name], step, noise_parameters(recording, name)) == {}, name
 
 
 def test_a_full_batch_step_is_told_apart(recording):

@@ -221,50 +221,60 @@ def test_unselected_branches_not_stepped(recording, monkeypatch):
 
 # -- the pieces -------------------------------------------------------------------------------
 
-def test_lsq_k_from_the_whole_batch(recording):
-    """Each piece's LSQ quantizers count the whole batch's elements: their steps' gradients shrink."""
+def test_lsq_k_from_the_whole_batch(recording, monkeypatch):
+    """Each piece's LSQ quantizers count the whole batch's elements (PyTorch's quantizer and the
+    fused BatchNorm's): their steps' gradients shrink."""
+    import cpu_kernels.train_batch_norm as fused_batch_norm
+    import quant.lsq
+
     several_pieces(recording, STAGE1)
-    with pieces_of(len(recording[STAGE1]["batch"]["x"])):
-        step = mutated(recording, STAGE1)
-    wrong = failing(recording, STAGE1, step)
+    batch = len(recording[STAGE1]["batch"]["x"])
+    quantize, step_and_scale = quant.lsq.lsq_quantize, fused_batch_norm.lsq_step_and_scale
+    monkeypatch.setattr(quant.lsq, "lsq_quantize", lambda x, s, lo, hi, dim, numel=None:
+                        quantize(x, s, lo, hi, dim, numel=x[0].numel() * batch))
+    monkeypatch.setattr(fused_batch_norm, "lsq_step_and_scale",
+                        lambda s, x, hi, piece_images: step_and_scale(s, x, hi, batch))
+    wrong = failing(recording, STAGE1, mutated(recording, STAGE1))
     assert wrong & names_of(recording, (LsqActivation,)), wrong
 
 
 def test_running_statistics_from_the_last_piece(recording, monkeypatch):
-    """The BN running statistics kept from the last piece instead of the first: only they fail."""
-    from . import replay
+    """The BN running statistics updated by the last piece instead of the first (PyTorch's
+    BatchNorm; the fused kernels update from the first): only they fail."""
+    import torch.nn.functional as F
+
+    from quant import fused
+    from training import pieces as pieces_module
 
     several_pieces(recording, STAGE1)
     flipped = boundary_sides(recording, STAGE1)
-    build = replay.supernet
 
-    def last_piece_keeps(rec, state):
-        """The model, its BatchNorms' running statistics put back before every piece but the first
-        (after the previous piece's backward, which reads them): the last piece's update stays."""
-        model = build(rec, state)
-        kept = []
+    def last_piece_updates(self, input, running_mean, running_var, weight=None, bias=None,
+                           training=False, momentum=0.1, eps=1e-5):
+        if not training:
+            return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        pieces = self.split(input)
+        return torch.cat([F.batch_norm(piece, running_mean if i == len(pieces) - 1 else None,
+                                       running_var if i == len(pieces) - 1 else None, weight, bias,
+                                       True, momentum, eps) for i, piece in enumerate(pieces)])
 
-        def put_back(module, args):
-            if kept:
-                for buffer, value in zip(statistics(model), kept, strict=True):
-                    buffer.copy_(value)
-            else:
-                kept.extend(b.clone() for b in statistics(model))
-        model.register_forward_pre_hook(put_back)
-        return model
-
-    statistics = training.statistics
-    monkeypatch.setattr(training, "statistics", lambda model: [])  # the step's own keeping, off
-    monkeypatch.setattr(replay, "supernet", last_piece_keeps)
-    wrong = failing(recording, STAGE1, run_step(recording, STAGE1, flipped=flipped))
+    monkeypatch.setattr(pieces_module._InPieces, "batch_norm", last_piece_updates)
+    with fused.pytorch_only():
+        wrong = failing(recording, STAGE1, run_step(recording, STAGE1, flipped=flipped))
     assert wrong and all(k.endswith(("running_mean", "running_var")) for k in wrong), wrong
 
 
-def test_batch_norm_over_the_whole_batch(recording):
-    """One BatchNorm over the whole batch (LSQ's ``k`` still of a piece): the parameters fail."""
+def test_batch_norm_over_the_whole_batch(recording, monkeypatch):
+    """One BatchNorm over the whole pass (PyTorch's and the fused kernels'; LSQ's ``k`` still of a
+    piece): the parameters fail."""
+    import torch.nn.functional as F
+
+    from training import pieces as pieces_module
+
     share = several_pieces(recording, STAGE1)
-    with pieces_of(share.sizes[0]):
-        step = mutated(recording, STAGE1, share=Share.of(share.batch))
+    monkeypatch.setattr(pieces_module, "in_pieces", lambda sizes: pieces_of(sizes[0]))
+    monkeypatch.setattr(pieces_module._InPieces, "batch_norm", lambda self, **args: F.batch_norm(**args))
+    step = mutated(recording, STAGE1, share=share)
     wrong = failing(recording, STAGE1, step)
     assert wrong & set(step.parameters), wrong
 

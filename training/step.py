@@ -9,7 +9,7 @@ from torch import nn
 
 from utils import distributed
 
-from .pieces import Share
+from .pieces import Draws, Share, one_pass
 
 MAX_GRAD_NORM = 10.0  # the reference clips the gradient norm at 10 in stages 1 and 3
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -75,40 +75,42 @@ def keep(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def train_step(model: nn.Module, images: torch.Tensor, selection: Sequence[int],
                criterion: Callable[[torch.Tensor, slice], torch.Tensor], optimizer: torch.optim.Optimizer,
-               amp: Amp = FP32, share: Share | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One step of the reference's ``nn.DataParallel`` (SPEC 5a), its pieces one after another:
-    forward, loss and backward of each piece of ``share`` (gradients accumulated, each piece's loss
-    weighted by its share of the global batch), then gradient-norm clipping at 10 over every
-    parameter and the optimizer step. Only a device's piece's activations are held at a time.
+               amp: Amp = FP32, share: Share | None = None, pieces_per_pass: int | None = None,
+               draws: Draws | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of the reference's ``nn.DataParallel`` (SPEC 5a): forward, loss and backward of the
+    pieces of ``share``, ``pieces_per_pass`` of them at once (default: all) with the arithmetic of
+    one piece at a time (``one_pass``: BatchNorm, LSQ's ``k`` and dropout per piece), gradients
+    accumulated over the passes, each pass's loss weighted by its share of the global batch; then
+    gradient-norm clipping at 10 over every parameter and the optimizer step. Only a pass's
+    activations are held at a time.
 
     ``images`` are this process's images (``share.images`` of them; default: one piece, the whole
-    batch). ``model(piece, selection)`` gives the logits and ``criterion(logits, piece)`` the mean
-    loss of the piece at ``images[piece]``. The BatchNorm running statistics keep the update of the
-    global batch's first piece alone; with a share of a batch over several processes
+    batch). ``model(images, selection)`` gives the logits and ``criterion(logits, images)`` the mean
+    loss of the images at ``images[images]`` (a slice). The BatchNorm running statistics keep the
+    update of the global batch's first piece alone; with a share of a batch over several processes
     (``share.world``) the gradients are summed over them and process 0's statistics are shared.
-    Every parameter of ``optimizer`` gets a gradient (``give_every_parameter_a_gradient``), so the
-    norm is taken over all of them (frozen ones, at lr 0, included) as in the reference. With fp16
-    ``amp`` the loss is scaled, and the gradients unscaled before they are clipped; a step whose
-    gradients are not finite is skipped by the scaler. Returns this process's logits and mean loss
-    (detached) and the gradient norm before clipping, all on the device: the caller decides when to
-    wait.
+    ``draws``: where the dropout masks come from (default: PyTorch's generator). Every parameter of
+    ``optimizer`` gets a gradient (``give_every_parameter_a_gradient``), so the norm is taken over
+    all of them (frozen ones, at lr 0, included) as in the reference. With fp16 ``amp`` the loss is
+    scaled, and the gradients unscaled before they are clipped; a step whose gradients are not
+    finite is skipped by the scaler. Returns this process's logits and mean loss (detached) and
+    the gradient norm before clipping, all on the device: the caller decides when to wait.
     """
     share = share or Share.of(len(images))
     if share.images != len(images):
         raise ValueError(f"{len(images)} images for a share of {share.images}")
     give_every_parameter_a_gradient(optimizer)
     kept, logits, losses = None, [], []
-    for index, (start, stop) in enumerate(share.bounds()):
+    for index, one in enumerate(share.passes(pieces_per_pass)):
         if index == int(share.keeps_statistics):  # the updates from here on are the other devices'
             kept = keep(statistics(model))
-        piece = slice(start, stop)
         with amp.autocast():
-            piece_logits = model(images[piece], selection)
-            loss = criterion(piece_logits, piece)
-        amp.scaler.scale(loss * ((stop - start) / share.batch)).backward()
-        logits.append(piece_logits.detach())
-        losses.append(loss.detach() * ((stop - start) / share.images))
+            with one_pass(one.sizes, one.first, draws):
+                pass_logits = model(images[one.images], selection)
+            loss = criterion(pass_logits, one.images)
+        amp.scaler.scale(loss * ((one.stop - one.start) / share.batch)).backward()
+        logits.append(pass_logits.detach())
+        losses.append(loss.detach() * ((one.stop - one.start) / share.images))
     if kept:
         torch._foreach_copy_(statistics(model), kept)
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
@@ -119,7 +121,7 @@ def train_step(model: nn.Module, images: torch.Tensor, selection: Sequence[int],
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
     amp.scaler.step(optimizer)
     amp.scaler.update()
-    return torch.cat(logits), torch.stack(losses).sum(), grad_norm
+    return logits[0] if len(logits) == 1 else torch.cat(logits), torch.stack(losses).sum(), grad_norm
 
 
 class DataWait:
