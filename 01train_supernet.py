@@ -8,12 +8,13 @@ distils a frozen full-precision teacher.
     torchrun --nproc_per_node 8 01train_supernet.py --data {your_imagenet_dataset_folder}
 
 Each step is the reference's nn.DataParallel step over --replicas devices (SPEC 5a), its pieces
-computed one after another. Under torchrun the pieces are spread over the processes (--replicas a
+computed together (--pieces_per_pass). Under torchrun the pieces are spread over the processes (--replicas a
 multiple of their number) and the gradients summed: the same arithmetic on any number of
 processes. Every process draws the same selection each iteration (one shared seed); rank 0 alone
 writes the checkpoints, log.txt and TensorBoard.
 """
 import argparse
+import copy
 import random
 import time
 from collections.abc import Callable
@@ -28,8 +29,9 @@ from models import Supernet, build_supernet
 from quant import ClipActivation
 from training.losses import kd_loss
 from training.lsq_init import first_piece, initialize_activation_steps
+from training.memory import pieces_per_pass
 from training.param_groups import stage1_param_groups
-from training.pieces import Share, check_training_pieces, piece_sizes
+from training.pieces import Draws, Share, check_training_pieces, piece_sizes
 from training.step import Amp, DataWait, Reading, RunningStats, train_step
 from training.teacher import load_teacher
 from utils import distributed
@@ -159,6 +161,7 @@ class Run:
         self.phase, self.iteration, self.epoch, self.batch = 1, 0, 0, 0
         self.meters = {"correct": 0.0, "seen": 0.0}
         self.amp = Amp(args.amp, device)
+        self.pieces_per_pass: int | None = None  # train(): --pieces_per_pass, or what fits the device
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self.resumed: dict | None = None
@@ -259,7 +262,9 @@ def run_phase(run: Run, teacher: torch.nn.Module | None, data: Datasets, log: Ru
         if args.record_selections:
             with open(selections, "a") as f:
                 f.write(f"{phase} {run.iteration + 1} {','.join(map(str, selection))}\n")
-        logits, loss, _ = stage_step(model, teacher, images, labels, selection, run.optimizer, run.amp, share)
+        draws = Draws(args.seed, run.iteration + 1 + (args.abin_total_iters if phase == 2 else 0))
+        logits, loss, _ = stage_step(model, teacher, images, labels, selection, run.optimizer, run.amp, share,
+                                     run.pieces_per_pass, draws)
         run.scheduler.step()
         run.iteration += 1
         stats.add(loss, logits, labels, run.iteration)
@@ -324,6 +329,10 @@ def train(args: argparse.Namespace) -> None:
     log = RunLog(Path(args.save), enabled=distributed.is_main())
     log.info(use_tf32(args.tf32, device))
     log.info(loaders)
+    run.pieces_per_pass, chose = pieces_per_pass(
+        args.pieces_per_pass, len(Share.of(args.batch_size, args.replicas, world, rank).sizes), device,
+        lambda n: trial_pass(model, teacher, args, device, n))
+    log.info(chose)
     pieces = piece_sizes(args.batch_size, args.replicas)
     log.info(f"stage 1: {config['arch']} supernet, {model.num_searchable_layers} searchable layers x "
              f"{model.num_branches} branches, {config['bits']}-bit, {data.num_classes} classes, "
@@ -351,14 +360,31 @@ def train(args: argparse.Namespace) -> None:
     log.close()
 
 
+def trial_pass(model: Supernet, teacher: torch.nn.Module | None, args: argparse.Namespace,
+               device: torch.device, pieces: int) -> None:
+    """A stage-1 step on a pass of ``pieces`` pieces of the run's size, on a copy of ``model`` with
+    weights quantized (phase 2's step, the larger), random images: what a pass costs the device."""
+    twin = copy.deepcopy(model)
+    twin.change_precision(True, True)
+    optimizer, _ = phase_optimizer(twin, 0.0, 0.0, 1)
+    piece = piece_sizes(args.batch_size, args.replicas)[0]
+    size = resolution(args.base_resolution, args.resolution_multiplier)
+    images = torch.randn(pieces * piece, 3, size, size, device=device)
+    labels = torch.zeros(pieces * piece, dtype=torch.long, device=device)
+    stage_step(twin, teacher, images, labels, [0] * twin.num_searchable_layers, optimizer,
+               Amp(args.amp, device), Share.of(pieces * piece, pieces), pieces)
+
+
 def stage_step(model: Supernet, teacher: torch.nn.Module | None, images: torch.Tensor, labels: torch.Tensor,
-               selection: list[int], optimizer: torch.optim.Optimizer, amp: Amp, share: Share
+               selection: list[int], optimizer: torch.optim.Optimizer, amp: Amp, share: Share,
+               pieces_per_pass: int | None = None, draws: Draws | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stage 1's step on this process's ``images``: the teacher's logits of its pieces, then the
-    reference's DataParallel step of the student (``train_step``). ``bench.memory`` measures this
-    function, so the README's table is what the stage does."""
+    reference's DataParallel step of the student (``train_step``, ``pieces_per_pass`` pieces at a
+    time, dropout masks from ``draws``). ``bench.memory`` measures this function, so the README's
+    table is what the stage does."""
     return train_step(model, images, selection, criterion(teacher, images, labels, amp, share), optimizer,
-                      amp, share)
+                      amp, share, pieces_per_pass, draws)
 
 
 def criterion(teacher: torch.nn.Module | None, images: torch.Tensor, labels: torch.Tensor, amp: Amp,

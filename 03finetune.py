@@ -14,9 +14,10 @@ alone, so the result is that of a single process. This beats data parallelism he
 independent, a few epochs of biases and clips need no gradient all-reduce, and the BN statistics,
 which this stage re-estimates, keep the whole --batch_size of one process. It stops scaling at
 one process per arch (k). Each step, and each evaluation, is the reference's nn.DataParallel's over
---replicas devices (SPEC 5a), its pieces computed one after another in the process.
+--replicas devices (SPEC 5a): its pieces computed together (--pieces_per_pass), each as a device did.
 """
 import argparse
+import copy
 import itertools
 import math
 import time
@@ -32,8 +33,9 @@ from search.bn_recalibration import recalibrate_bn
 from search.evaluation import Evaluation, evaluation_setup, gather_by_fold
 from search.folds import fold_batches
 from search.results import check_search_result, format_block, parse_block, read_search_result, write_json
+from training.memory import pieces_per_pass
 from training.param_groups import stage3_param_groups
-from training.pieces import Share, check_training_pieces
+from training.pieces import Draws, Share, check_training_pieces, piece_sizes
 from training.step import Amp, DataWait, RunningStats, train_step
 from utils import distributed
 from utils.checkpoint import finetuned_checkpoint, finetuned_name, save_file
@@ -123,6 +125,10 @@ def finetune(args: argparse.Namespace) -> dict:
                         device=setup.device)
     check_training_pieces(setup.model, lambda x: setup.model(x, found["archs"][0]), image, args.batch_size,
                           len(setup.data.train), args.replicas)
+    args.pieces_per_pass, chose = pieces_per_pass(
+        args.pieces_per_pass, len(piece_sizes(args.batch_size, args.replicas)), setup.device,
+        lambda n: trial_pass(setup.model, found["archs"][0], args, setup.device, n))
+    log.info(chose)
     supernet_state = {k: v.clone() for k, v in setup.model.state_dict().items()}
     archs = list(zip(found["folds"], found["archs"], found["full_accs"], strict=True))
     finished = []
@@ -142,6 +148,21 @@ def finetune(args: argparse.Namespace) -> dict:
     log.info(f"final result: {save / 'final_result.json'}; fine-tuned checkpoints and log.txt in {save}")
     log.close()
     return summary
+
+
+def trial_pass(model: torch.nn.Module, arch: list[int], args: argparse.Namespace, device: torch.device,
+               pieces: int) -> None:
+    """A stage-3 step on a pass of ``pieces`` pieces of the run's size, on a copy of ``model``, random
+    images: what a pass costs the device."""
+    twin = copy.deepcopy(model)
+    twin.change_precision(True, True)
+    optimizer = bn_stabilize_optimizer(twin, 0.0, args.train_clip)
+    piece = piece_sizes(args.batch_size, args.replicas)[0]
+    size = resolution(args.base_resolution, args.resolution_multiplier)
+    images = torch.randn(pieces * piece, 3, size, size, device=device)
+    labels = torch.zeros(pieces * piece, dtype=torch.long, device=device)
+    train_step(twin, images, arch, lambda logits, part: F.cross_entropy(logits, labels[part]), optimizer,
+               Amp(args.amp, device), Share.of(pieces * piece, pieces), pieces)
 
 
 def finetune_arch(args: argparse.Namespace, setup: Evaluation, fold: int, arch: list[int],
@@ -176,13 +197,16 @@ def finetune_arch(args: argparse.Namespace, setup: Evaluation, fold: int, arch: 
             batches = loader
         stats = RunningStats(device, over_ranks=False)  # each process trains archs of its own
         wait = DataWait()
-        for images, labels in tqdm(wait(batches), total=iters, desc=f"arch {fold} epoch {epoch}", position=1,
-                                   leave=False, dynamic_ncols=True, disable=not distributed.is_main()):
+        for step, (images, labels) in enumerate(tqdm(
+                wait(batches), total=iters, desc=f"arch {fold} epoch {epoch}", position=1, leave=False,
+                dynamic_ncols=True, disable=not distributed.is_main())):
             labels = labels.to(device, non_blocking=True)
             logits, loss, _ = train_step(model, to_device(images, device), arch,
                                          lambda logits, piece, labels=labels:
                                          F.cross_entropy(logits, labels[piece]),
-                                         optimizer, amp, Share.of(len(images), args.replicas))
+                                         optimizer, amp, Share.of(len(images), args.replicas),
+                                         args.pieces_per_pass,
+                                         Draws(args.seed + fold, epoch * iters + step + 1))
             stats.add(loss, logits, labels, 0)
         scheduler.step()
         trained = stats.read()

@@ -19,6 +19,7 @@ import torch
 
 from models import Supernet
 from models.supernet import Stage
+from training.memory import device_free
 from training.pieces import evaluation_groups, run_in_pieces
 from utils.data import Batch, to_device
 
@@ -190,14 +191,6 @@ def fold_chunk(model: Supernet, batches: Sequence[Batch], calibration: Sequence[
     if uint8 + per_image * sum(len(images) for images, _ in batches) <= room:
         return 0
     return max(1, int(room // (per_image * max(len(images) for images, _ in batches))))
-
-
-def device_free(device: torch.device) -> int:
-    """Bytes a GPU has for new tensors: what the driver has free (``mem_get_info``) and the blocks
-    PyTorch's caching allocator holds unused (``memory_reserved - memory_allocated``: freed tensors,
-    a previous fold's, kept for reuse), which the driver counts as used."""
-    return (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
-            - torch.cuda.memory_allocated(device))
 
 
 def cache_room(model: Supernet, batches: Sequence[Batch], calibration: Sequence[Batch],

@@ -45,7 +45,8 @@ def optimizer_state(optimizer: torch.optim.Optimizer, named: dict) -> dict:
     """Adam's state per parameter name; before the first step, the state it starts from."""
     state = {id(p): s for p, s in optimizer.state.items()}
     return {n: ({k: v.clone() for k, v in state[id(p)].items()} if id(p) in state else
-                {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)})
+                {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                 "exp_avg_sq": torch.zeros_like(p)})
             for n, p in named.items() if any(p is q for g in optimizer.param_groups for q in g["params"])}
 
 
@@ -69,7 +70,8 @@ def main(out: str) -> None:
         loss, grad_norm = step(model, optimizer, iteration, share)
         loss = distributed.all_reduce_sum(loss * (share.images / share.batch))  # the global batch's mean
         cases.append({
-            "iteration": iteration, "state_before": before, "state_after": {k: v.clone() for k, v in model.state_dict().items()},
+            "iteration": iteration, "state_before": before,
+            "state_after": {k: v.clone() for k, v in model.state_dict().items()},
             "optimizer_state_before": optimizer_before,
             "optimizer_state_after": optimizer_state(optimizer, named),
             "group_lrs": [g["lr"] for g in optimizer.param_groups], "hyper": {"lr": 1e-3}, "config": CONFIG,

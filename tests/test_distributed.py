@@ -147,7 +147,8 @@ def replayed_in_one_process(case: dict) -> dict[str, str]:
     optimizer, _ = load_script("01train_supernet.py").phase_optimizer(model, 1e-3, 5e-6, 10)
     named = dict(model.named_parameters())
     load_optimizer_state(optimizer, named, case["optimizer_state_before"])
-    loss, grad_norm = script.step(model, optimizer, case["iteration"], script.Share.of(script.BATCH, script.REPLICAS))
+    loss, grad_norm = script.step(model, optimizer, case["iteration"],
+                                  script.Share.of(script.BATCH, script.REPLICAS))
     ours = Step(list(named), model.state_dict(), script.optimizer_state(optimizer, named),
                 {n: p.grad for n, p in named.items()}, loss.item(), grad_norm.item())
     return compare_step(case, ours, noise)

@@ -166,3 +166,25 @@ def test_the_fused_evaluation_unit_takes_k_from_its_piece():
             with fused.pytorch_only():  # the model's own formula
                 assert torch.equal(fused_unit, unit_forward(x, *parts))
         assert not torch.equal(fused_unit, eval_unit.unit(x, *parts))
+
+
+def test_dropout_masks_depend_on_the_seed_iteration_and_global_piece_only():
+    """``one_pass``'s dropout: a piece's mask is that of its generator (``Draws``), the same in any
+    pass that holds the piece, and another for another seed, iteration or piece."""
+    from training.pieces import Draws, one_pass
+
+    x = torch.ones(8, 64)
+
+    def masks(sizes, first, seed=0, iteration=1):
+        with one_pass(sizes, first, Draws(seed, iteration)):
+            return torch.nn.functional.dropout(x[:sum(sizes)], 0.5, training=True)
+
+    together = masks([2, 2, 2, 2], 0)
+    assert torch.equal(torch.cat([masks([2], i) for i in range(4)]), together)
+    assert torch.equal(masks([2, 2], 2), together[4:])
+    assert set(together.unique().tolist()) == {0.0, 2.0}  # kept values scaled by 1 / (1 - p)
+    four = [2, 2, 2, 2]
+    for other in (masks(four, 0, seed=1), masks(four, 0, iteration=2), masks(four, 1)):
+        assert not torch.equal(other, together)
+    for a, b in ((0, 2), (2, 4), (4, 6)):  # the pieces of one pass draw different masks
+        assert not torch.equal(together[a:b], together[b:b + 2])

@@ -1,5 +1,6 @@
 """Stage 1: optimizer groups and decays, schedule, phases, resume, checkpoints and bad input."""
 import copy
+import itertools
 import math
 import re
 import shutil
@@ -147,6 +148,21 @@ def test_resume_with_loader_workers_gives_the_uninterrupted_weights(tmp_path, im
     again = load_file(tmp_path / "b/out/model_actwbin_best_00001it.pth")["model_state_dict"]
     for k, v in final.items():
         torch.testing.assert_close(again[k], v, rtol=0, atol=1e-5, msg=k)
+
+
+def test_a_resume_that_restarts_the_dropout_draws_is_caught(tmp_path, image_folder, monkeypatch):
+    """The resume tests compare with dropout on: masks drawn by a count of this process's steps
+    (which restarts at a resume) in place of the iteration leave the resumed run elsewhere."""
+    real, count = stage1.Draws, itertools.count(1)
+    monkeypatch.setattr(stage1, "Draws", lambda seed, iteration: real(seed, next(count)))
+    flags = ("--abin_total_iters", "3", "--awbin_total_iters", "1", "--save_interval", "2")
+    stage1.train(tiny_args(tmp_path / "a", image_folder, *flags))
+    final = load_file(tmp_path / "a/out/model_actwbin_best_00001it.pth")["model_state_dict"]
+    count = itertools.count(1)
+    stage1.train(tiny_args(tmp_path / "b", image_folder, *flags, "--resume",
+                           str(tmp_path / "a/out/model_actbin_best_00002it.pth")))
+    again = load_file(tmp_path / "b/out/model_actwbin_best_00001it.pth")["model_state_dict"]
+    assert not torch.allclose(again["classifier.1.weight"], final["classifier.1.weight"], rtol=0, atol=1e-5)
 
 
 def test_fashion_mnist_short_run(tmp_path):
@@ -368,9 +384,9 @@ def test_epochs_keep_their_last_batch_and_phase_2_starts_a_fresh_one(tmp_path, i
     batches and one of 4, each cut into pieces; phase 2 begins epoch 2, not the rest of epoch 1."""
     sizes, real = [], stage1.train_step
 
-    def step(model, images, selection, criterion, optimizer, amp, share):
+    def step(model, images, selection, criterion, optimizer, amp, share, *how):
         sizes.append((len(images), share.sizes))
-        return real(model, images, selection, criterion, optimizer, amp, share)
+        return real(model, images, selection, criterion, optimizer, amp, share, *how)
 
     monkeypatch.setattr(stage1, "train_step", step)
     stage1.train(tiny_args(tmp_path, image_folder, "--abin_total_iters", "6", "--awbin_total_iters", "2"))

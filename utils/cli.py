@@ -140,7 +140,8 @@ def add_replicas_arg(parser: argparse.ArgumentParser, default: int | None = REPL
     parser.add_argument("--replicas", type=positive_int, default=default,
                         help="the devices the reference's nn.DataParallel split each batch over "
                              "(SPEC 5a): each batch is computed as that many pieces (torch.chunk), "
-                             "one after another; 1: the whole batch at once"
+                             "each normalised on its own (--pieces_per_pass of them at once); 1: the "
+                             "whole batch at once"
                              + ("" if default else f" (default: the run's, else {REPLICAS})"))
 
 
@@ -178,11 +179,16 @@ def add_val_batch_arg(parser: argparse.ArgumentParser, default: int | None = VAL
 
 
 def add_amp_arg(parser: argparse.ArgumentParser) -> None:
-    """``--amp`` of the training stages (1 and 3)."""
+    """``--amp`` and ``--pieces_per_pass`` of the training stages (1 and 3): how a step computes,
+    not what."""
     parser.add_argument("--amp", choices=("bf16", "fp16"), default=None,
                         help="mixed precision: the forward pass in bfloat16 or float16 (with a gradient "
                              "scaler), the quantizers in float32. Default: float32, the reference's "
                              "arithmetic (README, 'Mixed precision')")
+    parser.add_argument("--pieces_per_pass", type=positive_int, default=None,
+                        help="how many of a process's --replicas pieces a training pass computes at once, "
+                             "each with its own BatchNorm statistics (the same arithmetic for any value). "
+                             "Default: all on a CPU; on a GPU as many as fit its free memory (logged)")
 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
