@@ -193,8 +193,10 @@ def main(argv: list[str] | None = None) -> None:
     save_file({"arch": size.teacher, "num_classes": size.classes, "model_state_dict": weights}, teacher)
     common = ["--data", str(data), *size.model, "--device", args.device, "-j", str(size.workers),
               "--replicas", str(size.replicas), "--seed", "0"]
+    # One piece per pass: the memory figures are a piece's (bench.memory).
     stage1_args = [*common, "--teacher", str(teacher), "--batch_size", str(size.batch),
-                   "--abin_total_iters", str(size.iters), "--awbin_total_iters", str(size.iters),
+                   "--pieces_per_pass", "1", "--abin_total_iters", str(size.iters),
+                   "--awbin_total_iters", str(size.iters),
                    "--save_interval", "2", "--report_freq", "1"]
     last = f"model_actwbin_best_{size.iters:05d}it.pth"
     checks = Checks(args.out, cuda)

@@ -240,12 +240,13 @@ def measure(amp: str | None, device: torch.device = torch.device("cpu"), sizes: 
             return live.peak
         return peak
 
+    # One piece per pass: the figures are a piece's; a pass of k pieces holds about k pieces' images.
     def stage1_step(x: torch.Tensor, labels: torch.Tensor, share: Share):
-        return stage1.stage_step(model, teacher, x, labels, selection, adam, mixed, share)
+        return stage1.stage_step(model, teacher, x, labels, selection, adam, mixed, share, 1)
 
     def stage3_step(x: torch.Tensor, labels: torch.Tensor, share: Share):
         return train_step(model, x, selection, lambda logits, piece: F.cross_entropy(logits, labels[piece]),
-                          sgd, mixed, share)
+                          sgd, mixed, share, 1)
 
     def saved(n: int) -> int:
         return saved_bytes(lambda: forward(images(n)), params)

@@ -20,10 +20,10 @@ def step_peaks(monkeypatch, args) -> list[tuple[tuple[int, ...], int]]:
     parameters, gradients, optimizer state, buffers and the batch already there) with its pieces."""
     peaks, real = [], stage1.stage_step
 
-    def measured(model, teacher, images, labels, selection, optimizer, amp, share):
+    def measured(model, teacher, images, labels, selection, optimizer, amp, share, *how):
         resident = memory.step_resident(model, optimizer, teacher) + [images, labels]
         with memory.LiveTensors(resident) as live:
-            out = real(model, teacher, images, labels, selection, optimizer, amp, share)
+            out = real(model, teacher, images, labels, selection, optimizer, amp, share, *how)
         peaks.append((share.sizes, live.peak))
         return out
 
@@ -35,15 +35,17 @@ def step_peaks(monkeypatch, args) -> list[tuple[tuple[int, ...], int]]:
 
 def test_stage1_figure_is_the_peak_of_the_stage_step_as_it_runs(tmp_path, image_folder, monkeypatch):
     """``bench.memory``'s stage-1 figure, fitted on pieces of 2 and 4 with its own images and Adam,
-    is the peak of stage 1's step at pieces of 4 in a real run (phase 2, weights quantized as the
-    table's model; its second step, when Adam's state exists), byte for byte: both count the same
-    tensors. A run whose teacher runs inside the loss, beside the student's saved activations (the
-    order the table once assumed away), peaks higher by a part of the teacher's forward and fails it."""
+    is the peak of stage 1's step at pieces of 4, one per pass, in a real run (phase 2, weights
+    quantized as the table's model; its second step, when Adam's state exists), byte for byte: both
+    count the same tensors. A run whose teacher runs inside the loss, beside the student's saved
+    activations (the order the table once assumed away), peaks higher by a part of the teacher's
+    forward and fails it."""
     teacher = tmp_path / "teacher.pth"
     save_file({"arch": "resnet18", "num_classes": 3,
                "model_state_dict": torchvision.models.resnet18(num_classes=3).state_dict()}, teacher)
     args = stage1.parse_args(["--data", str(image_folder), *MODEL, "--teacher", str(teacher),
-                              "--batch_size", "8", "--replicas", "2", "-j", "0", "--report_freq", "1",
+                              "--batch_size", "8", "--replicas", "2", "--pieces_per_pass", "1", "-j", "0",
+                              "--report_freq", "1",
                               "--abin_total_iters", "0", "--awbin_total_iters", "2",
                               "--save", str(tmp_path / "out")])
     peaks = step_peaks(monkeypatch, args)
