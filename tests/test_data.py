@@ -77,7 +77,8 @@ def test_each_process_loads_its_pieces_of_every_global_batch():
     assert [len(b) for b in full] == [12] * 4 + [2]
     for world in (1, 2, 4):
         shares = [list(ShareBatches(EpochSampler(50, 3, 2), 12, drop_last=False,
-                                    share=lambda n, r=r: Share.of(n, 4, world, r))) for r in range(world)]
+                                    share=lambda n, r=r, w=world: Share.of(n, 4, w, r)))
+                  for r in range(world)]
         assert [sum(parts, []) for parts in zip(*shares, strict=True)] == full
         assert [len(b) for b in shares[0]] == [12 // world] * 4 + [min(2, 4 // world)]
     assert len(ShareBatches(EpochSampler(50, 3, 2), 12, drop_last=True)) == 4
@@ -248,6 +249,7 @@ class Counted(torch.utils.data.Dataset):
         return torch.full((3, 2, 2), index, dtype=torch.uint8), index
 
 
+@pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true")  # the stand-in's CUDA
 def test_validation_batches_decode_only_what_is_asked_for_once_and_pin_only_batches_in_flight(monkeypatch):
     """A process decodes the batches of its folds and the full-accuracy batches, each once, not the
     whole set up front, all through one loader; kept batches are not pinned, streamed ones are (when

@@ -111,12 +111,10 @@ def test_stage1_resume_under_torchrun(tmp_path, image_folder, stage1_run):
 def test_pieces_give_the_same_step_on_one_or_two_processes(tmp_path):
     """The LSQ initialisation and one step of a global batch of four pieces: one process computing
     all four, or two processes computing two each, reach the same state (SPEC 5a), compared as a
-    fixture step is compared (``tests/step_compare.py``: what the step changed, the noise
+    fixture step is compared (``bench/step_compare.py``: what the step changed, the noise
     gradients by what is reproducible about them), the one-process step as the recording."""
+    from bench.step_compare import Step, compare_step, noise_gradient_parameters
     from models import build_supernet
-
-    from .replay import Step
-    from .step_compare import compare_step, noise_gradient_parameters
 
     cases = {}
     for ranks in (2, 0):
