@@ -241,7 +241,7 @@ def run_phase(run: Run, teacher: torch.nn.Module | None, data: Datasets, log: Ru
     world, rank = distributed.world_size(), distributed.rank()
     wait = DataWait()
     stream = wait(batch_stream(data.train, args.batch_size, args.workers, args.seed, run.epoch, run.batch,
-                               drop_last=False, replicas=args.replicas, world=world, rank=rank,
+                               drop_last=False, share=lambda n: Share.of(n, args.replicas, world, rank),
                                source=loader))
     selections = Path(args.save) / "selections" / f"rank{rank}.txt"
     if args.record_selections:
@@ -351,7 +351,7 @@ def train(args: argparse.Namespace) -> None:
     # The loader's workers start now, before the steps' memory grows, and serve both phases (a
     # loader made for phase 2 would fork its workers from the grown process: utils.data.started_loader).
     loader = started_loader(data.train, args.batch_size, args.workers, args.seed, run.epoch, run.batch,
-                            drop_last=False, replicas=args.replicas, world=world, rank=rank)
+                            drop_last=False, share=lambda n: Share.of(n, args.replicas, world, rank))
     for phase in range(run.phase, 3):
         run.start_phase(phase, initialisation_images)
         run_phase(run, teacher, data, log, loader)

@@ -40,7 +40,7 @@ from training.step import Amp, DataWait, RunningStats, train_step
 from utils import distributed
 from utils.checkpoint import finetuned_checkpoint, finetuned_name, save_file
 from utils.cli import add_amp_arg, add_eval_args, boolean, stage_parser
-from utils.data import batch_stream, resolution, to_device, train_loader
+from utils.data import ShareBatches, batch_stream, resolution, started_loader, to_device
 from utils.errors import UsageError
 from utils.logs import RunLog
 from utils.runtime import (
@@ -130,12 +130,17 @@ def finetune(args: argparse.Namespace) -> dict:
         lambda n: trial_pass(setup.model, found["archs"][0], args, setup.device, n))
     log.info(chose)
     supernet_state = {k: v.clone() for k, v in setup.model.state_dict().items()}
-    archs = list(zip(found["folds"], found["archs"], found["full_accs"], strict=True))
+    archs = distributed.share(list(zip(found["folds"], found["archs"], found["full_accs"], strict=True)))
+    # The training loader's workers start now, before the validation cache and the steps' memory
+    # grow, and serve every arch (a loader made per arch would fork them from the grown process:
+    # utils.data.started_loader).
+    loader = (started_loader(setup.data.train, args.batch_size, args.workers, args.seed + archs[0][0])
+              if archs else None)
     finished = []
-    for fold, arch, searched_acc in tqdm(distributed.share(archs), desc="archs", position=0,
+    for fold, arch, searched_acc in tqdm(archs, desc="archs", position=0,
                                          dynamic_ncols=True, disable=not distributed.is_main()):
         setup.model.load_state_dict(supernet_state)  # every arch starts from the stage-1 supernet
-        finished.append(finetune_arch(args, setup, fold, arch, searched_acc, iters, save, log))
+        finished.append(finetune_arch(args, setup, fold, arch, searched_acc, iters, save, log, loader))
     by_fold = gather_by_fold(finished, log, arch_line)
     bnfull_accs = [by_fold[fold]["bnfull_acc"] for fold in found["folds"]]
     summary = {"fold_accs": found["fold_accs"], "full_accs": found["full_accs"],
@@ -166,16 +171,17 @@ def trial_pass(model: torch.nn.Module, arch: list[int], args: argparse.Namespace
 
 
 def finetune_arch(args: argparse.Namespace, setup: Evaluation, fold: int, arch: list[int],
-                  searched_acc: float, iters: int, save: Path, log: RunLog) -> dict:
+                  searched_acc: float, iters: int, save: Path, log: RunLog,
+                  source: tuple[torch.utils.data.DataLoader, ShareBatches]) -> dict:
     """BN-stabilize fine-tuning of fold ``fold``'s arch; its accuracy outside the fold after each
-    epoch, a checkpoint per epoch, and ``bnfull_acc``."""
+    epoch, a checkpoint per epoch, and ``bnfull_acc``. ``source``: the stage's ``started_loader``."""
     # The augmentation (drawn from torch's generator without loader workers) depends on the seed
     # and the fold alone: an arch gets the same result on any rank, after any other arch.
     seed_everything(args.seed + fold)
     model, device = setup.model, setup.device
     model.change_precision(True, True)
     _, full = fold_batches(setup.num_batches, args.k, fold)
-    stream = batch_stream(setup.data.train, args.batch_size, args.workers, args.seed + fold)
+    stream = batch_stream(setup.data.train, args.batch_size, args.workers, args.seed + fold, source=source)
     if args.bn_recalibration_batches > 0:
         recalibrate_bn(model, arch, [next(stream)[2] for _ in range(args.bn_recalibration_batches)], device,
                        args.replicas)
@@ -184,8 +190,8 @@ def finetune_arch(args: argparse.Namespace, setup: Evaluation, fold: int, arch: 
     optimizer = bn_stabilize_optimizer(model, args.learning_rate_bnstabilize, args.train_clip)
     amp = Amp(args.amp, device)
     if not args.iters_per_epoch:  # whole epochs, the last partial batch included
-        loader, sampler = train_loader(setup.data.train, args.batch_size, args.workers, args.seed + fold,
-                                       drop_last=False)
+        loader, sampler = source
+        sampler.retarget(args.seed + fold, drop_last=False)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(args.bn_epochs, 1))
     for epoch in range(args.bn_epochs):
         model.train()

@@ -1,6 +1,8 @@
 """Stage 1 as ``bench.gpu_check`` compares it over numbers of processes: the classifier's dropout
-off (each process draws its own masks, the one draw that depends on how many run; NOTES), and
-each rank's peak memory written to ``SAVE/peak_rank{R}.json``.
+off (each process draws its own masks, the one draw that depends on how many run; NOTES), each
+rank's peak memory written to ``SAVE/peak_rank{R}.json``, and rank 0's first step recorded to
+``SAVE/first_step.pt`` (``bench.step_compare``'s case: the state before the LSQ initialisation,
+before and after the step, Adam's state, the gradients, the loss, the gradient norm, two images).
 
     python -m bench.stage1_ranks STAGE1_FLAGS
     torchrun --nproc_per_node 2 -m bench.stage1_ranks STAGE1_FLAGS
@@ -16,22 +18,66 @@ from torch import nn
 
 import utils.torch_floor  # noqa: F401  (first: an older torch stops here, with one line)
 from bench.memory import stage_script
+from utils import distributed
 from utils.runtime import fail_cleanly
 
+FIRST_STEP = "first_step.pt"
 
-def main(argv: list[str]) -> None:
-    stage1 = stage_script("01train_supernet.py")
-    build = stage1.build_supernet
+
+def cpu(state: dict) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def record_first_step(stage1, path: Path) -> dict:
+    """Patch ``stage1`` so that its first step is recorded to ``path`` (rank 0), with the model's
+    state before its LSQ initialisation; returns the case as it fills."""
+    case: dict = {}
+    build, initialise, step = stage1.build_supernet, stage1.initialize_activation_steps, stage1.stage_step
 
     def without_dropout(**config):
         model = build(**config)
         for m in model.modules():
             if isinstance(m, nn.Dropout):
                 m.p = 0.0  # F.dropout at p = 0 returns its input and draws nothing
+        case["config"] = config
         return model
 
-    stage1.build_supernet = without_dropout
+    def initialize_activation_steps(model, images, selection):
+        case.setdefault("state_initial", cpu(model.state_dict()))
+        return initialise(model, images, selection)
+
+    def first_step(model, teacher, images, labels, selection, optimizer, amp, share):
+        if "state_before" in case:
+            return step(model, teacher, images, labels, selection, optimizer, amp, share)
+        named = dict(model.named_parameters())
+        names = {id(p): n for n, p in named.items()}
+        case.update(state_before=cpu(model.state_dict()), group_lrs=[g["lr"] for g in optimizer.param_groups],
+                    batch={"x": images[:2].detach().cpu(), "selection": list(selection)})
+        out = step(model, teacher, images, labels, selection, optimizer, amp, share)
+        loss = distributed.all_reduce_sum(out[1].detach().float() * (share.images / share.batch))
+        stepped = {names[id(p)]: cpu(s) for p, s in optimizer.state.items()}
+        case.update(
+            state_after=cpu(model.state_dict()), optimizer_state_after=stepped,
+            # Adam's state before its first step: none, which is zeros
+            optimizer_state_before={n: {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(s["exp_avg"]),
+                                        "exp_avg_sq": torch.zeros_like(s["exp_avg_sq"])}
+                                    for n, s in stepped.items()},
+            hyper={"lr": max(case["group_lrs"])}, loss=loss.item(), grad_norm_before_clipping=out[2].item(),
+            grads={n: p.grad.detach().cpu().clone() for n, p in named.items() if p.grad is not None},
+            parameters=list(named))
+        if distributed.is_main():
+            torch.save(case, path)
+        return out
+
+    stage1.build_supernet, stage1.initialize_activation_steps = without_dropout, initialize_activation_steps
+    stage1.stage_step = first_step
+    return case
+
+
+def main(argv: list[str]) -> None:
+    stage1 = stage_script("01train_supernet.py")
     args = stage1.parse_args(argv)
+    record_first_step(stage1, Path(args.save) / FIRST_STEP)
     fail_cleanly(stage1.train, args)
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     peak = (torch.cuda.max_memory_allocated() if cuda  # the device's, or the host's resident set

@@ -1,17 +1,17 @@
 """The project's own steps driven from a recorded case of the authors' loops (``trajectories*.pt``,
 ``dataparallel*.pt``): every number (sizes, pieces, hyper-parameters, which groups train) comes from
-the case. ``tests/step_compare.py`` compares what the steps changed; the fixture tests and the
+the case. ``bench/step_compare.py`` compares what the steps changed; the fixture tests and the
 mutation suite (``tests/test_mutations.py``) share both.
 """
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
 from itertools import combinations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.step_compare import Step
 from models import build_supernet
 from quant import fused
 from training.losses import kd_loss
@@ -72,20 +72,6 @@ def weight_step_reinit(recording: dict) -> nn.Module:
     model.change_precision(True, True)
     model.init_weight_steps()
     return model
-
-
-@dataclass
-class Step:
-    """Our step from a recorded state: the names of the model's parameters, its state and our
-    optimizer's state after it (per parameter name), the gradients the optimizer stepped with
-    (clipped), the loss and the gradient norm before clipping."""
-
-    parameters: list[str]
-    state_after: dict[str, torch.Tensor]
-    optimizer_after: dict[str, dict[str, torch.Tensor]]
-    grads: dict[str, torch.Tensor]
-    loss: float
-    grad_norm: float
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, named: dict[str, nn.Parameter],
@@ -186,7 +172,7 @@ def _faithful(recording: dict, name: str, pieces_per_pass: int | None = None) ->
     float noise of a rounding boundary put on its other side, one and then two at a time (which
     side the recording took depends on the recording machine's kernels: a CPU without AVX2 rounds
     one of ``dataparallel_4bit.pt``'s stage-1 inputs otherwise): the first that agrees."""
-    from .step_compare import compare_step
+    from bench.step_compare import compare_step
 
     key = (id(recording), name, pieces_per_pass, fused.path("unit") is None)
     if key not in _steps:
@@ -207,8 +193,8 @@ _noise: dict = {}
 
 
 def noise_parameters(recording: dict, name: str) -> set[str]:
-    """``step_compare.noise_gradient_parameters`` of the case's model, selection and batch."""
-    from .step_compare import noise_gradient_parameters
+    """``bench.step_compare.noise_gradient_parameters`` of the case's model, selection and batch."""
+    from bench.step_compare import noise_gradient_parameters
 
     key = (id(recording), name)
     if key not in _noise:

@@ -114,3 +114,46 @@ def test_gpu_check_statuses_and_resume_tolerance(tmp_path, monkeypatch):
     off = {"w": state["w"].clone(), "n": torch.tensor(3)}
     off["w"][:20] += 1
     assert not gpu_check.same_state(state, off)[0]
+
+
+def test_gpu_check_compares_first_steps_by_the_step_rule(tmp_path, image_folder):
+    """``same_first_step`` (stage 1 over two processes against one, README "GPUs") passes a first
+    step against itself and fails one whose second piece never reached the gradients (what the
+    other rank's gradients missing from the all-reduce give), on the updates: a rule of float noise
+    and structurally zero gradients, no count of elements allowed off. The two-process run itself
+    is the CPU smoke run's (``python -m bench.gpu_check --device cpu``, CI)."""
+    from bench.stage1_ranks import record_first_step
+
+    class Enough(Exception):
+        pass
+
+    def first_step(name: str, second_piece: float = 1.0) -> dict:
+        stage1 = memory.stage_script("01train_supernet.py")
+        real = stage1.criterion
+
+        def weighted(*args):
+            loss = real(*args)
+            return lambda logits, piece: loss(logits, piece) * (1.0 if piece.start == 0 else second_piece)
+
+        stage1.criterion = weighted
+        case = record_first_step(stage1, tmp_path / f"{name}.pt")
+        recording = stage1.stage_step
+
+        def then_stop(*args):
+            recording(*args)
+            raise Enough
+
+        stage1.stage_step = then_stop
+        with pytest.raises(Enough):
+            stage1.train(stage1.parse_args([
+                "--data", str(image_folder), "--teacher", "none", "--width_multiplier", "0.25",
+                "--width_divisor", "8", "--base_resolution", "32", "--l2_bounds", "0.01,0.001",
+                "--batch_size", "8", "--replicas", "2", "-j", "0", "--save", str(tmp_path / name)]))
+        assert torch.load(tmp_path / f"{name}.pt", weights_only=True).keys() == case.keys()
+        return case
+
+    one = first_step("one")
+    ok, said = gpu_check.same_first_step(one, one)
+    assert ok, said
+    ok, said = gpu_check.same_first_step(one, first_step("missing", second_piece=0.0))
+    assert not ok and "elements off" in said, said

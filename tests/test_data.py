@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from training.pieces import Share
 from training.step import DataWait
 from utils.data import (
     IMAGENET_MEAN,
@@ -16,6 +17,7 @@ from utils.data import (
     ValidationBatches,
     batch_stream,
     build_datasets,
+    started_loader,
     to_device,
     train_loader,
     train_transform,
@@ -74,8 +76,9 @@ def test_each_process_loads_its_pieces_of_every_global_batch():
     full = list(ShareBatches(EpochSampler(50, 3, 2), 12, drop_last=False))
     assert [len(b) for b in full] == [12] * 4 + [2]
     for world in (1, 2, 4):
-        shares = [list(ShareBatches(EpochSampler(50, 3, 2), 12, drop_last=False, replicas=4, world=world,
-                                    rank=r)) for r in range(world)]
+        shares = [list(ShareBatches(EpochSampler(50, 3, 2), 12, drop_last=False,
+                                    share=lambda n, r=r, w=world: Share.of(n, 4, w, r)))
+                  for r in range(world)]
         assert [sum(parts, []) for parts in zip(*shares, strict=True)] == full
         assert [len(b) for b in shares[0]] == [12 // world] * 4 + [min(2, 4 // world)]
     assert len(ShareBatches(EpochSampler(50, 3, 2), 12, drop_last=True)) == 4
@@ -119,6 +122,34 @@ def test_training_loader_keeps_its_workers_and_pins_for_gpus(image_folder, monke
     assert [len(y) for _, y in loader][-1] == 1  # the last, partial batch kept
 
 
+def test_a_started_loader_serves_streams_of_any_seed_as_their_own_loaders_would(image_folder):
+    """Stage 3's archs share one started loader (its workers forked before memory grows): each
+    arch's stream, of its own seed, with or without the last partial batch, gives the batches a
+    loader of its own gives; a stream resumed after another took the loader over stops."""
+    data = build_datasets(str(image_folder), 24)  # 36 training images
+    source = started_loader(data.train, 5, 2, seed=7)
+
+    def batches(stream, count):
+        return [(e, b, x, y) for e, b, (x, y) in (next(stream) for _ in range(count))]
+
+    def same(got, want):
+        assert len(got) == len(want)
+        for (e1, b1, x1, y1), (e2, b2, x2, y2) in zip(got, want, strict=True):
+            assert (e1, b1) == (e2, b2) and torch.equal(x1, x2) and torch.equal(y1, y2)
+
+    first = batch_stream(data.train, 5, 2, seed=3, source=source)
+    head = batches(first, 2)
+    for seed, drop_last in ((4, True), (5, False)):  # 36 images: 7 or 8 batches an epoch
+        same(batches(batch_stream(data.train, 5, 2, seed, drop_last=drop_last, source=source), 9),
+             batches(batch_stream(data.train, 5, 0, seed, drop_last=drop_last), 9))
+    with pytest.raises(RuntimeError, match="another stream took its loader over"):
+        next(first)
+    own = batches(batch_stream(data.train, 5, 0, seed=3), 11)
+    again = batch_stream(data.train, 5, 2, seed=3, batch=2, source=source)
+    same(head + batches(again, 9), own)  # past the epoch's end: seed 3's order again, not seed 5's
+    assert [b for _, b, _, _ in own] == list(range(7)) + list(range(4))
+
+
 def test_data_wait_times_the_loop_waiting_for_batches():
     def slow():
         for i in range(3):
@@ -132,12 +163,18 @@ def test_data_wait_times_the_loop_waiting_for_batches():
     assert wait.per_step_ms() == 0.0
 
 
-def test_validation_batches_in_memory_or_decoded_when_asked(image_folder):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_validation_batches_in_memory_or_decoded_when_asked(image_folder, workers):
+    """The batches asked for, in order, from memory or decoded now: with workers, by the same
+    persistent ones each time (started with the ``ValidationBatches``), a pass cut short included."""
     val = build_datasets(str(image_folder), 24).val  # 24 images
     reference = list(val_loader(val, 5, 0))
-    kept = ValidationBatches(val, 5, 0)
-    streamed = ValidationBatches(val, 5, 0, cache_bytes=1)
+    kept = ValidationBatches(val, 5, workers)
+    streamed = ValidationBatches(val, 5, workers, cache_bytes=1)
     assert kept.keeps_all and not streamed.keeps_all and len(kept) == len(streamed) == 5
+    started = [source.loader._iterator for source in (kept, streamed)]
+    assert [it is None for it in started] == [workers == 0] * 2
+    next(streamed.stream([2, 3]))  # a pass cut short: the next one starts afresh
     for source in (kept, streamed):
         for indices in ([0], [4, 1], [1, 2, 3], range(5)):
             got = list(source.stream(indices))
@@ -146,8 +183,9 @@ def test_validation_batches_in_memory_or_decoded_when_asked(image_folder):
             for a, b in zip(got, want, strict=True):
                 assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert streamed.kept([0, 1]) is None  # two batches do not fit in one byte
-    fold = ValidationBatches(val, 5, 0, cache_bytes=2.5 * streamed.batch_bytes).kept([3, 4])
+    fold = ValidationBatches(val, 5, workers, cache_bytes=2.5 * streamed.batch_bytes).kept([3, 4])
     assert [len(y) for _, y in fold] == [5, 4]  # the last batch is partial, as in the loader
+    assert [source.loader._iterator for source in (kept, streamed)] == started  # no new workers
     assert len(ValidationBatches(val, 5, 0, max_batches=2)) == 2
     with pytest.raises(IndexError, match="beyond the 5 validation batches"):
         list(streamed.stream([5]))
@@ -211,19 +249,22 @@ class Counted(torch.utils.data.Dataset):
         return torch.full((3, 2, 2), index, dtype=torch.uint8), index
 
 
+@pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true")  # the stand-in's CUDA
 def test_validation_batches_decode_only_what_is_asked_for_once_and_pin_only_batches_in_flight(monkeypatch):
     """A process decodes the batches of its folds and the full-accuracy batches, each once, not the
-    whole set up front; kept batches are not pinned, streamed ones are (when the stage uses a GPU)."""
+    whole set up front, all through one loader; kept batches are not pinned, streamed ones are (when
+    the stage uses a GPU): a kept fold of a streamed set is copied out of the loader's batches."""
     from utils import data
 
     pinned = []
-    real_loader = data.DataLoader
 
-    def recording_loader(*args, **kwargs):
-        pinned.append(kwargs["pin_memory"])
-        return real_loader(*args, **{**kwargs, "pin_memory": False})  # no CUDA here to pin with
+    class Recording(data.DataLoader):
+        def __init__(self, *args, pin_memory: bool, **kwargs):
+            super().__init__(*args, pin_memory=False, **kwargs)  # no CUDA here to pin with
+            self.pin_memory = pin_memory
+            pinned.append(pin_memory)
 
-    monkeypatch.setattr(data, "DataLoader", recording_loader)
+    monkeypatch.setattr(data, "DataLoader", Recording)
     monkeypatch.setattr(data.distributed, "pin_memory", lambda: True)
     dataset = Counted(20)
     val = ValidationBatches(dataset, 4, 0)  # five batches, all kept
@@ -234,10 +275,15 @@ def test_validation_batches_decode_only_what_is_asked_for_once_and_pin_only_batc
     rest = list(val.stream([0, 3, 4, 1, 2]))  # the full-accuracy batches: only 0, 3, 4 decoded
     # Decoding during a stage leaves the generator that draws the training augmentation alone.
     assert torch.equal(torch.get_rng_state(), state)
-    assert [int(y[0]) for _, y in rest] == [0, 4, 8, 12, 16] and pinned == [False, False]
+    assert [int(y[0]) for _, y in rest] == [0, 4, 8, 12, 16] and pinned == [False]  # the same loader
     list(val.stream(range(5)))
     assert dataset.reads == [2] + [1] * 19  # each sample once (and the probe)
     streamed = ValidationBatches(Counted(20), 4, 0, cache_bytes=2 * val.batch_bytes)
-    assert not streamed.keeps_all
-    list(streamed.stream([0, 1])), streamed.kept([2, 3])
-    assert pinned[2:] == [True, False]  # streamed batches in flight are pinned, a kept fold is not
+    assert not streamed.keeps_all and pinned[1:] == [True]  # streamed batches in flight are pinned
+    loaded = []
+    real = streamed._decode
+    monkeypatch.setattr(streamed, "_decode", lambda indices: (loaded.append(b) or b for b in real(indices)))
+    kept = streamed.kept([2, 3])
+    assert [int(y[0]) for _, y in kept] == [8, 12] and len(loaded) == 2
+    for (x, y), (xl, yl) in zip(kept, loaded, strict=True):  # copies, in ordinary memory
+        assert torch.equal(x, xl) and x.data_ptr() != xl.data_ptr() and y.data_ptr() != yl.data_ptr()

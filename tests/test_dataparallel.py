@@ -11,11 +11,11 @@ import contextlib
 
 import pytest
 
+from bench.step_compare import compare_step, compare_values
 from quant import fused
 from training.pieces import Share, piece_sizes
 
 from .replay import STEPS, faithful_step, lsq_init, noise_parameters, recordings, run_step
-from .step_compare import compare_step, compare_values
 
 CASES = ("lsq_init", *STEPS)
 

@@ -135,9 +135,10 @@ def test_pieces_give_the_same_steps_on_one_two_or_four_processes(tmp_path, monke
 def replayed_in_one_process(case: dict) -> dict[str, str]:
     """``compare_step`` of a step of ``tests/pieces_over_ranks.py`` with the step one process
     computes from its state, all pieces in one pass."""
+    from bench.step_compare import Step, compare_step, noise_gradient_parameters
+
     from . import pieces_over_ranks as script
-    from .replay import Step, load_optimizer_state
-    from .step_compare import compare_step, noise_gradient_parameters
+    from .replay import load_optimizer_state
 
     model = build_supernet("mobilenet_v2", **case["config"])
     model.change_precision(True, False)

@@ -16,7 +16,9 @@ ABOVE_THE_MODEL = {"utils", "search", "training", "reproduction", "export", "ben
 BELOW = {"quant": {"models", "cpu_kernels"} | ABOVE_THE_MODEL,
          "models": {"cpu_kernels"} | ABOVE_THE_MODEL,
          "cpu_kernels": ABOVE_THE_MODEL,
-         "utils": {"cpu_kernels"}, "search": {"cpu_kernels"}, "training": {"cpu_kernels"},
+         # infrastructure: the model's packages, nothing of the pipeline's parts above them
+         "utils": {"cpu_kernels"} | ABOVE_THE_MODEL - {"utils"},
+         "search": {"cpu_kernels"}, "training": {"cpu_kernels"},
          "export": {"cpu_kernels"}, "reproduction": {"cpu_kernels"}}
 
 
@@ -42,6 +44,8 @@ def test_the_check_sees_an_upward_import(tmp_path):
     path = tmp_path / "m.py"
     path.write_text("import torch\nfrom utils.files import atomic_path\nimport cpu_kernels.units\n")
     assert imported_packages(path) & BELOW["quant"] == {"utils", "cpu_kernels"}
+    path.write_text("from quant import fused\nfrom training.pieces import Share\n")  # utils/data.py's, once
+    assert imported_packages(path) & BELOW["utils"] == {"training"}
 
 
 def test_the_back_end_registers_its_fused_paths_from_above():

@@ -1,6 +1,6 @@
 """Wrong steps fail the fixture comparisons, each for its own reason.
 
-The comparisons of ``test_trajectories.py`` and ``test_dataparallel.py`` (``tests/step_compare.py``)
+The comparisons of ``test_trajectories.py`` and ``test_dataparallel.py`` (``bench/step_compare.py``)
 run here on deliberately wrong steps, on every recording where the recording can show the
 mistake (a one-piece case cannot show a mistake about pieces: that skip says so). Each mutation
 must fail, and on the tensors it concerns: freezing the clips fails the clips, not everything. The
@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from bench.step_compare import compare_step
 from models import build_supernet
 from quant import ClipActivation, LsqActivation, LsqWeight
 from quant.functional import pieces_of
@@ -30,7 +31,6 @@ from .replay import (
     supernet,
     training,
 )
-from .step_compare import compare_step
 from .test_search_replay import CASES as SEARCH_CASES
 from .test_search_replay import replayed
 

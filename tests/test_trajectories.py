@@ -5,15 +5,16 @@ SGD. Every number comes from the recorded case (``tests/replay.py``), so any rec
 procedure of the fixtures' README is valid input.
 
 What a step changed is compared, tensor by tensor, with what the recorded step changed
-(``tests/step_compare.py`` derives the tolerances); ``tests/test_mutations.py`` shows that wrong
+(``bench/step_compare.py`` derives the tolerances); ``tests/test_mutations.py`` shows that wrong
 steps fail these comparisons. The reference gives every parameter a gradient at every iteration
 (zero where its branch was not selected), so its optimizers step every parameter (SPEC 3).
 """
 import pytest
 import torch
 
+from bench.step_compare import compare_step, compare_values
+
 from .replay import STEPS, faithful_step, lsq_init, noise_parameters, recordings, weight_step_reinit
-from .step_compare import compare_step, compare_values
 
 
 @pytest.fixture(scope="module", params=recordings("trajectories*.pt"))

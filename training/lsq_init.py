@@ -16,6 +16,7 @@ from quant import LsqActivation
 from utils import distributed
 from utils.data import to_device, train_loader
 
+from .pieces import Share
 from .step import statistics
 
 
@@ -24,7 +25,8 @@ def initialisation_batch(dataset: Dataset, batch_size: int, replicas: int, seed:
     """The first piece of the batch stage 1 initialises the LSQ steps from, drawn for that purpose
     as the reference's ``initialize()`` draws it: not one of the training batches (it is epoch -1
     of the sampler)."""
-    loader, batches = train_loader(dataset, batch_size, 0, seed, replicas=replicas, world=replicas)
+    loader, batches = train_loader(dataset, batch_size, 0, seed,
+                                   share=lambda n: Share.of(n, replicas, replicas))
     batches.set_epoch(-1)
     return next(iter(loader))
 

@@ -7,17 +7,17 @@ import functools
 import gzip
 import math
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torchvision
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
 from quant import fused
-from training.pieces import Share
 
 from . import distributed
 from .errors import DataError
@@ -209,20 +209,37 @@ class EpochSampler(Sampler[tuple[int, int]]):
         return iter([(i, sample_seed(self.seed, self.epoch, i)) for i in order])
 
 
-class ShareBatches(Sampler[list[tuple[int, int]]]):
-    """The global batches of an ``EpochSampler``'s order, each as this process's share of it: the
-    images of its pieces (``training.pieces.Share``), so that the processes' shares of batch ``b``
-    together are global batch ``b``, cut as the reference's ``nn.DataParallel`` cut it.
-    ``drop_last=False`` keeps an epoch's last, partial batch."""
+class ProcessShare(Protocol):
+    """This process's part of a global batch: ``images`` images from image ``start`` on."""
 
-    def __init__(self, sampler: EpochSampler, batch_size: int, drop_last: bool, replicas: int = 1,
-                 world: int = 1, rank: int = 0):
-        self.sampler, self.batch_size, self.drop_last = sampler, batch_size, drop_last
-        self.replicas, self.world, self.rank = replicas, world, rank
+    start: int
+    images: int
+
+
+# The size of a global batch -> this process's part of it: ``training.pieces.Share.of`` over the
+# stage's replicas and processes, given by the stage (the pieces are training's, not the loader's).
+Shares = Callable[[int], ProcessShare]
+
+
+class ShareBatches(Sampler[list[tuple[int, int]]]):
+    """The global batches of an ``EpochSampler``'s order, each as this process's share of it
+    (``share``; default the whole batch), so that the processes' shares of batch ``b`` together are
+    global batch ``b``, cut as the reference's ``nn.DataParallel`` cut it. ``drop_last=False`` keeps
+    an epoch's last, partial batch."""
+
+    def __init__(self, sampler: EpochSampler, batch_size: int, drop_last: bool, share: Shares | None = None):
+        self.sampler, self.batch_size, self.drop_last, self.share = sampler, batch_size, drop_last, share
+        self.stream: object | None = None  # the ``batch_stream`` it serves now
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Sample epoch ``epoch`` from global batch ``start`` on."""
         self.sampler.set_epoch(epoch, start * self.batch_size)
+
+    def retarget(self, seed: int, drop_last: bool) -> None:
+        """Serve another stream from the same loader: the order and augmentation of ``seed``. The
+        sampler runs in the main process and hands each sample its seed (``SeededSamples``), so a
+        persistent loader's workers serve any seed's stream, batch for batch as a new loader would."""
+        self.sampler.seed, self.drop_last = seed, drop_last
 
     def __len__(self) -> int:
         return (len(self.sampler) // self.batch_size if self.drop_last
@@ -232,8 +249,11 @@ class ShareBatches(Sampler[list[tuple[int, int]]]):
         items = list(self.sampler)
         for b in range(len(self)):
             batch = items[b * self.batch_size:(b + 1) * self.batch_size]
-            share = Share.of(len(batch), self.replicas, self.world, self.rank)
-            yield batch[share.start:share.start + share.images]
+            if self.share is None:
+                yield batch
+                continue
+            mine = self.share(len(batch))
+            yield batch[mine.start:mine.start + mine.images]
 
 
 class SeededSamples(Dataset):
@@ -259,47 +279,52 @@ class SeededSamples(Dataset):
 
 
 def train_loader(dataset: Dataset, batch_size: int, workers: int, seed: int, drop_last: bool = True,
-                 replicas: int = 1, world: int = 1, rank: int = 0) -> tuple[DataLoader, ShareBatches]:
+                 share: Shares | None = None) -> tuple[DataLoader, ShareBatches]:
     """A loader of training batches and its batch sampler (``set_epoch`` before iterating an epoch).
 
-    ``batch_size`` is the global batch; under torchrun each process loads its pieces of it over
-    ``replicas`` (``ShareBatches``). Its workers persist across epochs (no start-up per epoch) and
+    ``batch_size`` is the global batch; under torchrun each process loads its ``share`` of it
+    (``ShareBatches``). Its workers persist across epochs (no start-up per epoch) and
     return uint8 images (``to_device``); batches are pinned for a non-blocking copy when the stage
     computes on a GPU (``distributed.pin_memory``). ``drop_last=False`` keeps an epoch's last,
     partial batch (the reference's loaders do).
     """
-    batches = ShareBatches(EpochSampler(len(dataset), seed), batch_size, drop_last, replicas, world, rank)
+    batches = ShareBatches(EpochSampler(len(dataset), seed), batch_size, drop_last, share)
     # The loader's own generator (for its workers' base seed, which the per-sample seeds make moot)
     # leaves the caller's generator alone.
     loader = DataLoader(SeededSamples(dataset), batch_sampler=batches,
                         num_workers=workers, persistent_workers=workers > 0,
                         pin_memory=distributed.pin_memory(),
-                        generator=torch.Generator().manual_seed(rank_seed(seed, rank)))
+                        generator=torch.Generator().manual_seed(seed))
     return loader, batches
 
 
 def batch_stream(dataset: Dataset, batch_size: int, workers: int, seed: int, epoch: int = 0,
-                 batch: int = 0, drop_last: bool = True, replicas: int = 1, world: int = 1, rank: int = 0,
+                 batch: int = 0, drop_last: bool = True, share: Shares | None = None,
                  source: tuple[DataLoader, ShareBatches] | None = None
                  ) -> Iterator[tuple[int, int, tuple[torch.Tensor, torch.Tensor]]]:
     """Endless training batches as ``(epoch, batch index, (images, labels))``, from any position:
     this process's share of each global batch of ``batch_size`` (``train_loader``). ``source``: a
-    ``train_loader`` of those settings made earlier (``started_loader``), whose persistent workers
-    serve this stream too."""
-    loader, batches = source or train_loader(dataset, batch_size, workers, seed, drop_last, replicas, world,
-                                             rank)
+    ``train_loader`` of this dataset, batch size and share made earlier (``started_loader``), whose
+    persistent workers serve this stream, of this ``seed`` and ``drop_last`` (``retarget``), until
+    another stream takes the loader over: this one then stops with an error rather than read the
+    other's batches."""
+    loader, batches = source or train_loader(dataset, batch_size, workers, seed, drop_last, share)
+    me = object()
     while True:
+        batches.retarget(seed, drop_last)
         batches.set_epoch(epoch, batch)
+        batches.stream = me
         for index, item in enumerate(loader, batch):
+            if batches.stream is not me:
+                raise RuntimeError("a batch_stream resumed after another stream took its loader over")
             yield epoch, index, item
         epoch, batch = epoch + 1, 0
 
 
-def started_loader(dataset: Dataset, batch_size: int, workers: int, seed: int, epoch: int, batch: int,
-                   drop_last: bool = True, replicas: int = 1, world: int = 1, rank: int = 0
-                   ) -> tuple[DataLoader, ShareBatches]:
+def started_loader(dataset: Dataset, batch_size: int, workers: int, seed: int, epoch: int = 0, batch: int = 0,
+                   drop_last: bool = True, share: Shares | None = None) -> tuple[DataLoader, ShareBatches]:
     """A ``train_loader`` whose workers start now, reading from ``(epoch, batch)`` on, to serve every
-    ``batch_stream`` of a stage (``source``).
+    ``batch_stream`` of a stage (``source``), whatever its seed: stage 1's phases, stage 3's archs.
 
     A worker is a fork of the process: it shares the process's memory as it is at that moment, and
     each page the process writes afterwards is copied. Workers forked once the training step's memory
@@ -307,14 +332,36 @@ def started_loader(dataset: Dataset, batch_size: int, workers: int, seed: int, e
     process goes on writing, which doubles it (12 GB more at the ImageNet defaults on a CPU host).
     Started before the first step and persistent, the workers share only the small process they
     forked from; the data order is the sampler's, the same however the loader is made.
+
+    Rather than workers started late from a small process (a ``forkserver`` or ``spawn`` context):
+    each of those starts an interpreter, imports torch and unpickles the dataset (ImageNet's list
+    of 1.28 M files) per worker, seconds per loader (measured to a first batch of Fashion-MNIST,
+    2 workers, on 2 busy cores: fork 0.2 s, forkserver 9.4 s, spawn 12.4 s), paid per arch, or per
+    candidate where stage 2 streams a fold, where a persistent worker costs nothing per stream;
+    the order is the same either way.
     """
-    loader, batches = train_loader(dataset, batch_size, workers, seed, drop_last, replicas, world, rank)
+    loader, batches = train_loader(dataset, batch_size, workers, seed, drop_last, share)
     batches.set_epoch(epoch, batch)
     iter(loader)  # persistent workers: the loader keeps this iterator and resets it for each epoch
     return loader, batches
 
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class BatchIndices(Sampler[list[int]]):
+    """The samples of the validation batches at ``indices`` (set before each pass), whole batches
+    in order: what a persistent loader decodes next."""
+
+    def __init__(self, size: int, batch_size: int):
+        self.size, self.batch_size, self.indices = size, batch_size, []
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for b in self.indices:
+            yield list(range(b * self.batch_size, min((b + 1) * self.batch_size, self.size)))
 
 
 class ValidationBatches:
@@ -327,11 +374,16 @@ class ValidationBatches:
     are (``stream``); ``kept`` holds a subset, a searched fold, decoded once for all of its
     candidates. Kept batches are in ordinary memory: only batches streamed to a GPU, those in
     flight, are pinned.
+
+    One loader decodes every batch, its workers started here, before a stage's memory grows (the
+    cache, a search's prefix cache, a training step's heap): a loader made for each pass would fork
+    its workers from that grown process, and each page the process then writes would be copied
+    (``started_loader``).
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, workers: int, max_batches: int = 0,
                  cache_bytes: float = 8e9):
-        self.dataset, self.batch_size, self.workers = dataset, batch_size, workers
+        self.dataset, self.batch_size = dataset, batch_size
         total = math.ceil(len(dataset) / batch_size)
         self.count = total if max_batches <= 0 else min(max_batches, total)
         image = dataset[0][0]
@@ -339,6 +391,15 @@ class ValidationBatches:
         self.cache_bytes = cache_bytes
         self.keeps_all = self.count * self.batch_bytes <= cache_bytes
         self.decoded: dict[int, Batch] = {}  # what ``keeps_all`` kept so far
+        self.asked = BatchIndices(len(dataset), batch_size)
+        # Pinned where streamed to a GPU; its own generator: decoding when first asked (any time in
+        # a stage) leaves the global one alone, which draws the training augmentation.
+        self.loader = DataLoader(dataset, batch_sampler=self.asked, num_workers=workers,
+                                 persistent_workers=workers > 0,
+                                 pin_memory=not self.keeps_all and distributed.pin_memory(),
+                                 generator=torch.Generator())
+        if workers > 0:
+            iter(self.loader)  # the workers start now and wait for ``asked``
 
     def __len__(self) -> int:
         return self.count
@@ -348,7 +409,7 @@ class ValidationBatches:
         wanted = sorted(set(indices))
         if wanted and not 0 <= wanted[0] <= wanted[-1] < self.count:
             raise IndexError(f"batch index {wanted[-1]} is beyond the {self.count} validation batches")
-        decoded = self._decode([i for i in wanted if i not in self.decoded], pin=not self.keeps_all)
+        decoded = self._decode([i for i in wanted if i not in self.decoded])
         for i in wanted:
             if i not in self.decoded:
                 batch = next(decoded)
@@ -358,17 +419,11 @@ class ValidationBatches:
                 self.decoded[i] = batch
             yield self.decoded[i]
 
-    def _decode(self, indices: list[int], pin: bool) -> Iterator[Batch]:
+    def _decode(self, indices: list[int]) -> Iterator[Batch]:
         if not indices:
             return
-        size, step = len(self.dataset), self.batch_size
-        samples = [s for b in indices for s in range(b * step, min((b + 1) * step, size))]
-        # Whole batches in order: batching the subset again gives the same batches. The loader's own
-        # generator: decoding when first asked (any time in a stage) leaves the global one alone,
-        # which draws the training augmentation.
-        yield from DataLoader(Subset(self.dataset, samples), batch_size=self.batch_size, shuffle=False,
-                              num_workers=self.workers, pin_memory=pin and distributed.pin_memory(),
-                              generator=torch.Generator())
+        self.asked.indices = indices
+        yield from self.loader
 
     def kept(self, indices: Sequence[int]) -> list[Batch] | None:
         """The batches at ``indices`` in memory (not pinned), for scoring many candidates on them:
@@ -379,7 +434,9 @@ class ValidationBatches:
             return list(self.stream(indices))
         if len(indices) * self.batch_bytes > self.cache_bytes:
             return None
-        return list(self._decode(sorted(set(indices)), pin=False))
+        copy = self.loader.pin_memory  # out of the streams' pinned memory: GBs pinned would lock them
+        return [(images.clone(), labels.clone()) if copy else (images, labels)
+                for images, labels in self._decode(sorted(set(indices)))]
 
 
 def main() -> None:

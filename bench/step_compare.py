@@ -1,4 +1,6 @@
-"""Comparing one of our steps with a recorded step of the authors' loops: what the step changed.
+"""Comparing one of our steps with a recorded step: what the step changed. The tests compare with
+the authors' loops (``tests/test_trajectories.py``, ``tests/test_dataparallel.py``), the prepared GPU
+check stage 1 over two processes with one (``bench.gpu_check``).
 
 Every tensor is compared by its update (after minus before), elementwise, against the recorded
 update, with a tolerance derived from what float32 lets two implementations reproduce; the
@@ -39,12 +41,12 @@ The tolerances:
 """
 import math
 from collections.abc import Iterable
-from unittest import mock
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from cpu_kernels import library as native
+from quant import fused
 
 EPS32 = torch.finfo(torch.float32).eps
 RHO = 2.0**-12
@@ -87,7 +89,7 @@ def noise_gradient_parameters(model: nn.Module, x: torch.Tensor, selection: list
     kernels off): their graph names each operation.
     """
     params = {id(p): n for n, p in model.named_parameters()}
-    with mock.patch.object(native, "usable", lambda *tensors: False), torch.enable_grad():
+    with fused.pytorch_only(), torch.enable_grad():
         out = model(x[:2], selection)  # the graph does not depend on the batch size
     consumers: dict = {}
     seen, stack = set(), [out.grad_fn]
@@ -178,6 +180,20 @@ def _within(value: torch.Tensor, low: torch.Tensor, high: torch.Tensor, slack: t
 
 # -- the comparisons --------------------------------------------------------------------------
 
+@dataclass
+class Step:
+    """Our step from a recorded state: the names of the model's parameters, its state and our
+    optimizer's state after it (per parameter name), the gradients the optimizer stepped with
+    (clipped), the loss and the gradient norm before clipping."""
+
+    parameters: list[str]
+    state_after: dict[str, torch.Tensor]
+    optimizer_after: dict[str, dict[str, torch.Tensor]]
+    grads: dict[str, torch.Tensor]
+    loss: float
+    grad_norm: float
+
+
 def statistics_tolerance(k: str, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]
                          ) -> torch.Tensor:
     """The tolerance of a BatchNorm buffer's update, ``momentum * (batch statistic - running)``.
@@ -241,7 +257,7 @@ def recorded_gradient(case: dict, name: str) -> tuple[torch.Tensor, torch.Tensor
 
 
 def compare_step(case: dict, step, noise_params: Iterable[str]) -> dict[str, str]:
-    """Our ``step`` (``tests.replay.Step``) against the recorded ``case``: the loss and gradient
+    """Our ``step`` against the recorded ``case``: the loss and gradient
     norm, every tensor's update, and every optimizer state. Returns ``{what: why}`` of what fails
     (``name``, ``name.exp_avg``, ``loss``, ...)."""
     failures: dict[str, str] = {}
