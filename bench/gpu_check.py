@@ -326,9 +326,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def torchrun_check(cuda: bool, stage1_args: list[str], out: Path, figure: memory.Figures, size: Sizes
                    ) -> tuple[str, list[str]]:
-    """Stage 1 under ``torchrun --nproc_per_node 2`` against one process, both with the dropout off
-    (``bench.stage1_ranks``: each process would draw its own masks): NCCL where 2 GPUs exist; on one
-    GPU the two processes share it over gloo (NCCL refuses two ranks on one device); gloo on the
+    """Stage 1 under ``torchrun --nproc_per_node 2`` against one process, the dropout on (each
+    piece's masks its own, whichever process draws them: ``bench.stage1_ranks``): NCCL where 2 GPUs
+    exist; on one GPU the two processes share it over gloo (NCCL refuses two ranks on one device); gloo on the
     CPU. Both compute the same pieces; their first steps agree (``same_first_step``). Reports each
     rank's peak memory (the device's, or on the CPU the resident set)."""
     # --tf32 off: the comparison's noise is float32 sums in another order; TF32 would round the
@@ -354,7 +354,7 @@ def torchrun_check(cuda: bool, stage1_args: list[str], out: Path, figure: memory
     half = figure.stage1(size.piece, size.batch // 2)
     backend = "gloo, sharing one GPU" if shared else "NCCL" if cuda else "gloo"
     return (PASSED if ok else FAILED), [
-        f"2 processes ({backend}) against 1, dropout off: {said}",
+        f"2 processes ({backend}) against 1, dropout on: {said}",
         f"peak {unit}: 1 process {peaks[0] / memory.GIB:.2f} GiB; rank 0 {peaks[1] / memory.GIB:.2f} GiB, "
         f"rank 1 {peaks[2] / memory.GIB:.2f} GiB (table: {half / memory.GIB:.2f} GiB per process with "
         f"{size.replicas // 2} pieces of {size.piece})"]

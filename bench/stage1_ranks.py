@@ -1,6 +1,6 @@
-"""Stage 1 as ``bench.gpu_check`` compares it over numbers of processes: the classifier's dropout
-off (each process draws its own masks, the one draw that depends on how many run; NOTES), each
-rank's peak memory written to ``SAVE/peak_rank{R}.json``, and rank 0's first step recorded to
+"""Stage 1 as ``bench.gpu_check`` compares it over numbers of processes, the classifier's dropout
+on (each piece's masks from a generator of its own: ``training.pieces.Draws``), each rank's peak
+memory written to ``SAVE/peak_rank{R}.json``, and rank 0's first step recorded to
 ``SAVE/first_step.pt`` (``bench.step_compare``'s case: the state before the LSQ initialisation,
 before and after the step, Adam's state, the gradients, the loss, the gradient norm, two images).
 
@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import nn
 
 import utils.torch_floor  # noqa: F401  (first: an older torch stops here, with one line)
 from bench.memory import stage_script
@@ -34,26 +33,22 @@ def record_first_step(stage1, path: Path) -> dict:
     case: dict = {}
     build, initialise, step = stage1.build_supernet, stage1.initialize_activation_steps, stage1.stage_step
 
-    def without_dropout(**config):
-        model = build(**config)
-        for m in model.modules():
-            if isinstance(m, nn.Dropout):
-                m.p = 0.0  # F.dropout at p = 0 returns its input and draws nothing
+    def built(**config):
         case["config"] = config
-        return model
+        return build(**config)
 
     def initialize_activation_steps(model, images, selection):
         case.setdefault("state_initial", cpu(model.state_dict()))
         return initialise(model, images, selection)
 
-    def first_step(model, teacher, images, labels, selection, optimizer, amp, share):
+    def first_step(model, teacher, images, labels, selection, optimizer, amp, share, *how):
         if "state_before" in case:
-            return step(model, teacher, images, labels, selection, optimizer, amp, share)
+            return step(model, teacher, images, labels, selection, optimizer, amp, share, *how)
         named = dict(model.named_parameters())
         names = {id(p): n for n, p in named.items()}
         case.update(state_before=cpu(model.state_dict()), group_lrs=[g["lr"] for g in optimizer.param_groups],
                     batch={"x": images[:2].detach().cpu(), "selection": list(selection)})
-        out = step(model, teacher, images, labels, selection, optimizer, amp, share)
+        out = step(model, teacher, images, labels, selection, optimizer, amp, share, *how)
         loss = distributed.all_reduce_sum(out[1].detach().float() * (share.images / share.batch))
         stepped = {names[id(p)]: cpu(s) for p, s in optimizer.state.items()}
         case.update(
@@ -69,7 +64,7 @@ def record_first_step(stage1, path: Path) -> dict:
             torch.save(case, path)
         return out
 
-    stage1.build_supernet, stage1.initialize_activation_steps = without_dropout, initialize_activation_steps
+    stage1.build_supernet, stage1.initialize_activation_steps = built, initialize_activation_steps
     stage1.stage_step = first_step
     return case
 
