@@ -131,7 +131,7 @@ def test_gpu_check_compares_first_steps_by_the_step_rule(tmp_path, image_folder)
         stage1 = memory.stage_script("01train_supernet.py")
         real = stage1.criterion
 
-        def weighted(*args):
+        def weighted(*args):  # one piece per pass: the loss of each piece apart
             loss = real(*args)
             return lambda logits, piece: loss(logits, piece) * (1.0 if piece.start == 0 else second_piece)
 
@@ -148,7 +148,8 @@ def test_gpu_check_compares_first_steps_by_the_step_rule(tmp_path, image_folder)
             stage1.train(stage1.parse_args([
                 "--data", str(image_folder), "--teacher", "none", "--width_multiplier", "0.25",
                 "--width_divisor", "8", "--base_resolution", "32", "--l2_bounds", "0.01,0.001",
-                "--batch_size", "8", "--replicas", "2", "-j", "0", "--save", str(tmp_path / name)]))
+                "--batch_size", "8", "--replicas", "2", "--pieces_per_pass", "1", "-j", "0",
+                "--save", str(tmp_path / name)]))
         assert torch.load(tmp_path / f"{name}.pt", weights_only=True).keys() == case.keys()
         return case
 
