@@ -19,8 +19,11 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 SOURCE = Path(__file__).with_name("kernels.c")
 # -ffp-contract=off: no fused multiply-add, so every value is rounded as PyTorch's ops round it.
@@ -107,6 +110,18 @@ def library() -> ctypes.CDLL | None:
                   f"PyTorch's ops instead: the same results, slower. Set BASQ_NATIVE=0 to silence this.",
                   stacklevel=2)
     return None
+
+
+def bookkeeping(fn: Callable[..., T]) -> Callable[..., T]:
+    """``fn``, the kernels' bookkeeping around a call (shapes, pointers, buffers), with torch
+    function handling off: it computes nothing a function mode should see, and a mode
+    (``training.pieces.one_pass``'s, in a training forward) would cost a Python call for each of
+    its thousands of tensor methods and attributes per step."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs) -> T:
+        with torch._C.DisableTorchFunction():
+            return fn(*args, **kwargs)
+    return run
 
 
 def usable(*tensors: torch.Tensor) -> bool:

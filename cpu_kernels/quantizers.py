@@ -16,10 +16,12 @@ from quant.functional import clip_quantize, clip_range, lsq_quantize, lsq_scale,
 from . import library as native
 
 
+@native.bookkeeping
 def applies(*tensors: torch.Tensor) -> bool:
     return native.usable(*tensors) and is_exact()
 
 
+@native.bookkeeping
 def clip_forward(x: torch.Tensor, upper: float, delta: float) -> torch.Tensor:
     """``round(clamp(x, 0, upper) / delta) * delta``."""
     y = torch.empty_like(x)
@@ -37,6 +39,7 @@ def clip_backward(x: torch.Tensor, grad: torch.Tensor, clip: float) -> tuple[tor
     return grad_x, grad_clip
 
 
+@native.bookkeeping
 def lsq_forward(x: torch.Tensor, a: torch.Tensor, lo: float, hi: float, dim: int) -> torch.Tensor:
     """``round(clamp(x / a, lo, hi)) * a`` with one step ``a`` per index of ``dim``."""
     y = torch.empty_like(x)

@@ -21,6 +21,7 @@ from . import library as native
 from .after import after_quantizer, has_hooks, lsq_step_and_scale, quantizer_tensors
 
 
+@native.bookkeeping
 def applies(bn: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``batch_norm`` can stand in for ``bn(x)``: CPU float32 ``x`` that ``takes`` ``bn``."""
     return native.usable(x) and takes(bn, x.shape)
@@ -38,6 +39,7 @@ def takes(bn: nn.Module, shape: torch.Size | tuple[int, ...]) -> bool:
             and is_exact())
 
 
+@native.bookkeeping
 def batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, skip: torch.Tensor | None = None,
                quantizer: nn.Module | None = None) -> torch.Tensor:
     """``bn(x)`` in training mode (``nn.BatchNorm2d.forward``'s bookkeeping included), followed in

@@ -33,6 +33,7 @@ def forward(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, conv: nn.M
     return None
 
 
+@native.bookkeeping
 def trains(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, conv: nn.Module,
            bn_post: nn.Module, skip: nn.Module, bn_last: nn.Module) -> bool:
     """Whether the training kernels take the unit: ``BN_pre`` with the quantizer, and ``BN_post``

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from bench import data_loading, deploy_speed, gpu_check, memory
+from bench import data_loading, deploy_speed, gpu_check, memory, step_time
 from models import build_supernet
 
 
@@ -40,6 +40,18 @@ def test_deployment_benchmark_reports_every_model_and_its_speed_against_torchvis
     assert [speed for _, speed in rows["torchvision float, PyTorch"]] == ["1.00", "1.00"]
     assert "ours opset 25 (INT2), onnxruntime" in rows
     assert "ours opset 25 --fold, onnxruntime, weights at load" in rows
+
+
+def test_step_time_benchmark_reports_the_pieces_whole_batch_and_torchvision_ratios(capsys):
+    """A smoke run (no timing asserted): the supernet's step in pieces and whole, and torchvision's,
+    in training; the supernet's forward and torchvision's in evaluation."""
+    step_time.main(["--config", "0.5,32,16", "--replicas", "4", "--steps", "2", "--warmup", "0"])
+    out = capsys.readouterr().out
+    ratios = dict(re.findall(r"^  (?:train|eval) +(.+ / .+): ([\d.]+) \(quartiles", out, re.M))
+    assert set(ratios) == {"replicas 4 / replicas 1", "replicas 4 / torchvision",
+                           "replicas 1 / torchvision", "ours / torchvision"}
+    assert all(float(v) > 0 for v in ratios.values())
+    assert "width 0.5, 32 px, batch 16" in out
 
 
 def test_live_tensors_counts_what_the_operations_make_while_it_lives():
