@@ -329,11 +329,11 @@ def train(args: argparse.Namespace) -> None:
     log = RunLog(Path(args.save), enabled=distributed.is_main())
     log.info(use_tf32(args.tf32, device))
     log.info(loaders)
-    run.pieces_per_pass, chose = pieces_per_pass(
-        args.pieces_per_pass, len(Share.of(args.batch_size, args.replicas, world, rank).sizes), device,
-        lambda n: trial_pass(model, teacher, args, device, n))
-    log.info(chose)
     pieces = piece_sizes(args.batch_size, args.replicas)
+    run.pieces_per_pass, chose = pieces_per_pass(
+        args.pieces_per_pass, len(Share.of(args.batch_size, args.replicas, world, rank).sizes), pieces[0],
+        device, lambda n: trial_pass(model, teacher, args, device, n))
+    log.info(chose)
     log.info(f"stage 1: {config['arch']} supernet, {model.num_searchable_layers} searchable layers x "
              f"{model.num_branches} branches, {config['bits']}-bit, {data.num_classes} classes, "
              f"teacher {teacher_name}, device {device}, batches of {args.batch_size} as "
@@ -361,18 +361,18 @@ def train(args: argparse.Namespace) -> None:
 
 
 def trial_pass(model: Supernet, teacher: torch.nn.Module | None, args: argparse.Namespace,
-               device: torch.device, pieces: int) -> None:
-    """A stage-1 step on a pass of ``pieces`` pieces of the run's size, on a copy of ``model`` with
-    weights quantized (phase 2's step, the larger), random images: what a pass costs the device."""
+               device: torch.device, images: int) -> None:
+    """A stage-1 step on a pass of ``images`` images, on a copy of ``model`` with weights quantized
+    (phase 2's step, the larger): what a pass costs (``training.memory.pieces_per_pass``). Its
+    random numbers come from generators of its own: the run's stay as they are."""
     twin = copy.deepcopy(model)
     twin.change_precision(True, True)
     optimizer, _ = phase_optimizer(twin, 0.0, 0.0, 1)
-    piece = piece_sizes(args.batch_size, args.replicas)[0]
     size = resolution(args.base_resolution, args.resolution_multiplier)
-    images = torch.randn(pieces * piece, 3, size, size, device=device)
-    labels = torch.zeros(pieces * piece, dtype=torch.long, device=device)
-    stage_step(twin, teacher, images, labels, [0] * twin.num_searchable_layers, optimizer,
-               Amp(args.amp, device), Share.of(pieces * piece, pieces), pieces)
+    x = torch.randn(images, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    labels = torch.zeros(images, dtype=torch.long, device=device)
+    stage_step(twin, teacher, x, labels, [0] * twin.num_searchable_layers, optimizer, Amp(args.amp, device),
+               Share.of(images), 1, Draws(0, 0))
 
 
 def stage_step(model: Supernet, teacher: torch.nn.Module | None, images: torch.Tensor, labels: torch.Tensor,

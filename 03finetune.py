@@ -125,8 +125,9 @@ def finetune(args: argparse.Namespace) -> dict:
                         device=setup.device)
     check_training_pieces(setup.model, lambda x: setup.model(x, found["archs"][0]), image, args.batch_size,
                           len(setup.data.train), args.replicas)
+    pieces = piece_sizes(args.batch_size, args.replicas)
     args.pieces_per_pass, chose = pieces_per_pass(
-        args.pieces_per_pass, len(piece_sizes(args.batch_size, args.replicas)), setup.device,
+        args.pieces_per_pass, len(pieces), pieces[0], setup.device,
         lambda n: trial_pass(setup.model, found["archs"][0], args, setup.device, n))
     log.info(chose)
     supernet_state = {k: v.clone() for k, v in setup.model.state_dict().items()}
@@ -156,18 +157,17 @@ def finetune(args: argparse.Namespace) -> dict:
 
 
 def trial_pass(model: torch.nn.Module, arch: list[int], args: argparse.Namespace, device: torch.device,
-               pieces: int) -> None:
-    """A stage-3 step on a pass of ``pieces`` pieces of the run's size, on a copy of ``model``, random
-    images: what a pass costs the device."""
+               images: int) -> None:
+    """A stage-3 step on a pass of ``images`` images, on a copy of ``model``: what a pass costs
+    (``training.memory.pieces_per_pass``). Its random numbers come from generators of its own."""
     twin = copy.deepcopy(model)
     twin.change_precision(True, True)
     optimizer = bn_stabilize_optimizer(twin, 0.0, args.train_clip)
-    piece = piece_sizes(args.batch_size, args.replicas)[0]
     size = resolution(args.base_resolution, args.resolution_multiplier)
-    images = torch.randn(pieces * piece, 3, size, size, device=device)
-    labels = torch.zeros(pieces * piece, dtype=torch.long, device=device)
-    train_step(twin, images, arch, lambda logits, part: F.cross_entropy(logits, labels[part]), optimizer,
-               Amp(args.amp, device), Share.of(pieces * piece, pieces), pieces)
+    x = torch.randn(images, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    labels = torch.zeros(images, dtype=torch.long, device=device)
+    train_step(twin, x, arch, lambda logits, part: F.cross_entropy(logits, labels[part]), optimizer,
+               Amp(args.amp, device), Share.of(images), 1, Draws(0, 0))
 
 
 def finetune_arch(args: argparse.Namespace, setup: Evaluation, fold: int, arch: list[int],

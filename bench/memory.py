@@ -25,19 +25,17 @@ import argparse
 import importlib.util
 import math
 import os
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 import torchvision
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import utils.torch_floor  # noqa: F401  (first: an older torch stops here, with one line)
 from models import build_supernet
 from search.reference_results import REFERENCE_L2_BOUNDS
+from training.memory import LiveTensors
 from training.pieces import Share
 from training.step import Amp, train_step
 from utils.runtime import load_back_ends
@@ -49,44 +47,6 @@ RESERVE = 1.5 * GIB  # CUDA context, cuDNN workspaces, allocator fragmentation
 GPU_SIZES_GB = (16, 24, 40, 80, 141)
 IMAGE = 3 * 224 * 224  # values of one input image
 BATCH, VAL_BATCH, REPLICAS = 768, 200, 8  # the stages' defaults
-
-
-class LiveTensors(TorchDispatchMode):
-    """Counts the bytes of the storages the operations make while they are alive: now and the
-    peak. Storages of ``resident`` tensors (parameters, inputs) are not counted when an operation
-    returns a view of them."""
-
-    def __init__(self, resident: list[torch.Tensor] = ()):
-        super().__init__()
-        self.resident = {t.untyped_storage().data_ptr() for t in resident}
-        self.holders: dict[int, list[int]] = {}  # storage address: [tensors holding it, bytes]
-        self.live = self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self._hold(t)
-        return out
-
-    def _hold(self, t: torch.Tensor) -> None:
-        storage = t.untyped_storage()
-        key = storage.data_ptr()
-        if key == 0 or key in self.resident:
-            return
-        if key not in self.holders:
-            self.holders[key] = [0, storage.nbytes()]
-            self.live += storage.nbytes()
-            self.peak = max(self.peak, self.live)
-        self.holders[key][0] += 1
-        weakref.finalize(t, self._release, key)
-
-    def _release(self, key: int) -> None:
-        entry = self.holders[key]
-        entry[0] -= 1
-        if entry[0] == 0:
-            self.live -= entry[1]
-            del self.holders[key]
 
 
 def saved_bytes(step: Callable[[], torch.Tensor], parameters: list[torch.Tensor]) -> int:

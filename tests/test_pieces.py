@@ -188,3 +188,23 @@ def test_dropout_masks_depend_on_the_seed_iteration_and_global_piece_only():
         assert not torch.equal(other, together)
     for a, b in ((0, 2), (2, 4), (4, 6)):  # the pieces of one pass draw different masks
         assert not torch.equal(together[a:b], together[b:b + 2])
+
+
+def test_pieces_per_pass_fit_the_memory_a_measured_step_leaves(monkeypatch):
+    """``training.memory.pieces_per_pass``: the flag where given; else from the trial passes' peaks
+    (here a step that makes 4,000 bytes per image and 10,000 per step) and the host's memory shared
+    by the run's processes on it: ``(0.9 * free - per step) // (per image * piece)`` pieces, at
+    least 1 and at most the process's."""
+    from training import memory
+
+    def trial(images):
+        a, b = torch.empty(images * 1000), torch.empty(2500)  # noqa: F841 (held to the end: the peak)
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(memory, "host_available", lambda: 10**6)
+    assert memory.pieces_per_pass(None, 8, 100, cpu, trial)[0] == (0.9 * 10**6 - 10_000) // 400_000 == 2
+    assert memory.pieces_per_pass(3, 8, 100, cpu, trial) == (3, "3 of 8 pieces per pass (--pieces_per_pass)")
+    assert memory.pieces_per_pass(None, 8, 10, cpu, trial)[0] == 8  # all fit
+    assert memory.pieces_per_pass(None, 8, 10**4, cpu, trial)[0] == 1  # not even one: the least there is
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert memory.pieces_per_pass(None, 8, 100, cpu, trial)[0] == (0.45 * 10**6 - 10_000) // 400_000 == 1

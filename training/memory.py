@@ -1,11 +1,54 @@
 """How many of a process's pieces a training pass computes at once (``train_step``'s
 ``pieces_per_pass``): a choice of memory against speed, never of arithmetic (``one_pass`` computes
 each piece as the reference's devices did, however many go into a pass)."""
+import os
+import weakref
 from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 MARGIN = 0.9  # of the free memory: the caching allocator's fragmentation, cuDNN's workspaces
+TRIAL_IMAGES = (2, 4)  # the trial passes' images (two per BatchNorm channel even on 1 x 1 maps)
+
+
+class LiveTensors(TorchDispatchMode):
+    """Counts the bytes of the storages the operations make while they are alive: now and the
+    peak. Storages of ``resident`` tensors (parameters, inputs) are not counted when an operation
+    returns a view of them."""
+
+    def __init__(self, resident: list[torch.Tensor] = ()):
+        super().__init__()
+        self.resident = {t.untyped_storage().data_ptr() for t in resident}
+        self.holders: dict[int, list[int]] = {}  # storage address: [tensors holding it, bytes]
+        self.live = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._hold(t)
+        return out
+
+    def _hold(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key == 0 or key in self.resident:
+            return
+        if key not in self.holders:
+            self.holders[key] = [0, storage.nbytes()]
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+        self.holders[key][0] += 1
+        weakref.finalize(t, self._release, key)
+
+    def _release(self, key: int) -> None:
+        entry = self.holders[key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.live -= entry[1]
+            del self.holders[key]
 
 
 def device_free(device: torch.device) -> int:
@@ -16,8 +59,31 @@ def device_free(device: torch.device) -> int:
             - torch.cuda.memory_allocated(device))
 
 
+def host_available() -> int:
+    """Bytes the host can give this process without swapping: ``MemAvailable`` of ``/proc/meminfo``
+    (free memory and the caches the kernel can drop), else the free pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def local_processes() -> int:
+    """The processes of this run on this host (torchrun's ``LOCAL_WORLD_SIZE``; 1 without it)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def step_peak(device: torch.device, step: Callable[[], object]) -> int:
-    """Bytes ``step()`` allocates on the GPU at its peak, beyond what was there before it."""
+    """Bytes of the tensors ``step()`` makes, at their peak: on a GPU what the allocator counts
+    beyond what was there before it, elsewhere ``LiveTensors``'."""
+    if device.type != "cuda":
+        with LiveTensors() as live:
+            step()
+        return live.peak
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
@@ -26,26 +92,30 @@ def step_peak(device: torch.device, step: Callable[[], object]) -> int:
     return torch.cuda.max_memory_allocated(device) - before
 
 
-def pieces_per_pass(requested: int | None, pieces: int, device: torch.device,
+def pieces_per_pass(requested: int | None, pieces: int, piece: int, device: torch.device,
                     trial: Callable[[int], object]) -> tuple[int, str]:
-    """``--pieces_per_pass``, and the line the stage logs about it. ``requested`` where given; on a
-    CPU all ``pieces`` of the process (memory is not the limit there, and one pass is fastest); on
-    a GPU as many as fit its free memory by the stage's own step, measured on passes of one and two
-    pieces (``trial(n)``: a step on a pass of ``n`` pieces, on a copy of the model): the difference
-    is a piece's cost, the rest the step's."""
-    if requested:
-        chosen = min(requested, pieces)
-        return chosen, f"{chosen} of {pieces} pieces per pass (--pieces_per_pass)"
-    if device.type != "cuda" or pieces == 1:
-        return pieces, f"all {pieces} pieces of a process in one pass"
-    one = step_peak(device, lambda: trial(1))
-    try:
-        two = step_peak(device, lambda: trial(2))
-    except torch.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        return 1, "1 piece per pass: two do not fit this GPU's memory"
-    per_piece, free = max(two - one, 1), device_free(device)
-    chosen = max(1, min(pieces, int((MARGIN * free - (one - per_piece)) // per_piece)))
-    return chosen, (f"{chosen} of {pieces} pieces per pass: {per_piece / 2**30:.2f} GiB a piece and "
-                    f"{(one - per_piece) / 2**30:.2f} GiB a step (measured), {free / 2**30:.1f} GiB free "
-                    f"(--pieces_per_pass sets it)")
+    """``--pieces_per_pass``, and the line the stage logs about it: ``requested`` where given, else
+    as many of the process's ``pieces`` (of ``piece`` images) as fit the device's free memory (a
+    GPU's) or the host's available memory, by the stage's own step measured on passes of
+    ``TRIAL_IMAGES`` images (``trial(n)``: a step on a pass of ``n`` images, on a copy of the
+    model): the difference is the cost of an image, the rest the step's."""
+    if requested or pieces == 1:
+        chosen = min(requested or 1, pieces)
+        return chosen, f"{chosen} of {pieces} pieces per pass" + (" (--pieces_per_pass)" if requested else "")
+    small, large = TRIAL_IMAGES
+    peaks = []
+    for images in TRIAL_IMAGES:
+        try:
+            peaks.append(step_peak(device, lambda images=images: trial(images)))
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            return 1, f"1 piece per pass: a pass of {images} images does not fit this GPU's memory"
+    per_image = max((peaks[1] - peaks[0]) / (large - small), 1.0)
+    per_step = max(peaks[0] - per_image * small, 0.0)
+    # The processes torchrun starts on a host share its memory (each GPU is its own).
+    free = device_free(device) if device.type == "cuda" else host_available() // local_processes()
+    chosen = max(1, min(pieces, int((MARGIN * free - per_step) // (per_image * piece))))
+    where = "free on the GPU" if device.type == "cuda" else "available on the host"
+    return chosen, (f"{chosen} of {pieces} pieces per pass: {per_image * piece / 2**30:.2f} GiB a piece "
+                    f"of {piece} images and {per_step / 2**30:.2f} GiB a step (measured), "
+                    f"{free / 2**30:.1f} GiB {where} (--pieces_per_pass sets it)")
