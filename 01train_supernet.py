@@ -330,10 +330,6 @@ def train(args: argparse.Namespace) -> None:
     log.info(use_tf32(args.tf32, device))
     log.info(loaders)
     pieces = piece_sizes(args.batch_size, args.replicas)
-    run.pieces_per_pass, chose = pieces_per_pass(
-        args.pieces_per_pass, len(Share.of(args.batch_size, args.replicas, world, rank).sizes), pieces[0],
-        device, lambda n: trial_pass(model, teacher, args, device, n))
-    log.info(chose)
     log.info(f"stage 1: {config['arch']} supernet, {model.num_searchable_layers} searchable layers x "
              f"{model.num_branches} branches, {config['bits']}-bit, {data.num_classes} classes, "
              f"teacher {teacher_name}, device {device}, batches of {args.batch_size} as "
@@ -352,6 +348,11 @@ def train(args: argparse.Namespace) -> None:
     # loader made for phase 2 would fork its workers from the grown process: utils.data.started_loader).
     loader = started_loader(data.train, args.batch_size, args.workers, args.seed, run.epoch, run.batch,
                             drop_last=False, share=lambda n: Share.of(n, args.replicas, world, rank))
+    # Measured after the workers started (the trial passes grow the process's heap).
+    run.pieces_per_pass, chose = pieces_per_pass(
+        args.pieces_per_pass, len(Share.of(args.batch_size, args.replicas, world, rank).sizes), pieces[0],
+        device, lambda n: trial_pass(model, teacher, args, device, n))
+    log.info(chose)
     for phase in range(run.phase, 3):
         run.start_phase(phase, initialisation_images)
         run_phase(run, teacher, data, log, loader)

@@ -125,11 +125,6 @@ def finetune(args: argparse.Namespace) -> dict:
                         device=setup.device)
     check_training_pieces(setup.model, lambda x: setup.model(x, found["archs"][0]), image, args.batch_size,
                           len(setup.data.train), args.replicas)
-    pieces = piece_sizes(args.batch_size, args.replicas)
-    args.pieces_per_pass, chose = pieces_per_pass(
-        args.pieces_per_pass, len(pieces), pieces[0], setup.device,
-        lambda n: trial_pass(setup.model, found["archs"][0], args, setup.device, n))
-    log.info(chose)
     supernet_state = {k: v.clone() for k, v in setup.model.state_dict().items()}
     archs = distributed.share(list(zip(found["folds"], found["archs"], found["full_accs"], strict=True)))
     # The training loader's workers start now, before the validation cache and the steps' memory
@@ -137,6 +132,11 @@ def finetune(args: argparse.Namespace) -> dict:
     # utils.data.started_loader).
     loader = (started_loader(setup.data.train, args.batch_size, args.workers, args.seed + archs[0][0])
               if archs else None)
+    pieces = piece_sizes(args.batch_size, args.replicas)  # measured after the workers started
+    args.pieces_per_pass, chose = pieces_per_pass(
+        args.pieces_per_pass, len(pieces), pieces[0], setup.device,
+        lambda n: trial_pass(setup.model, found["archs"][0], args, setup.device, n))
+    log.info(chose)
     finished = []
     for fold, arch, searched_acc in tqdm(archs, desc="archs", position=0,
                                          dynamic_ncols=True, disable=not distributed.is_main()):
