@@ -78,7 +78,7 @@ def tensors(failures: dict[str, str], state: dict) -> set[str]:
 def mutated(recording: dict, name: str, **wrong) -> object:
     """``run_step`` with a mutation (``wrong``: its optimizer or pieces), with the quantizer inputs
     on a rounding boundary on the side the faithful step put them (``replay.boundary_sides``)."""
-    return run_step(recording, name, flipped=boundary_sides(recording, name), **wrong)
+    return run_step(recording, name, sides=boundary_sides(recording, name), **wrong)
 
 
 def failing(recording: dict, name: str, step) -> set[str]:
@@ -235,7 +235,7 @@ def test_running_statistics_from_the_last_piece(recording, monkeypatch):
     from . import replay
 
     several_pieces(recording, STAGE1)
-    flipped = boundary_sides(recording, STAGE1)
+    sides = boundary_sides(recording, STAGE1)
     build = replay.supernet
 
     def last_piece_keeps(rec, state):
@@ -256,7 +256,7 @@ def test_running_statistics_from_the_last_piece(recording, monkeypatch):
     statistics = training.statistics
     monkeypatch.setattr(training, "statistics", lambda model: [])  # the step's own keeping, off
     monkeypatch.setattr(replay, "supernet", last_piece_keeps)
-    wrong = failing(recording, STAGE1, run_step(recording, STAGE1, flipped=flipped))
+    wrong = failing(recording, STAGE1, run_step(recording, STAGE1, sides=sides))
     assert wrong and all(k.endswith(("running_mean", "running_var")) for k in wrong), wrong
 
 
