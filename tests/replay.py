@@ -175,10 +175,10 @@ def boundary_sides(recording: dict, name: str) -> Sides:
 def agreeing_step(recording: dict, name: str, **wrong) -> tuple[Step, Sides | None]:
     """``run_step`` (``wrong``: a mutation's optimizer or pieces), and where it fails the
     comparison, again with the values within float noise of a boundary put on their other side
-    (``boundaries.first_agreement``; which side the recording took depends on the recording
-    machine's kernels: a CPU without AVX2 rounds one of ``dataparallel_4bit.pt``'s stage-1 quantizer
-    inputs otherwise, and its baseline BatchNorm leaves exact zeros where the recording's fused
-    kernel left residues): the first that agrees and its sides, else the plain step and ``None``."""
+    (``boundaries.first_agreement``: which side the recording took depends on the recording
+    machine's kernels; PyTorch's baseline BatchNorm leaves exact zeros where the recording's fused
+    kernel left ``dataparallel_4bit.pt``'s stage-1 residues): the first that agrees and its sides,
+    else the plain step and ``None``."""
     from .step_compare import compare_step
 
     def agrees(step: Step) -> bool:
