@@ -26,7 +26,7 @@ test: $(VENV)/.installed
 # The tests that compare numbers (fixtures, trajectories, kernels, the stages' steps): CI runs them
 # a second time under another CPU's float noise (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, OMP_NUM_THREADS).
 NUMERIC_TESTS := $(addprefix tests/test_,$(addsuffix .py,mobilenet_v2 resnet variants quantizers native pieces dataparallel \
-  trajectories mutations training stage1 stage3))
+  trajectories mutations ties training stage1 stage3))
 test-numeric: $(VENV)/.installed
 	$(PY) -m pytest -q $(NUMERIC_TESTS)
 

@@ -5,7 +5,6 @@ mutation suite (``tests/test_mutations.py``) share both.
 """
 import inspect
 from collections.abc import Callable
-from itertools import combinations
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +18,7 @@ from training.lsq_init import initialize_activation_steps
 from training.pieces import Share
 from training.step import train_step
 
-from .boundaries import MAX_RUNS, BoundarySides
+from .boundaries import Found, Sides, first_agreement, on_sides
 from .conftest import FIXTURES, load_script
 
 stage1 = load_script("01train_supernet.py")
@@ -108,13 +107,13 @@ def stage3_optimizer(model: nn.Module, case: dict, train_clip: bool = True) -> t
 
 def run_step(recording: dict, name: str, share: Share | None = None,
              optimizer_fn: Callable[[nn.Module, dict], torch.optim.Optimizer] | None = None,
-             flipped: frozenset = frozenset(), found: list | None = None,
+             sides: Sides = Sides(), found: Found | None = None,
              pieces_per_pass: int | None = None) -> Step:
     """Our stage-1 (``stage1_phase{1,2}_step``) or stage-3 (``stage3_step``) step from the case's
     recorded state, over the case's pieces (``share``: others, for a mutation), ``pieces_per_pass``
     at once (default: all); ``optimizer_fn`` builds the optimizer (default: the stage's, as
-    ``stage1_optimizer``/``stage3_optimizer``). ``flipped``: quantizer inputs on a rounding
-    boundary put on its other side, ``found``: where such inputs are listed (``tests/boundaries.py``)."""
+    ``stage1_optimizer``/``stage3_optimizer``). ``sides``: the values on a boundary put on their
+    other side, ``found``: where those met are listed (``tests/boundaries.py``)."""
     case = recording[name]
     batch = case["batch"]
     stage3_case = name == "stage3_step"
@@ -136,15 +135,9 @@ def run_step(recording: dict, name: str, share: Share | None = None,
         def criterion(logits, piece):
             return kd_loss(logits, batch["teacher_logits"][piece])
     load_optimizer_state(optimizer, named, recorded)
-    sides = BoundarySides(model, flipped) if flipped or found is not None else None
-    try:
+    with on_sides(model, sides, found):
         _, loss, grad_norm = train_step(model, batch["x"], selection, criterion, optimizer,
                                         share=share or pieces(case), pieces_per_pass=pieces_per_pass)
-    finally:
-        if sides is not None:
-            sides.remove()
-            if found is not None:
-                found += sides.found
     names = {id(p): n for n, p in named.items()}
     return Step(list(named), model.state_dict(),
                 {names[id(p)]: dict(s) for p, s in optimizer.state.items()},
@@ -161,31 +154,35 @@ def faithful_step(recording: dict, name: str, pieces_per_pass: int | None = None
     return _faithful(recording, name, pieces_per_pass)[0]
 
 
-def boundary_sides(recording: dict, name: str) -> frozenset:
-    """The quantizer inputs on a rounding boundary that the faithful step put on their other side
-    to agree with the recording (``tests/boundaries.py``): a mutation's step takes the same."""
+def boundary_sides(recording: dict, name: str) -> Sides:
+    """The values on a boundary that the faithful step put on their other side to agree with the
+    recording (``tests/boundaries.py``): a mutation's step takes the same."""
     return _faithful(recording, name)[1]
 
 
-def _faithful(recording: dict, name: str, pieces_per_pass: int | None = None) -> tuple[Step, frozenset]:
-    """The faithful step, and where it fails the comparison, again with the quantizer inputs within
-    float noise of a rounding boundary put on its other side, one and then two at a time (which
-    side the recording took depends on the recording machine's kernels: a CPU without AVX2 rounds
-    one of ``dataparallel_4bit.pt``'s stage-1 inputs otherwise): the first that agrees."""
+def agreeing_step(recording: dict, name: str, **wrong) -> tuple[Step, Sides | None]:
+    """``run_step`` (``wrong``: a mutation's optimizer or pieces), and where it fails the
+    comparison, again with the values within float noise of a boundary put on their other side
+    (``boundaries.first_agreement``: which side the recording took depends on the recording
+    machine's kernels; PyTorch's baseline BatchNorm leaves exact zeros where the recording's fused
+    kernel left ``dataparallel_4bit.pt``'s stage-1 residues): the first that agrees and its sides,
+    else the plain step and ``None``."""
     from bench.step_compare import compare_step
 
+    def agrees(step: Step) -> bool:
+        return not compare_step(recording[name], step, noise_parameters(recording, name))
+
+    step, sides, _ = first_agreement(
+        lambda sides, found: run_step(recording, name, sides=sides, found=found, **wrong), agrees)
+    return step, sides
+
+
+def _faithful(recording: dict, name: str, pieces_per_pass: int | None = None) -> tuple[Step, Sides]:
+    """The faithful step (``agreeing_step``, computed once per process and back end) and its sides."""
     key = (id(recording), name, pieces_per_pass, fused.path("unit") is None)
     if key not in _steps:
-        step, flipped = run_step(recording, name, pieces_per_pass=pieces_per_pass), frozenset()
-        if compare_step(recording[name], step, noise_parameters(recording, name)):
-            found: list = []
-            run_step(recording, name, found=found, pieces_per_pass=pieces_per_pass)
-            for candidate in [frozenset(s) for n in (1, 2) for s in combinations(found, n)][:MAX_RUNS]:
-                again = run_step(recording, name, flipped=candidate, pieces_per_pass=pieces_per_pass)
-                if not compare_step(recording[name], again, noise_parameters(recording, name)):
-                    step, flipped = again, candidate
-                    break
-        _steps[key] = (recording, (step, flipped))  # the recording kept alive with its id
+        step, sides = agreeing_step(recording, name, pieces_per_pass=pieces_per_pass)
+        _steps[key] = (recording, (step, sides or Sides()))  # the recording kept alive with its id
     return _steps[key][1]
 
 

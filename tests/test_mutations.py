@@ -78,7 +78,7 @@ def tensors(failures: dict[str, str], state: dict) -> set[str]:
 def mutated(recording: dict, name: str, **wrong) -> object:
     """``run_step`` with a mutation (``wrong``: its optimizer or pieces), with the quantizer inputs
     on a rounding boundary on the side the faithful step put them (``replay.boundary_sides``)."""
-    return run_step(recording, name, flipped=boundary_sides(recording, name), **wrong)
+    return run_step(recording, name, sides=boundary_sides(recording, name), **wrong)
 
 
 def failing(recording: dict, name: str, step) -> set[str]:
@@ -247,7 +247,7 @@ def test_running_statistics_from_the_last_piece(recording, monkeypatch):
     from training import pieces as pieces_module
 
     several_pieces(recording, STAGE1)
-    flipped = boundary_sides(recording, STAGE1)
+    sides = boundary_sides(recording, STAGE1)
 
     def last_piece_updates(self, input, running_mean, running_var, weight=None, bias=None,
                            training=False, momentum=0.1, eps=1e-5):
@@ -260,7 +260,7 @@ def test_running_statistics_from_the_last_piece(recording, monkeypatch):
 
     monkeypatch.setattr(pieces_module._InPieces, "batch_norm", last_piece_updates)
     with fused.pytorch_only():
-        wrong = failing(recording, STAGE1, run_step(recording, STAGE1, flipped=flipped))
+        wrong = failing(recording, STAGE1, run_step(recording, STAGE1, sides=sides))
     assert wrong and all(k.endswith(("running_mean", "running_var")) for k in wrong), wrong
 
 
