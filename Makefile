@@ -45,7 +45,7 @@ lint: $(VENV)/.installed
 DEMO := demo
 # The default --replicas 8: each batch of 128 as the reference's eight devices' pieces of 16, in one pass.
 DEMO_MODEL := --width_multiplier 0.5 --width_divisor 8 --base_resolution 32 --min_crop_scale 0.5 -j 2
-DEMO_ITERS := 300
+DEMO_ITERS := 400
 DEMO_SUPERNET := $(DEMO)/train-supernet/model_actwbin_best_$(shell printf %05d $(DEMO_ITERS))it.pth
 DEMO_FOLDS := --k 10
 
