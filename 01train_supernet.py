@@ -14,7 +14,6 @@ processes. Every process draws the same selection each iteration (one shared see
 writes the checkpoints, log.txt and TensorBoard.
 """
 import argparse
-import copy
 import random
 import time
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from models import Supernet, build_supernet
 from quant import ClipActivation
 from training.losses import kd_loss
 from training.lsq_init import first_piece, initialize_activation_steps
-from training.memory import pieces_per_pass
+from training.memory import pieces_per_pass, trial_forward
 from training.param_groups import stage1_param_groups
 from training.pieces import Draws, Share, check_training_pieces, piece_sizes
 from training.step import Amp, DataWait, Reading, RunningStats, train_step
@@ -351,7 +350,9 @@ def train(args: argparse.Namespace) -> None:
     # Measured after the workers started (the trial passes grow the process's heap).
     run.pieces_per_pass, chose = pieces_per_pass(
         args.pieces_per_pass, len(Share.of(args.batch_size, args.replicas, world, rank).sizes), pieces[0],
-        device, lambda n: trial_pass(model, teacher, args, device, n))
+        device, lambda n: trial_forward(model, [0] * model.num_searchable_layers, n,
+                                        resolution(args.base_resolution, args.resolution_multiplier),
+                                        args.amp, device))
     log.info(chose)
     for phase in range(run.phase, 3):
         run.start_phase(phase, initialisation_images)
@@ -359,21 +360,6 @@ def train(args: argparse.Namespace) -> None:
     log.info(f"stage 1 done; checkpoints, log.txt and TensorBoard events are in {Path(args.save).resolve()}"
              + (f"; last checkpoint {run.last_saved}" if run.last_saved else ""))
     log.close()
-
-
-def trial_pass(model: Supernet, teacher: torch.nn.Module | None, args: argparse.Namespace,
-               device: torch.device, images: int) -> None:
-    """A stage-1 step on a pass of ``images`` images, on a copy of ``model`` with weights quantized
-    (phase 2's step, the larger): what a pass costs (``training.memory.pieces_per_pass``). Its
-    random numbers come from generators of its own: the run's stay as they are."""
-    twin = copy.deepcopy(model)
-    twin.change_precision(True, True)
-    optimizer, _ = phase_optimizer(twin, 0.0, 0.0, 1)
-    size = resolution(args.base_resolution, args.resolution_multiplier)
-    x = torch.randn(images, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
-    labels = torch.zeros(images, dtype=torch.long, device=device)
-    stage_step(twin, teacher, x, labels, [0] * twin.num_searchable_layers, optimizer, Amp(args.amp, device),
-               Share.of(images), 1, Draws(0, 0))
 
 
 def stage_step(model: Supernet, teacher: torch.nn.Module | None, images: torch.Tensor, labels: torch.Tensor,

@@ -17,7 +17,6 @@ one process per arch (k). Each step, and each evaluation, is the reference's nn.
 --replicas devices (SPEC 5a): its pieces computed together (--pieces_per_pass), each as a device did.
 """
 import argparse
-import copy
 import itertools
 import math
 import time
@@ -33,7 +32,7 @@ from search.bn_recalibration import recalibrate_bn
 from search.evaluation import Evaluation, evaluation_setup, gather_by_fold
 from search.folds import fold_batches
 from search.results import check_search_result, format_block, parse_block, read_search_result, write_json
-from training.memory import pieces_per_pass
+from training.memory import pieces_per_pass, trial_forward
 from training.param_groups import stage3_param_groups
 from training.pieces import Draws, Share, check_training_pieces, piece_sizes
 from training.step import Amp, DataWait, RunningStats, train_step
@@ -135,7 +134,9 @@ def finetune(args: argparse.Namespace) -> dict:
     pieces = piece_sizes(args.batch_size, args.replicas)  # measured after the workers started
     args.pieces_per_pass, chose = pieces_per_pass(
         args.pieces_per_pass, len(pieces), pieces[0], setup.device,
-        lambda n: trial_pass(setup.model, found["archs"][0], args, setup.device, n))
+        lambda n: trial_forward(setup.model, found["archs"][0], n,
+                                resolution(args.base_resolution, args.resolution_multiplier), args.amp,
+                                setup.device))
     log.info(chose)
     finished = []
     for fold, arch, searched_acc in tqdm(archs, desc="archs", position=0,
@@ -154,20 +155,6 @@ def finetune(args: argparse.Namespace) -> dict:
     log.info(f"final result: {save / 'final_result.json'}; fine-tuned checkpoints and log.txt in {save}")
     log.close()
     return summary
-
-
-def trial_pass(model: torch.nn.Module, arch: list[int], args: argparse.Namespace, device: torch.device,
-               images: int) -> None:
-    """A stage-3 step on a pass of ``images`` images, on a copy of ``model``: what a pass costs
-    (``training.memory.pieces_per_pass``). Its random numbers come from generators of its own."""
-    twin = copy.deepcopy(model)
-    twin.change_precision(True, True)
-    optimizer = bn_stabilize_optimizer(twin, 0.0, args.train_clip)
-    size = resolution(args.base_resolution, args.resolution_multiplier)
-    x = torch.randn(images, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
-    labels = torch.zeros(images, dtype=torch.long, device=device)
-    train_step(twin, x, arch, lambda logits, part: F.cross_entropy(logits, labels[part]), optimizer,
-               Amp(args.amp, device), Share.of(images), 1, Draws(0, 0))
 
 
 def finetune_arch(args: argparse.Namespace, setup: Evaluation, fold: int, arch: list[int],

@@ -29,9 +29,10 @@ class Operations(TorchDispatchMode):
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_a_step_keeps_statistics_and_zeroes_gradients_in_a_few_operations(optimizer):
     """Four pieces of the supernet (7 branches: ~1,400 statistics tensors, ~1,300 parameters): the
-    step dispatches no more clones, copies or zeroings, one tensor at a time, than its pieces'
-    forwards and backwards do by themselves; its bookkeeping is two ``_foreach_copy_`` (the first
-    piece's statistics kept and put back) and one ``_foreach_zero_``. The per-tensor version (a
+    step, a piece a pass, dispatches no more clones, copies or zeroings, one tensor at a time, than
+    its pieces' forwards and backwards do by themselves; its bookkeeping is two ``_foreach_copy_``
+    (the first piece's statistics kept and put back) and one ``_foreach_zero_``; in one pass, the
+    zeroing alone. The per-tensor version (a
     ``clone`` and a ``copy_`` per statistics tensor, stage 3's SGD zeroing each gradient alone)
     dispatched ~4,000 of them."""
     torch.manual_seed(0)
@@ -50,7 +51,9 @@ def test_a_step_keeps_statistics_and_zeroes_gradients_in_a_few_operations(optimi
         return F.cross_entropy(logits, y[piece])
 
     train_step(model, x, selection, criterion, opt, share=share)  # gradients and state exist
-    with Operations() as step:
+    with Operations() as step:  # one piece a pass: the first piece's statistics kept, put back
+        train_step(model, x, selection, criterion, opt, share=share, pieces_per_pass=1)
+    with Operations() as one_pass:  # all in one pass: only the first piece updates them
         train_step(model, x, selection, criterion, opt, share=share)
     with Operations() as pieces:
         for start, stop in share.bounds():
@@ -61,3 +64,4 @@ def test_a_step_keeps_statistics_and_zeroes_gradients_in_a_few_operations(optimi
     for name in PER_TENSOR:
         assert step.count[name] <= pieces.count[name] + update.count[name], name
     assert step.count["aten._foreach_copy_"] == 2 and step.count["aten._foreach_zero_"] == 1
+    assert one_pass.count["aten._foreach_copy_"] == 0 and one_pass.count["aten._foreach_zero_"] == 1

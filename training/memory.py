@@ -1,13 +1,18 @@
 """How many of a process's pieces a training pass computes at once (``train_step``'s
 ``pieces_per_pass``): a choice of memory against speed, never of arithmetic (``one_pass`` computes
 each piece as the reference's devices did, however many go into a pass)."""
+import copy
 import os
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+from .pieces import Draws, one_pass
+from .step import Amp
 
 MARGIN = 0.9  # of the free memory: the caching allocator's fragmentation, cuDNN's workspaces
 TRIAL_IMAGES = (2, 4)  # the trial passes' images (two per BatchNorm channel even on 1 x 1 maps)
@@ -92,13 +97,26 @@ def step_peak(device: torch.device, step: Callable[[], object]) -> int:
     return torch.cuda.max_memory_allocated(device) - before
 
 
+def trial_forward(model: nn.Module, selection: Sequence[int], images: int, resolution: int,
+                  amp: str | None, device: torch.device) -> None:
+    """A training forward of ``images`` random images on a copy of ``model``, weights quantized:
+    what a pass holds for its backward, the most of its step (``bench.memory``: at the ImageNet
+    model 149.7 MiB an image saved for backward, 148.9 MiB an image at the step's peak). Its
+    random numbers come from generators of its own: the run's stay as they are."""
+    twin = copy.deepcopy(model)
+    twin.change_precision(True, True)
+    twin.train()
+    x = torch.randn(images, 3, resolution, resolution, generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.enable_grad(), Amp(amp, device).autocast(), one_pass([images], 0, Draws(0, 0)):
+        twin(x, selection)
+
+
 def pieces_per_pass(requested: int | None, pieces: int, piece: int, device: torch.device,
                     trial: Callable[[int], object]) -> tuple[int, str]:
     """``--pieces_per_pass``, and the line the stage logs about it: ``requested`` where given, else
     as many of the process's ``pieces`` (of ``piece`` images) as fit the device's free memory (a
-    GPU's) or the host's available memory, by the stage's own step measured on passes of
-    ``TRIAL_IMAGES`` images (``trial(n)``: a step on a pass of ``n`` images, on a copy of the
-    model): the difference is the cost of an image, the rest the step's."""
+    GPU's) or the host's available memory, by ``trial(n)`` (``trial_forward`` of ``n`` images)
+    measured at ``TRIAL_IMAGES``: the difference is the cost of an image, the rest the step's."""
     if requested or pieces == 1:
         chosen = min(requested or 1, pieces)
         return chosen, f"{chosen} of {pieces} pieces per pass" + (" (--pieces_per_pass)" if requested else "")
