@@ -35,7 +35,7 @@ import torchvision
 import utils.torch_floor  # noqa: F401  (first: an older torch stops here, with one line)
 from models import build_supernet
 from search.reference_results import REFERENCE_L2_BOUNDS
-from training.memory import LiveTensors
+from training.memory import Linear, LiveTensors, fit
 from training.pieces import Share
 from training.step import Amp, train_step
 from utils.runtime import load_back_ends
@@ -65,24 +65,6 @@ def saved_bytes(step: Callable[[], torch.Tensor], parameters: list[torch.Tensor]
         loss = step()
     del loss
     return sum(seen.values())
-
-
-@dataclass
-class Linear:
-    """``per_image * images + per_step`` bytes."""
-
-    per_image: float
-    per_step: float
-
-    def __call__(self, images: int) -> float:
-        return self.per_image * images + self.per_step
-
-
-def fit(measure: Callable[[int], int], sizes: tuple[int, int]) -> Linear:
-    a, b = sizes
-    ma, mb = measure(a), measure(b)
-    per_image = (mb - ma) / (b - a)
-    return Linear(per_image, ma - per_image * a)
 
 
 @dataclass

@@ -5,6 +5,7 @@ import copy
 import os
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -54,6 +55,24 @@ class LiveTensors(TorchDispatchMode):
         if entry[0] == 0:
             self.live -= entry[1]
             del self.holders[key]
+
+
+@dataclass
+class Linear:
+    """``per_image * images + per_step`` bytes."""
+
+    per_image: float
+    per_step: float
+
+    def __call__(self, images: int) -> float:
+        return self.per_image * images + self.per_step
+
+
+def fit(measure: Callable[[int], int], sizes: tuple[int, int]) -> Linear:
+    a, b = sizes
+    ma, mb = measure(a), measure(b)
+    per_image = (mb - ma) / (b - a)
+    return Linear(per_image, ma - per_image * a)
 
 
 def device_free(device: torch.device) -> int:
@@ -120,16 +139,14 @@ def pieces_per_pass(requested: int | None, pieces: int, piece: int, device: torc
     if requested or pieces == 1:
         chosen = min(requested or 1, pieces)
         return chosen, f"{chosen} of {pieces} pieces per pass" + (" (--pieces_per_pass)" if requested else "")
-    small, large = TRIAL_IMAGES
-    peaks = []
-    for images in TRIAL_IMAGES:
-        try:
-            peaks.append(step_peak(device, lambda images=images: trial(images)))
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            return 1, f"1 piece per pass: a pass of {images} images does not fit this GPU's memory"
-    per_image = max((peaks[1] - peaks[0]) / (large - small), 1.0)
-    per_step = max(peaks[0] - per_image * small, 0.0)
+    try:
+        line = fit(lambda images: step_peak(device, lambda: trial(images)), TRIAL_IMAGES)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return 1, (f"1 piece per pass: a trial pass of {TRIAL_IMAGES[-1]} images or fewer does not fit "
+                   "this GPU's memory")
+    per_image = max(line.per_image, 1.0)
+    per_step = max(line(TRIAL_IMAGES[0]) - per_image * TRIAL_IMAGES[0], 0.0)
     # The processes torchrun starts on a host share its memory (each GPU is its own).
     free = device_free(device) if device.type == "cuda" else host_available() // local_processes()
     chosen = max(1, min(pieces, int((MARGIN * free - per_step) // (per_image * piece))))
