@@ -236,15 +236,26 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
+def kept_settings(settings_file: Path, preset: str, steps: list[Step]) -> dict:
+    """The work folder's settings with ``steps`` added: a rerun may add rows (a method, a network, a
+    bit width) beside the finished ones, but a step already planned must keep its command line."""
+    settings = {"preset": PRESETS[preset], "steps": {s.name: s.argv for s in steps}}
+    if settings_file.exists():
+        earlier = json.loads(settings_file.read_text())
+        changed = [name for name, argv in settings["steps"].items()
+                   if earlier["steps"].get(name, argv) != argv]
+        if earlier["preset"] != settings["preset"] or changed:
+            raise UsageError(f"{settings_file.parent} holds a run with other settings"
+                             f"{' (' + ', '.join(changed) + ')' if changed else ''}; delete it, or give "
+                             "another --work")
+        settings["steps"] = {**earlier["steps"], **settings["steps"]}
+    return settings
+
+
 def main(args: argparse.Namespace) -> None:
     steps, rows = plan(args)
     args.work.mkdir(parents=True, exist_ok=True)
-    settings = {"preset": PRESETS[args.preset], "archs": args.archs, "bits": args.bits,
-                "steps": {s.name: s.argv for s in steps}}
-    settings_file = args.work / "settings.json"
-    if settings_file.exists() and json.loads(settings_file.read_text()) != settings:
-        raise UsageError(f"{args.work} holds a run with other settings; delete it, or give another --work")
-    write_json(settings, settings_file)
+    write_json(kept_settings(args.work / "settings.json", args.preset, steps), args.work / "settings.json")
     sessions_file = args.work / "sessions.json"
     sessions = json.loads(sessions_file.read_text()) if sessions_file.exists() else []
     began = time.monotonic()

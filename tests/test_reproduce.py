@@ -376,13 +376,18 @@ def test_main_refuses_work_folder_of_other_settings(tmp_path, monkeypatch):
     reproduce.main(reproduce.parse_args([*common, "--bits", "4,2"]))  # the same settings
     assert len(json.loads((tmp_path / "w" / "sessions.json").read_text())) == 2
     assert calls == [5 + 2 * 7] * 2
-    for other in (["--bits", "2"], ["--bits", "2,4", "--data-root", "elsewhere"]):
-        with pytest.raises(UsageError, match="other settings"):
-            reproduce.main(reproduce.parse_args([*common, *other]))
+    with pytest.raises(UsageError, match="other settings"):  # every step's command line changes
+        reproduce.main(reproduce.parse_args([*common, "--bits", "2,4", "--data-root", "elsewhere"]))
     with pytest.raises(UsageError, match=str(tmp_path / "w")):
         reproduce.main(reproduce.parse_args([*common[1:], "--bits", "2,4"]))  # another preset
     assert calls == [5 + 2 * 7] * 2
     assert (tmp_path / "w" / "settings.json").read_text() == settings
+    # Fewer rows, then a network more: the finished steps are kept, the planned ones remembered.
+    reproduce.main(reproduce.parse_args([*common, "--bits", "2"]))
+    assert (tmp_path / "w" / "settings.json").read_text() == settings
+    reproduce.main(reproduce.parse_args([*common[:2], "mobilenet_v2,resnet18", *common[3:]]))
+    grown = json.loads((tmp_path / "w" / "settings.json").read_text())["steps"]
+    assert set(json.loads(settings)["steps"]) < set(grown) and len(grown) == 2 * (5 + 2 * 7)
 
 
 # ------------------------------------------------------------------------------------------ report
