@@ -4,7 +4,9 @@ Every row runs the three stage scripts under one training budget; only the quant
 and the search of stage 2 differ (README, "Results"):
 
   float         full precision: the same network and blocks, no quantizer (--quantizer float)
-  lsq           LSQ activation quantizers, no clip branches, no search (--quantizer lsq)
+  lsq-tensor    LSQ activation quantizers with a step per tensor, the LSQ paper's (--quantizer lsq-tensor)
+  lsq           LSQ activation quantizers with a step per channel, the reference's (--quantizer lsq);
+                neither has clip branches or a search
   basq-uniform  the BASQ supernet, one L2 decay for every layer, the best on each fold (--uniform)
   basq          the BASQ supernet, k-fold evolutionary search
 
@@ -145,7 +147,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Step], list[Row]]:
         for arch in args.archs:
             for method in METHODS:
                 for bits in ([args.bits[0]] if method == "float" else args.bits):
-                    quantizer = {"float": "float", "lsq": "lsq"}.get(method, "basq")
+                    quantizer = method if method in ("float", "lsq", "lsq-tensor") else "basq"
                     model = [*COMMON_FLAGS, *preset["input"], *ARCH_FLAGS[arch], "--bits", str(bits),
                              "--quantizer", quantizer, "--data-root", args.data_root]
                     tag = f"{arch}-{quantizer}-{bits}bit"

@@ -20,12 +20,13 @@ def has_hooks(module: nn.Module) -> bool:
 
 def quantizer_tensors(quantizer: nn.Module | None) -> tuple:
     """What the kernels need of a unit's activation quantizer: ``clip, bin, step, hi``, the clip
-    and bin of a clip quantizer that is on, or LSQ's step parameter and top level (``None``
-    otherwise). The kernels quantize with ``lsq_step`` of the step (``after_quantizer``)."""
+    and bin of a clip quantizer that is on, or LSQ's step of each channel
+    (``LsqActivation.steps``) and top level (``None`` otherwise). The kernels quantize with
+    ``lsq_step`` of the step (``after_quantizer``)."""
     if isinstance(quantizer, ClipActivation) and quantizer.quantize:
         return quantizer.upper_bound, quantizer.bin, None, 0.0
     if isinstance(quantizer, LsqActivation):
-        return None, None, quantizer.s, float(quantizer.qp)
+        return None, None, quantizer.steps(), float(quantizer.qp)
     return None, None, None, 0.0
 
 

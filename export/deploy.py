@@ -287,7 +287,7 @@ def _quant(quantizer: nn.Module, input_numel: int) -> nn.Module:
         upper, delta = clip_range(quantizer.upper_bound.detach(), quantizer.bin.detach())
         return ClipQuant(upper, delta, quantizer.bits)
     if isinstance(quantizer, LsqActivation):
-        return LsqQuant(lsq_step(quantizer.s, lsq_scale(input_numel, quantizer.qp)), quantizer.bits)
+        return LsqQuant(lsq_step(quantizer.steps(), lsq_scale(input_numel, quantizer.qp)), quantizer.bits)
     return nn.Identity()
 
 

@@ -27,7 +27,9 @@ def build_supernet(arch: str, num_classes: int, bits: int, l2_vals: Sequence[flo
 
     ``quantizer`` is ``basq`` (the method) or one of the reproduction's baselines, same network
     and blocks with a single branch and no L2 decays (``l2_vals`` is ignored and saved empty):
-    ``lsq``, an LSQ quantizer in place of each searched clip; ``float``, no quantizer at all.
+    ``lsq``, an LSQ quantizer in place of each searched clip (a step per channel, the reference's);
+    ``lsq-tensor``, the same with a step per tensor (the LSQ paper's), in MobileNet-v2's always-on
+    LSQ quantizers too; ``float``, no quantizer at all.
     ``small_input_stem`` keeps the first stage at the input's resolution (stride-1 stem; no
     max-pool in the ResNet) for 28-64 px images; the ImageNet stem is the default.
     """

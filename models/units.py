@@ -17,7 +17,7 @@ from torch import nn
 from models.skip import FlexibleSkip
 from quant import ClipActivation, LsqActivation, QConv, fused
 
-QUANTIZERS = ("basq", "lsq", "float")
+QUANTIZERS = ("basq", "lsq", "lsq-tensor", "float")
 
 
 def activation_quantizers(quantizer: str, bits: int, channels: int,
@@ -25,13 +25,20 @@ def activation_quantizers(quantizer: str, bits: int, channels: int,
     """A branch-wise unit's activation quantizers, one per branch.
 
     ``basq``: one clip quantizer per candidate L2 decay (the method). The baselines of the
-    reproduction have a single branch: ``lsq``, an LSQ quantizer; ``float``, none.
+    reproduction have a single branch: ``lsq``, an LSQ quantizer with a step per channel (the
+    reference's); ``lsq-tensor``, one with a step per tensor (the LSQ paper's); ``float``, none.
     """
     if quantizer == "basq":
         return [ClipActivation(bits, l2, branch) for branch, l2 in enumerate(l2_vals)]
-    if quantizer == "lsq":
-        return [LsqActivation(bits, channels)]
-    return [nn.Identity()]
+    if quantizer == "float":
+        return [nn.Identity()]
+    return [lsq_activation(quantizer, bits, channels)]
+
+
+def lsq_activation(quantizer: str, bits: int, channels: int) -> LsqActivation:
+    """The LSQ activation quantizer of a model built with ``quantizer``: a step per tensor under
+    ``lsq-tensor``, else the reference's step per channel."""
+    return LsqActivation(bits, channels, per_tensor=quantizer == "lsq-tensor")
 
 
 def unit_formula(x: torch.Tensor, bn_pre: nn.Module, quantizer: nn.Module, conv: nn.Module,
@@ -71,7 +78,8 @@ class QuantUnit(Unit):
     """A unit with an always-on LSQ activation quantizer (the 1x1 convolutions of MobileNet-v2).
 
     Registers ``bn_qconv_bn_relu_{index}`` (BN_pre, LSQ, QConv, BN_post, ReLU) and
-    ``bn{index}_last`` on ``owner``. With ``quantizer="float"`` the LSQ quantizer is an identity.
+    ``bn{index}_last`` on ``owner``. With ``quantizer="float"`` the LSQ quantizer is an identity;
+    with ``"lsq-tensor"`` it has one step per tensor, as the baseline's searched units.
     """
 
     def __init__(self, owner: nn.Module, index: int, in_channels: int, out_channels: int,
@@ -80,7 +88,7 @@ class QuantUnit(Unit):
         self.names = (f"bn_qconv_bn_relu_{index}", f"skip{index}", f"bn{index}_last")
         body = nn.Sequential(
             nn.BatchNorm2d(in_channels),
-            nn.Identity() if quantizer == "float" else LsqActivation(bits, in_channels),
+            nn.Identity() if quantizer == "float" else lsq_activation(quantizer, bits, in_channels),
             QConv(in_channels, out_channels, kernel_size, bits, stride, groups),
             nn.BatchNorm2d(out_channels),
             nn.ReLU(),

@@ -1,4 +1,5 @@
-"""LSQ quantizers (Esser et al. 2020): learned per-channel step sizes, and how their steps are
+"""LSQ quantizers (Esser et al. 2020): learned step sizes, per channel as the reference's (or per
+tensor, as the paper's activations), and how their steps are
 initialised (``init_from``; ``initialize_during``, the pass that calls it). When and from which
 data stage 1 initialises them: ``training.lsq_init``."""
 import math
@@ -12,33 +13,43 @@ from .functional import lsq_quantize, piece_runs
 
 
 class LsqActivation(nn.Module):
-    """Unsigned LSQ activation quantizer with one step per input channel (reference ``ActLsqQuan``).
+    """Unsigned LSQ activation quantizer with one step per input channel (reference ``ActLsqQuan``),
+    or with ``per_tensor`` one step for the whole tensor (the LSQ paper's own activation quantizer).
 
     Always on. The steps are set from data by ``init_from`` (stage 1 does it on its first batch).
     ``k`` counts the elements of the input, or of one piece of it (``quant.functional.in_pieces``);
     a run of equal pieces quantizes at once, an uneven last piece on its own.
     """
 
-    def __init__(self, bits: int, channels: int):
+    def __init__(self, bits: int, channels: int, per_tensor: bool = False):
         super().__init__()
         self.bits = bits
         self.qp = 2**bits - 1
-        self.s = nn.Parameter(torch.ones(channels))
+        self.channels = channels
+        self.per_tensor = per_tensor
+        self.s = nn.Parameter(torch.ones(1 if per_tensor else channels))
+
+    def steps(self) -> torch.Tensor:
+        """The step of each channel: ``s`` itself, or the one step repeated (a view, so that the
+        channels' gradients sum into it). What the kernels and the deployed model read."""
+        return self.s.expand(self.channels) if self.per_tensor else self.s
 
     @torch.no_grad()
     def init_from(self, x: torch.Tensor) -> None:
-        self.s.copy_(2 * x.abs().mean(dim=(0, 2, 3)) / math.sqrt(self.qp))
+        mean = x.abs().mean() if self.per_tensor else x.abs().mean(dim=(0, 2, 3))
+        self.s.copy_(2 * mean / math.sqrt(self.qp))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        runs = piece_runs(x.shape[0])
+        s, runs = self.steps(), piece_runs(x.shape[0])
         if len(runs) == 1:
-            return lsq_quantize(x, self.s, 0, self.qp, dim=1, numel=x[0].numel() * runs[0][2])
-        return torch.cat([lsq_quantize(piece, self.s, 0, self.qp, dim=1, numel=x[0].numel() * images)
+            return lsq_quantize(x, s, 0, self.qp, dim=1, numel=x[0].numel() * runs[0][2])
+        return torch.cat([lsq_quantize(piece, s, 0, self.qp, dim=1, numel=x[0].numel() * images)
                           for piece, (_, _, images) in zip(x.split([stop - start for start, stop, _ in runs]),
                                                            runs, strict=True)])
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, channels={self.s.numel()}"
+        per_tensor = ", per_tensor=True" if self.per_tensor else ""
+        return f"bits={self.bits}, channels={self.channels}{per_tensor}"
 
 
 class LsqWeight(nn.Module):

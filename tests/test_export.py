@@ -54,7 +54,8 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize(
-    "arch, quantizer", [("mobilenet_v2", "basq"), ("resnet18", "basq"), ("mobilenet_v2", "lsq")]
+    "arch, quantizer", [("mobilenet_v2", "basq"), ("resnet18", "basq"), ("mobilenet_v2", "lsq"),
+                        ("resnet18", "lsq-tensor")]
 )
 def test_the_standalone_model_computes_the_supernets_selection(arch, quantizer):
     model = trained(arch, quantizer)
@@ -74,8 +75,11 @@ def test_the_standalone_model_computes_the_supernets_selection(arch, quantizer):
         ("mobilenet_v2", "basq"): {ClipQuant, LsqQuant},
         ("resnet18", "basq"): {ClipQuant},
         ("mobilenet_v2", "lsq"): {LsqQuant},
+        ("resnet18", "lsq-tensor"): {LsqQuant},
     }[arch, quantizer]
     assert kinds == expected
+    if quantizer == "lsq-tensor":  # one step per tensor, deployed as that step in every channel
+        assert all(u.quant.step.unique().numel() == 1 and u.quant.step.numel() > 1 for u in net.units())
 
 
 def test_codes_pack_at_their_bits():
@@ -148,7 +152,8 @@ def assert_agrees(ours: np.ndarray, theirs: np.ndarray) -> None:
 
 @pytest.mark.parametrize("opset", sorted(CODE_TYPES, reverse=True))
 @pytest.mark.parametrize(
-    "arch, quantizer", [("mobilenet_v2", "basq"), ("resnet18", "basq"), ("mobilenet_v2", "lsq")]
+    "arch, quantizer", [("mobilenet_v2", "basq"), ("resnet18", "basq"), ("mobilenet_v2", "lsq"),
+                        ("resnet18", "lsq-tensor")]
 )
 def test_onnx_writes_every_quantizer_at_its_bits_and_onnxruntime_agrees(tmp_path, arch, quantizer, opset):
     model = trained(arch, quantizer)

@@ -328,7 +328,7 @@ def test_training_keeps_pytorchs_batchnorm_where_the_kernel_differs(monkeypatch)
         train_batch_norm.is_exact.cache_clear()
 
 
-@pytest.mark.parametrize("after", ["relu and skip", "clip", "lsq"])
+@pytest.mark.parametrize("after", ["relu and skip", "clip", "lsq", "lsq per tensor"])
 def test_training_batchnorm_with_what_follows_it_is_pytorchs(exact_train, after):
     from quant import ClipActivation, LsqActivation
 
@@ -343,12 +343,13 @@ def test_training_batchnorm_with_what_follows_it_is_pytorchs(exact_train, after)
         y0 = torch.relu(theirs(x)) + skip.repeat(1, 3, 1, 1)
         own = skip
     else:
-        quantizer = LsqActivation(2, 12) if after == "lsq" else ClipActivation(2)
+        quantizer = (ClipActivation(2) if after == "clip"
+                     else LsqActivation(2, 12, per_tensor=after == "lsq per tensor"))
         if after == "clip":
             quantizer.quantize = True
             quantizer.upper_bound.data.fill_(1.2)
         else:
-            quantizer.s.data.copy_(torch.rand(12, generator=gen) * 0.5 + 0.2)
+            quantizer.s.data.copy_(torch.rand(quantizer.s.numel(), generator=gen) * 0.5 + 0.2)
         assert quantizes_after(quantizer)
         y = train_batch_norm.batch_norm(ours, x, quantizer=quantizer)
         y0 = quantizer(theirs(x))

@@ -103,6 +103,35 @@ def test_lsq_initialisation_from_data():
     torch.testing.assert_close(qw.s.data, 2 * w.abs().flatten(1).mean(1) / math.sqrt(1))
 
 
+@pytest.mark.parametrize("bits", BITS)
+def test_per_tensor_lsq_is_the_papers_quantizer(bits, kernels):
+    """``per_tensor``: the LSQ paper's activation quantizer, one step ``s`` for the tensor, by its
+    definition: ``a = grad_scale(s, 1 / sqrt(numel * Qp))``, ``y = round_pass(clamp(x / a, 0, Qp)) * a``,
+    the initial step ``2 <|x|> / sqrt(Qp)`` over the tensor."""
+    gen = torch.Generator().manual_seed(bits)
+    # Channels of different scales: a step per channel would quantize and initialise otherwise.
+    x = torch.rand(4, 6, 5, 5, generator=gen) * torch.arange(1.0, 7.0).view(1, 6, 1, 1)
+    q = LsqActivation(bits, 6, per_tensor=True)
+    q.init_from(x)
+    hi = 2**bits - 1
+    assert q.s.shape == (1,)
+    torch.testing.assert_close(q.s.data, (2 * x.abs().mean() / math.sqrt(hi)).view(1), rtol=1e-6, atol=0)
+    s = q.s.detach().clone().requires_grad_()
+    x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    g = torch.randn(x.shape, generator=gen)
+    a = grad_scale(s, 1 / math.sqrt(x.numel() * hi))
+    expected = round_pass(torch.clamp(x_ref / a, 0, hi)) * a
+    expected.backward(g)
+    y = q(x_ours)
+    y.backward(g)
+    assert torch.equal(y, expected)
+    assert expected.detach().div(a.detach()).round().unique().numel() > 2  # several levels are used
+    # The composite's dx is g * a / a (float noise); ours is the straight-through g inside the range.
+    torch.testing.assert_close(x_ours.grad, g * (x / a.detach() <= hi), rtol=0, atol=0)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-6, atol=0)
+    torch.testing.assert_close(q.s.grad, s.grad, rtol=1e-5, atol=1e-7)
+
+
 def test_two_bit_weights_are_ternary():
     q = LsqWeight(2, 4)
     w = torch.randn(4, 2, 3, 3)

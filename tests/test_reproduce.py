@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from reproduction.report import Row, mean_sd, update_readme, write_plot, write_table
+from reproduction.report import METHOD_NAMES, Row, mean_sd, update_readme, write_plot, write_table
 from utils.errors import UsageError
 
 from .conftest import load_script
@@ -21,7 +21,9 @@ stage2 = load_script("02kfold_evolution.py")
 stage3 = load_script("03finetune.py")
 
 STAGES = {"01train_supernet.py": stage1, "02kfold_evolution.py": stage2, "03finetune.py": stage3}
-QUANTIZER = {"float": "float", "lsq": "lsq", "basq-uniform": "basq", "basq": "basq"}
+QUANTIZER = {"float": "float", "lsq": "lsq", "lsq-tensor": "lsq-tensor", "basq-uniform": "basq",
+             "basq": "basq"}
+PER_CHANNEL, PER_TENSOR = METHOD_NAMES["lsq"], METHOD_NAMES["lsq-tensor"]
 
 
 def flag(argv: list[str], name: str) -> str:
@@ -44,7 +46,8 @@ def test_plan_trains_each_quantizer_and_bits_once(planned):
     trains = [s for s in steps if s.name.startswith("train")]
     keys = [(flag(s.argv, "--quantizer"), int(flag(s.argv, "--bits"))) for s in trains]
     # basq trains once per bit width for both basq rows; float once, at the first bit width.
-    assert sorted(keys) == [("basq", 2), ("basq", 4), ("float", 2), ("lsq", 2), ("lsq", 4)]
+    assert sorted(keys) == [("basq", 2), ("basq", 4), ("float", 2), ("lsq", 2), ("lsq", 4), ("lsq-tensor", 2),
+                            ("lsq-tensor", 4)]
     assert all(s.argv[0] == "01train_supernet.py" for s in trains)
     assert all(s.deps == [] and s.resumable is not None for s in trains)
     # The marker is the phase-2 checkpoint stage 1 writes at its last iteration.
@@ -54,15 +57,16 @@ def test_plan_trains_each_quantizer_and_bits_once(planned):
         assert s.marker.parent == s.resumable == Path(flag(s.argv, "--save"))
         assert flag(s.argv, "--abin_total_iters") == flag(s.argv, "--awbin_total_iters") == str(iters)
     assert len({s.marker for s in trains}) == len(trains)
-    assert len({s.name for s in steps}) == len(steps) == 5 + 2 * 7
+    assert len({s.name for s in steps}) == len(steps) == 7 + 2 * 9
 
 
 def test_plan_rows_and_their_search_and_finetune(planned):
     _, steps, rows = planned
     by_name = {s.name: s for s in steps}
     assert sorted((r.arch, r.method, r.bits) for r in rows) == [
-        ("resnet18", m, b) for m, b in sorted([("float", 2), ("lsq", 2), ("lsq", 4), ("basq-uniform", 2),
-                                               ("basq-uniform", 4), ("basq", 2), ("basq", 4)])]
+        ("resnet18", m, b) for m, b in sorted([("float", 2), ("lsq", 2), ("lsq", 4), ("lsq-tensor", 2),
+                                               ("lsq-tensor", 4), ("basq-uniform", 2), ("basq-uniform", 4),
+                                               ("basq", 2), ("basq", 4)])]
     evolution = reproduce.PRESETS["full"]["evolution"]
     for row in rows:
         finetune = next(s for s in steps if s.marker == row.final)
@@ -98,7 +102,7 @@ def test_plan_rows_and_their_search_and_finetune(planned):
 def test_plan_order_and_common_flags(planned):
     _, steps, _ = planned
     kinds = [s.name.split()[0] for s in steps]
-    assert kinds[:5] == ["train"] * 5 and "train" not in kinds[5:]
+    assert kinds[:7] == ["train"] * 7 and "train" not in kinds[7:]
     # Every dependency comes earlier in the order.
     position = {s.name: i for i, s in enumerate(steps)}
     assert all(position[d] < position[s.name] for s in steps for d in s.deps)
@@ -125,7 +129,7 @@ def test_plan_quick_and_two_archs(tmp_path):
     assert args.archs == ["mobilenet_v2", "resnet18"] and args.bits == [4]
     steps, rows = reproduce.plan(args)
     quick = reproduce.PRESETS["quick"]
-    assert len(rows) == 2 * 4 and len(steps) == 2 * (3 + 2 * 4)
+    assert len(rows) == 2 * 5 and len(steps) == 2 * (4 + 2 * 5)
     assert {r.arch for r in rows} == {"mobilenet_v2", "resnet18"}
     for s in steps:
         if s.argv[0] == "01train_supernet.py":
@@ -146,7 +150,7 @@ def test_plan_sweep_four_budgets_of_one_network(tmp_path):
     assert sorted((r.iters, r.method) for r in rows) == sorted(
         (b, m) for b in budgets for m in reproduce.METHODS)
     trains = [s for s in steps if s.argv[0] == "01train_supernet.py"]
-    assert len(trains) == 3 * len(budgets) and len(steps) == len(budgets) * (3 + 2 * 4)
+    assert len(trains) == 4 * len(budgets) and len(steps) == len(budgets) * (4 + 2 * 5)
     for s in trains:
         iters = int(flag(s.argv, "--abin_total_iters"))
         assert flag(s.argv, "--awbin_total_iters") == str(iters)
@@ -375,19 +379,19 @@ def test_main_refuses_work_folder_of_other_settings(tmp_path, monkeypatch):
     settings = (tmp_path / "w" / "settings.json").read_text()
     reproduce.main(reproduce.parse_args([*common, "--bits", "4,2"]))  # the same settings
     assert len(json.loads((tmp_path / "w" / "sessions.json").read_text())) == 2
-    assert calls == [5 + 2 * 7] * 2
+    assert calls == [7 + 2 * 9] * 2
     with pytest.raises(UsageError, match="other settings"):  # every step's command line changes
         reproduce.main(reproduce.parse_args([*common, "--bits", "2,4", "--data-root", "elsewhere"]))
     with pytest.raises(UsageError, match=str(tmp_path / "w")):
         reproduce.main(reproduce.parse_args([*common[1:], "--bits", "2,4"]))  # another preset
-    assert calls == [5 + 2 * 7] * 2
+    assert calls == [7 + 2 * 9] * 2
     assert (tmp_path / "w" / "settings.json").read_text() == settings
     # Fewer rows, then a network more: the finished steps are kept, the planned ones remembered.
     reproduce.main(reproduce.parse_args([*common, "--bits", "2"]))
     assert (tmp_path / "w" / "settings.json").read_text() == settings
     reproduce.main(reproduce.parse_args([*common[:2], "mobilenet_v2,resnet18", *common[3:]]))
     grown = json.loads((tmp_path / "w" / "settings.json").read_text())["steps"]
-    assert set(json.loads(settings)["steps"]) < set(grown) and len(grown) == 2 * (5 + 2 * 7)
+    assert set(json.loads(settings)["steps"]) < set(grown) and len(grown) == 2 * (7 + 2 * 9)
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -398,6 +402,8 @@ RESULTS = {
     ("float", 2): ([93.0, 94.0, 95.0], [[0] * 4] * 3),
     ("lsq", 2): ([80.0, 82.0, 84.0], [[0] * 4] * 3),
     ("lsq", 4): ([88.0, 89.0, 90.0], [[0] * 4] * 3),
+    ("lsq-tensor", 2): ([79.0, 80.0, 81.0], [[0] * 4] * 3),
+    ("lsq-tensor", 4): ([89.0, 89.0, 89.0], [[0] * 4] * 3),
     ("basq-uniform", 2): ([83.0, 83.0, 86.0], [[1] * 4, [2] * 4, [1] * 4]),
     ("basq-uniform", 4): ([90.0, 90.0, 90.0], [[0] * 4, [3] * 4, [0] * 4]),
     ("basq", 2): ([90.0, 91.0, 95.0], [[0, 1, 1, 2], [1, 1, 3, 0], [0, 0, 1, 1]]),
@@ -455,21 +461,24 @@ def test_write_table(tmp_path):
     # Mean ± sample standard deviation over the folds; full precision only in the 32-bit column.
     assert table_line(main_table, "ResNet-18", "Full precision (no quantizer)")[2:] == [
         "", "", "94.00 ± 1.00"]
-    assert table_line(main_table, "ResNet-18", "LSQ, no clip branches, no search")[2:] == [
+    assert table_line(main_table, "ResNet-18", PER_CHANNEL)[2:] == [
         "82.00 ± 2.00", "89.00 ± 1.00", ""]
+    assert table_line(main_table, "ResNet-18", PER_TENSOR)[2:] == [
+        "80.00 ± 1.00", "89.00 ± 0.00", ""]
     assert table_line(main_table, "ResNet-18", "BASQ, one L2 decay for all layers")[2:] == [
         "84.00 ± 1.73", "90.00 ± 0.00", ""]
     assert table_line(main_table, "ResNet-18", "BASQ (k-fold search)")[2:] == [
         "92.00 ± 2.65", "88.50 ± 0.50", ""]
     # The rows of the main table in the order of the methods.
     methods = [c[1] for c in map(cells, main_table.splitlines()) if c[0] == "ResNet-18"]
-    assert methods == ["Full precision (no quantizer)", "LSQ, no clip branches, no search",
+    assert methods == ["Full precision (no quantizer)", PER_TENSOR,
+                       PER_CHANNEL,
                        "BASQ, one L2 decay for all layers", "BASQ (k-fold search)"]
-    # What the search buys: BASQ - LSQ and BASQ - one L2, differences of the means.
-    assert table_line(text, "Network", "Bits", "BASQ - LSQ") == [
-        "Network", "Bits", "BASQ - LSQ", "BASQ - one L2 for all"]
-    assert table_line(text, "ResNet-18", "2-bit") == ["ResNet-18", "2-bit", "+10.00", "+8.00"]
-    assert table_line(text, "ResNet-18", "4-bit") == ["ResNet-18", "4-bit", "-0.50", "-1.50"]
+    # What the search buys: BASQ - each baseline, differences of the means.
+    assert table_line(text, "Network", "Bits", "BASQ - LSQ per tensor") == [
+        "Network", "Bits", "BASQ - LSQ per tensor", "BASQ - LSQ per channel", "BASQ - one L2 for all"]
+    assert table_line(text, "ResNet-18", "2-bit") == ["ResNet-18", "2-bit", "+12.00", "+10.00", "+8.00"]
+    assert table_line(text, "ResNet-18", "4-bit") == ["ResNet-18", "4-bit", "-0.50", "-0.50", "-1.50"]
     # Decays: each fold's for one L2 for all; mean layers per decay for the search; none for baselines.
     uniform = "BASQ, one L2 decay for all layers"
     assert table_line(text, "ResNet-18", uniform, "2")[3] == "0.001, 0.0001, 0.001"
@@ -477,7 +486,7 @@ def test_write_table(tmp_path):
     assert table_line(text, "ResNet-18", "BASQ (k-fold search)", "2")[3] == (
         "0.01: 1.3, 0.001: 2.0, 0.0001: 0.3, 1e-05: 0.3")
     assert table_line(text, "ResNet-18", "BASQ (k-fold search)", "4")[3] == "0.01: 4.0"
-    assert not any(c[:2] == ["ResNet-18", "LSQ, no clip branches, no search"] and len(c) == 4
+    assert not any(c[:2] == ["ResNet-18", PER_CHANNEL] and len(c) == 4
                    for c in map(cells, text.splitlines()))
     # The clips of each BASQ supernet: count, min, mean, max.
     assert table_line(text, "Network", "Bits", "Clips") == ["Network", "Bits", "Clips", "Min", "Mean", "Max"]
@@ -541,16 +550,20 @@ def test_write_sweep_table_and_plot(tmp_path):
     text = path.read_text()
     assert main_table in text and "`make sweep`" in text
     assert table_line(main_table, "Method") == ["Method", "200 it", "2000 it"]
-    assert table_line(main_table, "LSQ, no clip branches, no search") == ["LSQ, no clip branches, no search",
-                                                                          "82.00 ± 2.00", "85.00 ± 2.00"]
-    assert table_line(main_table, "BASQ - LSQ") == ["BASQ - LSQ", "+10.00", "+10.00"]
-    assert table_line(main_table, "search - one L2 for all") == ["search - one L2 for all", "+8.00", "+8.00"]
+    assert table_line(main_table, PER_CHANNEL) == [
+        PER_CHANNEL, "82.00 ± 2.00", "85.00 ± 2.00"]
+    assert table_line(main_table, "BASQ - LSQ per tensor") == ["BASQ - LSQ per tensor", "+12.00", "+12.00"]
+    assert table_line(main_table, "BASQ - LSQ per channel") == ["BASQ - LSQ per channel", "+10.00", "+10.00"]
+    assert table_line(main_table, "BASQ - one L2 for all") == ["BASQ - one L2 for all", "+8.00", "+8.00"]
     # The clips of the 2-bit supernet: layers [3, 4.5] and [2.5, 5]; spreads 1.5 and 2.5.
     assert table_line(text, "200") == ["200", "3.75", "2.50", "5.00", "2.00", "2.50"]
     assert table_line(text, "BASQ, one L2 decay for all layers", "2000") == [
         "BASQ, one L2 decay for all layers", "2000", "0.001, 0.0001, 0.001"]  # branches 1, 2, 1
     assert table_line(text, "BASQ (k-fold search)", "200")[2] == \
         "0.01: 1.3, 0.001: 2.0, 0.0001: 0.3, 1e-05: 0.3"  # 4, 6, 1 and 1 of 12 layers in 3 folds
+    # A sweep without a baseline has neither its row nor its difference.
+    without = write_sweep_table(path, [r for r in rows if r.method != "lsq-tensor"], META)
+    assert "per tensor" not in without and "BASQ - LSQ per channel" in without
     write_sweep_plot(tmp_path / "out" / "budget_sweep.png", rows)
     assert (tmp_path / "out" / "budget_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -75,7 +75,7 @@ def test_basq_still_needs_decays():
 
 
 def test_unknown_quantizer_is_refused_naming_the_choices():
-    assert set(QUANTIZERS) == {"basq", "lsq", "float"}
+    assert set(QUANTIZERS) == {"basq", "lsq", "lsq-tensor", "float"}
     with pytest.raises(ValueError, match="pact") as info:
         tiny("mobilenet_v2", "pact")
     assert all(q in str(info.value) for q in QUANTIZERS)
@@ -83,18 +83,26 @@ def test_unknown_quantizer_is_refused_naming_the_choices():
 
 # -- lsq --------------------------------------------------------------------------------------
 
+LSQS = ["lsq", "lsq-tensor"]  # a step per channel (the reference's), a step per tensor (the paper's)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-def test_lsq_has_a_single_branch_of_lsq_quantizers(arch):
-    model = tiny(arch, "lsq")  # the l2 values given are ignored
-    assert model.quantizer == "lsq" and model.num_branches == 1
-    assert model.config["l2_vals"] == [] and model.config["quantizer"] == "lsq"
+@pytest.mark.parametrize("quantizer", LSQS)
+def test_lsq_has_a_single_branch_of_lsq_quantizers(arch, quantizer):
+    model = tiny(arch, quantizer)  # the l2 values given are ignored
+    assert model.quantizer == quantizer and model.num_branches == 1
+    assert model.config["l2_vals"] == [] and model.config["quantizer"] == quantizer
     assert count(model, ClipActivation) == 0
     for name, branches in branch_quantizer_lists(model).items():
         assert len(branches) == 1, name
         bn, q = branches[0]
         assert isinstance(q, LsqActivation), name
-        assert q.s.shape == (bn.num_features,), name
+        assert q.s.shape == ((1,) if quantizer == "lsq-tensor" else (bn.num_features,)), name
+        assert q.steps().shape == (bn.num_features,), name
         assert q.qp == 3  # 2 bits
+    # Every activation quantizer of the network, MobileNet-v2's always-on ones too, has the row's steps.
+    per_tensor = {q.per_tensor for q in model.modules() if isinstance(q, LsqActivation)}
+    assert per_tensor == {quantizer == "lsq-tensor"}
     per_branch = [re.search(r"(?:branch_bn_q_|branch_bn_|bn)\d+(?:_last)?\.(\d+)\.", k)
                   for k in model.state_dict()]
     assert {m.group(1) for m in per_branch if m} == {"0"}  # BN_pre, BN_post, BN_last of branch 0 only
@@ -109,14 +117,15 @@ def test_lsq_ignores_even_invalid_decays():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_lsq_branch_quantizers_output_steps_set_from_the_first_batch(arch):
-    model = tiny(arch, "lsq").train()
+@pytest.mark.parametrize("quantizer", LSQS)
+def test_lsq_branch_quantizers_output_steps_set_from_the_first_batch(arch, quantizer):
+    model = tiny(arch, quantizer).train()
     quantizers = {name: branches[0][1] for name, branches in branch_quantizer_lists(model).items()}
     seen = {}
 
     def record(name):
         def hook(module, args, output):
-            seen[name] = (args[0].detach().clone(), output.detach().clone(), module.s.detach().clone())
+            seen[name] = (args[0].detach().clone(), output.detach().clone(), module.steps().detach().clone())
         return hook
 
     handles = [q.register_forward_hook(record(name)) for name, q in quantizers.items()]
@@ -142,9 +151,11 @@ def test_lsq_branch_quantizers_output_steps_set_from_the_first_batch(arch):
         check(name, x, y, s)
         set_from_input = quantizers[name].s.detach()
         assert (set_from_input > 0).all(), name
-        torch.testing.assert_close(set_from_input, 2 * x.abs().mean((0, 2, 3)) / math.sqrt(3), msg=name)
+        # LSQ's initial step, 2 <|x|> / sqrt(Qp), the mean over each channel or over the tensor
+        mean = x.abs().mean().view(1) if quantizer == "lsq-tensor" else x.abs().mean((0, 2, 3))
+        torch.testing.assert_close(set_from_input, 2 * mean / math.sqrt(3), msg=name)
     for name, (x, y, s) in seen.items():
-        torch.testing.assert_close(s, quantizers[name].s.detach(), rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(s, quantizers[name].steps().detach(), rtol=0, atol=0, msg=name)
         check(name, x, y, s)
 
 
@@ -207,7 +218,7 @@ def test_float_output_is_a_smooth_function_of_the_input(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("quantizer", ["lsq", "basq"])
+@pytest.mark.parametrize("quantizer", ["lsq", "lsq-tensor", "basq"])
 def test_the_smoothness_check_sees_active_quantizers(arch, quantizer):
     # The check above, on the quantized variants: their straight-through gradient is no derivative.
     model = tiny(arch, quantizer, small_input_stem=True)
@@ -278,7 +289,7 @@ def test_flags_pick_the_variant(script):
     default = model_config(parse(["--l2_bounds", "0.1,0.02"]), 7)
     assert default["quantizer"] == "basq" and default["small_input_stem"] is False
     assert default["l2_vals"] == [0.1, 0.02]
-    for quantizer in ("lsq", "float"):
+    for quantizer in ("lsq", "lsq-tensor", "float"):
         config = model_config(parse(["--l2_bounds", "0.1,0.02", "--quantizer", quantizer]), 7)
         assert config["quantizer"] == quantizer and config["l2_vals"] == []
     assert model_config(parse(["--small_input_stem"]), 7)["small_input_stem"] is True

@@ -101,7 +101,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base_resolution", type=positive_int, default=224)
     parser.add_argument("--quantizer", default="basq", choices=QUANTIZERS,
                         help="basq: the method; the reproduction's baselines, one branch and no "
-                             "--l2_bounds: lsq (LSQ activation quantizers) or float (none)")
+                             "--l2_bounds: lsq (LSQ activation quantizers, a step per channel as "
+                             "the reference's), lsq-tensor (a step per tensor, as the LSQ paper's) "
+                             "or float (none)")
     parser.add_argument("--small_input_stem", action="store_true",
                         help="stride-1 stem (no ResNet max-pool) for 28-64 px images such as "
                              "Fashion-MNIST; default: the ImageNet stem")
