@@ -5,6 +5,7 @@ mutation suite (``tests/test_mutations.py``) share both.
 """
 import inspect
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,7 @@ from training.lsq_init import initialize_activation_steps
 from training.pieces import Share
 from training.step import train_step
 
-from .boundaries import Found, Sides, first_agreement, on_sides
+from .boundaries import Found, Sides, first_agreement, gates_closest_to, on_sides
 from .conftest import FIXTURES, load_script
 
 stage1 = load_script("01train_supernet.py")
@@ -172,9 +173,40 @@ def agreeing_step(recording: dict, name: str, **wrong) -> tuple[Step, Sides | No
     def agrees(step: Step) -> bool:
         return not compare_step(recording[name], step, noise_parameters(recording, name))
 
+    def gates(sides: Sides, found: Found) -> Sides:
+        """The ReLU ties' gates whose gradients come closest to the recorded ones: measured with
+        every tie open (``boundaries.gates_closest_to``)."""
+        opened = replace(sides, relus=frozenset(found.relu_ties))
+        measured = Found()
+        step = run_step(recording, name, sides=opened, found=measured, **wrong)
+        names = {n for c in measured.relu_contributions.values() for n in c}
+        residual, tolerance = gradient_residual(recording[name], step, names)
+        return replace(sides, relus=gates_closest_to(measured.relu_contributions, residual, tolerance))
+
     step, sides, _ = first_agreement(
-        lambda sides, found: run_step(recording, name, sides=sides, found=found, **wrong), agrees)
+        lambda sides, found: run_step(recording, name, sides=sides, found=found, **wrong), agrees, gates)
     return step, sides
+
+
+def gradient_residual(case: dict, step: Step, names: set[str]) -> tuple[dict[str, torch.Tensor],
+                                                                         dict[str, float]]:
+    """Our gradients of ``names`` minus the recorded ones, both before clipping (the clipping
+    factors differ where the gradients do), and each tensor's tolerance, ``RHO`` of its largest
+    recorded gradient (``bench.step_compare``). The recorded clipped gradient is ours less the
+    difference of the two optimizer states' gradients (``recorded_gradient``: the weight decay,
+    from the same parameters, cancels)."""
+    from bench.step_compare import RHO, recorded_gradient
+
+    ours_case = {**case, "optimizer_state_after": step.optimizer_after}
+    clipping = [min(1.0, training.MAX_GRAD_NORM / norm) for norm in (step.grad_norm,
+                                                                     case["grad_norm_before_clipping"])]
+    residual, tolerance = {}, {}
+    for k in names:
+        ours, theirs = recorded_gradient(ours_case, k)[0], recorded_gradient(case, k)[0]
+        recorded = (step.grads[k].double() - (ours - theirs)) / clipping[1]
+        residual[k] = step.grads[k].double() / clipping[0] - recorded
+        tolerance[k] = RHO * recorded.abs().max().item()
+    return residual, tolerance
 
 
 def _faithful(recording: dict, name: str, pieces_per_pass: int | None = None) -> tuple[Step, Sides]:
