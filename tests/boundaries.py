@@ -236,13 +236,14 @@ class ReluTies:
     """Forward hooks on every quantized convolution (``QConv``) and on the BatchNorm that takes its
     output (a unit's BN_post, whose output the ReLU gates) that find, in train mode, the BN_post
     outputs within ``relu_tie_bound`` of zero (``found``: ``(call, flat index)``, in the order met)
-    and, with ``opened`` (a set of those), put each such output on the side of zero that opens the
-    ReLU's gate where listed and closes it elsewhere (by a constant shift: the gradient passes).
-    Then each open tie's contribution to the gradients of its convolution's and BN_post's
-    parameters is measured too (``contributions``, once the backward has run and ``remove``)."""
+    and the BN_post of each call (``units``, by name); with ``opened`` (a set of those ties), they
+    put each such output on the side of zero that opens the ReLU's gate where listed and closes it
+    elsewhere (by a constant shift: the gradient passes), and measure each open tie's contribution
+    to the gradients of its convolution's and BN_post's parameters (``contributions``, once the
+    backward has run and ``remove``)."""
 
     def __init__(self, model: nn.Module, opened: frozenset | None = None):
-        self.opened, self.found, self.call = opened, [], 0
+        self.opened, self.found, self.units = opened, [], []
         self.contributions: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self.names = {m: n for n, m in model.named_modules()}
         self.outputs: dict[int, tuple] = {}  # a convolution's output's id: what BN_post needs of it
@@ -263,8 +264,8 @@ class ReluTies:
         if not module.training or entry is None or entry[0] is not args[0]:
             return None
         _, conv, x, weight, values = entry
-        call = self.call
-        self.call += 1
+        call = len(self.units)
+        self.units.append(self.names[module])
         with torch.no_grad():
             # QConv.forward's convolution of the magnitudes: each output's sum of |products|
             terms = F.conv2d(x.abs(), weight.abs(), None, conv.stride, conv.kernel_size // 2, 1, conv.groups)
@@ -272,7 +273,7 @@ class ReluTies:
             bound = torch.cat([relu_tie_bound(*parts, weight[0].numel(), module, y) for parts, y in zip(
                 zip(args[0].split(sizes), terms.split(sizes), strict=True), out.split(sizes), strict=True)])
             now = out.detach().reshape(-1)
-            tie = now.double().abs() <= bound.reshape(-1)
+            tie = now.double().abs() < bound.reshape(-1)  # a bound of 0: nothing to round
             ties = tie.nonzero().flatten().tolist()
             self.found += [(call, i) for i in ties]
             if self.opened is None or not ties:
@@ -284,7 +285,7 @@ class ReluTies:
             shift = torch.where(tie, side - now, torch.zeros_like(now)).view_as(out)
         result = out + shift
         if opened:
-            kept = _OpenTies(call, opened, conv, self.names[conv], x, values, module, self.names[module],
+            kept = _OpenTies(call, opened, conv, self.names[conv], x, values, module, self.units[call],
                              (module.weight.detach().clone(), module.bias.detach().clone()), sizes)
             result.register_hook(lambda grad: setattr(kept, "grad", grad.detach()))
             self.kept.append(kept)

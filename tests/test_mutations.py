@@ -221,19 +221,24 @@ def test_unselected_branches_not_stepped(recording, monkeypatch):
 
 # -- the pieces -------------------------------------------------------------------------------
 
-def test_lsq_k_from_the_whole_batch(recording, monkeypatch):
-    """Each piece's LSQ quantizers count the whole batch's elements (PyTorch's quantizer and the
-    fused BatchNorm's): their steps' gradients shrink."""
+def lsq_k_from_the_whole_batch(monkeypatch, batch: int) -> None:
+    """Each piece's LSQ quantizers count the elements of ``batch`` images (PyTorch's quantizer and
+    the fused BatchNorm's)."""
     import cpu_kernels.train_batch_norm as fused_batch_norm
     import quant.lsq
 
-    several_pieces(recording, STAGE1)
-    batch = len(recording[STAGE1]["batch"]["x"])
     quantize, step_and_scale = quant.lsq.lsq_quantize, fused_batch_norm.lsq_step_and_scale
     monkeypatch.setattr(quant.lsq, "lsq_quantize", lambda x, s, lo, hi, dim, numel=None:
                         quantize(x, s, lo, hi, dim, numel=x[0].numel() * batch))
     monkeypatch.setattr(fused_batch_norm, "lsq_step_and_scale",
                         lambda s, x, hi, piece_images: step_and_scale(s, x, hi, batch))
+
+
+def test_lsq_k_from_the_whole_batch(recording, monkeypatch):
+    """Each piece's LSQ quantizers count the whole batch's elements (PyTorch's quantizer and the
+    fused BatchNorm's): their steps' gradients shrink."""
+    several_pieces(recording, STAGE1)
+    lsq_k_from_the_whole_batch(monkeypatch, len(recording[STAGE1]["batch"]["x"]))
     wrong = failing(recording, STAGE1, mutated(recording, STAGE1))
     assert wrong & names_of(recording, (LsqActivation,)), wrong
 
