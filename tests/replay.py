@@ -157,7 +157,8 @@ def faithful_step(recording: dict, name: str, pieces_per_pass: int | None = None
 
 def boundary_sides(recording: dict, name: str) -> Sides:
     """The values on a boundary that the faithful step put on their other side to agree with the
-    recording (``tests/boundaries.py``): a mutation's step takes the same."""
+    recording, and the ReLU ties' gates it set (``tests/boundaries.py``): a mutation's step takes
+    the same."""
     return _faithful(recording, name)[1]
 
 
@@ -166,7 +167,9 @@ def agreeing_step(recording: dict, name: str, **wrong) -> tuple[Step, Sides | No
     comparison, again with the values within float noise of a boundary put on their other side
     (``boundaries.first_agreement``: which side the recording took depends on the recording
     machine's kernels; PyTorch's baseline BatchNorm leaves exact zeros where the recording's fused
-    kernel left ``dataparallel_4bit.pt``'s stage-1 residues): the first that agrees and its sides,
+    kernel left ``dataparallel_4bit.pt``'s stage-1 residues), and where none agrees, with the ReLU
+    ties' gates whose gradients come closest to the recorded ones (oneDNN's SSE4.1 convolutions
+    leave other residues at ``dataparallel_4bit.pt``'s ties): the first that agrees and its sides,
     else the plain step and ``None``."""
     from bench.step_compare import compare_step
 
