@@ -102,7 +102,7 @@ def pyplot():
 def save_figure(plt, fig, path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # a legend below the panels included
     plt.close(fig)
 
 
@@ -206,7 +206,9 @@ def write_plot(path: Path, rows: list[Row]) -> None:
         ax.set_ylabel("top-1 (%)")
         ax.set_xticks(sorted({r.bits for r in rows if r.method != "float"}))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    # One legend for the panels, below them: the methods' names would cover the lines.
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=8)
     save_figure(plt, fig, path)
 
 
