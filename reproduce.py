@@ -34,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 import utils.torch_floor  # noqa: F401  (first: an older torch stops here, with one line)
+from models import QUANTIZERS
 from reproduction.report import (
     METHODS,
     Row,
@@ -147,7 +148,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Step], list[Row]]:
         for arch in args.archs:
             for method in METHODS:
                 for bits in ([args.bits[0]] if method == "float" else args.bits):
-                    quantizer = method if method in ("float", "lsq", "lsq-tensor") else "basq"
+                    quantizer = method if method in QUANTIZERS else "basq"  # basq-uniform: basq
                     model = [*COMMON_FLAGS, *preset["input"], *ARCH_FLAGS[arch], "--bits", str(bits),
                              "--quantizer", quantizer, "--data-root", args.data_root]
                     tag = f"{arch}-{quantizer}-{bits}bit"

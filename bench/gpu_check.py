@@ -165,7 +165,7 @@ def same_first_step(one: dict, two: dict) -> tuple[bool, str]:
     model.load_state_dict(two["state_before"])
     failures |= {f"{k} (LSQ initialisation)": why
                  for k, why in compare_values(model, one["state_initial"], one["state_before"]).items()}
-    return same_step(one, two, failures)
+    return same_step(one, two, failures, model)
 
 
 def same_resumed_step(one: dict, two: dict) -> tuple[bool, str]:
@@ -178,7 +178,7 @@ def same_resumed_step(one: dict, two: dict) -> tuple[bool, str]:
     failures |= {f"{k}.{key} (before)": "resumed from another value"
                  for k, state in one["optimizer_state_before"].items() for key, v in state.items()
                  if not torch.equal(v, two["optimizer_state_before"][k][key])}
-    return same_step(one, two, failures)
+    return same_step(one, two, failures, phase1_model(one))
 
 
 def phase1_model(case: dict) -> torch.nn.Module:
@@ -188,14 +188,13 @@ def phase1_model(case: dict) -> torch.nn.Module:
     return model
 
 
-def same_step(one: dict, two: dict, failures: dict[str, str]) -> tuple[bool, str]:
+def same_step(one: dict, two: dict, failures: dict[str, str], model: torch.nn.Module) -> tuple[bool, str]:
     """A phase-1 step of stage 1 recorded twice agrees by the rule the fixture tests compare a step
     by (``bench.step_compare``), ``one`` as the recording: what the step changed from each run's own
     start (``own_update``), within the gradients' float noise carried through Adam, the parameters
     whose gradient is zero in exact arithmetic (found from the autograd graph of the phase-1 model)
     by what is reproducible about them. No count of elements allowed off. ``failures``: what the
-    caller found off before the step."""
-    model = phase1_model(one)
+    caller found off before the step; ``model``: the recorded run's (``phase1_model``)."""
     model.load_state_dict(one["state_before"])
     model.train()
     noise = noise_gradient_parameters(model, one["batch"]["x"], one["batch"]["selection"])
