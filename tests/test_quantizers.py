@@ -132,6 +132,18 @@ def test_per_tensor_lsq_is_the_papers_quantizer(bits, kernels):
     torch.testing.assert_close(q.s.grad, s.grad, rtol=1e-5, atol=1e-7)
 
 
+def test_per_tensor_lsq_check_catches_a_gradient_scale_over_one_channel(monkeypatch):
+    """The comparison above fails a per-tensor quantizer whose ``k`` counts one channel's elements
+    (the per-channel quantizer's count), the one way it could differ and still quantize alike."""
+    import quant.lsq
+
+    real = quant.lsq.lsq_quantize
+    monkeypatch.setattr(quant.lsq, "lsq_quantize", lambda x, s, lo, hi, dim, numel: real(
+        x, s, lo, hi, dim, numel // x.shape[1]))
+    with pytest.raises(AssertionError, match="Tensor-likes are not close"):
+        test_per_tensor_lsq_is_the_papers_quantizer(2, "pytorch")
+
+
 def test_two_bit_weights_are_ternary():
     q = LsqWeight(2, 4)
     w = torch.randn(4, 2, 3, 3)
